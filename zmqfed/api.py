@@ -1,0 +1,277 @@
+"""``API``: the aggregator's round runner, and ``run_collaborator`` for the other side.
+
+A round on the aggregator: package the model (with the server optimizer's
+state), ``step()`` until the step policy ends the round, aggregate
+``data_list``/``meta_list`` into the server optimizer's pseudo-gradient,
+``fed_optim.step()``, reduce the collaborators' metrics, record, clear and
+move to the next version. With ``with_test_round`` every training round is
+followed by an evaluation round in which collaborators only report metrics.
+
+Versions count steps: the aggregator serves version ``v`` during a step and
+moves to ``v + 1`` after it; a collaborator asks for the version after the
+one it last saw, so it never gets the same step twice, and answers with its
+upload tagged ``v + 1``. Uploads tagged with an older version are stale and
+refused (``stale_check``), never averaged in as fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from zmqfed.core import Maintainer, steps
+from zmqfed.errors import ConfigError, RemoteError
+from zmqfed.meta import Meta
+
+__all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundRecord:
+    """What one aggregator step did."""
+
+    round: int
+    mode: str
+    version: int
+    participants: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def stale_check(maintainer: Maintainer) -> bool | None:
+    """``before_download`` hook: refuse uploads tagged older than the version being served."""
+    pipe = maintainer.pipe
+    if pipe is None:
+        return None
+    version = pipe.meta.get("version", -1)
+    if isinstance(version, int) and version <= maintainer.version:
+        maintainer.discard(
+            f"stale upload: version {version} answers an older model; "
+            f"the aggregator serves version {maintainer.version}"
+        )
+        return False
+    return None
+
+
+class API(threading.Thread):
+    """Run ``rounds`` federated rounds on an aggregator (OpenFed's ``API``).
+
+    Parameters
+    ----------
+    maintainer:
+        The aggregator's Maintainer, with a step policy registered.
+    fed_optim:
+        Server optimizer(s), e.g. ``FederatedOptimizer(SGD(lr=1.0), role)``.
+    rounds:
+        Training rounds to run.
+    agg_func:
+        ``agg_func(data_list, meta_list, optim_list, **agg_func_kwargs)``.
+    reduce_func:
+        ``reduce_func(meta_list, **reduce_func_kwargs) -> dict`` of metrics.
+    with_test_round:
+        After each training round, run a round in ``mode='test'``.
+    progress:
+        Show a tqdm bar over rounds.
+    record_path:
+        Append each :class:`RoundRecord` as a JSON line to this file.
+    step_timeout:
+        Bound in seconds on each step (``PeerTimeout`` when exceeded).
+    on_round:
+        Called with each :class:`RoundRecord` (e.g. to evaluate the model).
+    """
+
+    def __init__(
+        self,
+        maintainer: Maintainer,
+        fed_optim: Any,
+        rounds: int,
+        agg_func: Callable[..., Any],
+        agg_func_kwargs: dict[str, Any] | None = None,
+        reduce_func: Callable[..., Any] | None = None,
+        reduce_func_kwargs: dict[str, Any] | None = None,
+        with_test_round: bool = False,
+        *,
+        progress: bool = True,
+        record_path: str | os.PathLike[str] | None = None,
+        step_timeout: float | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        super().__init__(name=f"zmqfed-api-{maintainer.nick_name}", daemon=True)
+        if not maintainer.aggregator:
+            raise ConfigError("API runs on the aggregator; collaborators use run_collaborator()")
+        if rounds <= 0:
+            raise ConfigError(f"rounds must be positive, got {rounds!r}")
+        self.maintainer = maintainer
+        self.fed_optim = fed_optim
+        self.optim_list = fed_optim if isinstance(fed_optim, (list, tuple)) else [fed_optim]
+        self.rounds = rounds
+        self.agg_func = agg_func
+        self.agg_func_kwargs = agg_func_kwargs or {}
+        self.reduce_func = reduce_func
+        self.reduce_func_kwargs = reduce_func_kwargs or {}
+        self.with_test_round = with_test_round
+        self.progress = progress
+        self.record_path = record_path
+        self.step_timeout = step_timeout
+        self.on_round = on_round
+        self.records: list[RoundRecord] = []
+        self.error: BaseException | None = None
+        maintainer.register_step_hook(40, stale_check, steps.before_download)
+
+    def run(self) -> None:
+        """Run every round (in this thread, or in a new one with ``start()``)."""
+        try:
+            self._run()
+        except BaseException as exc:
+            self.error = exc
+            if threading.current_thread() is threading.main_thread():
+                raise
+            log.exception("API stopped by an error")
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.rounds,
+            desc=f"{self.maintainer.nick_name} rounds",
+            unit="round",
+            disable=not self.progress,
+        )
+        try:
+            for r in range(self.rounds):
+                record = self._round(r, "train")
+                bar.set_postfix(_postfix(record), refresh=False)
+                if self.with_test_round:
+                    test = self._round(r, "test")
+                    bar.set_postfix(_postfix(test), refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def _round(self, r: int, mode: str) -> RoundRecord:
+        m = self.maintainer
+        tic = time.perf_counter()
+        before_in, before_out = _traffic(m)
+        m.meta["mode"] = mode
+        if mode == "train":
+            m.package(self.optim_list)
+        m.step(timeout=self.step_timeout)
+        metrics: dict[str, Any] = {}
+        if mode == "train" and m.data_list:
+            self.agg_func(m.data_list, m.meta_list, self.optim_list, **self.agg_func_kwargs)
+            for optim in self.optim_list:
+                optim.step()
+                if hasattr(optim, "round"):
+                    optim.round()
+                if hasattr(optim, "clear_state_dict"):
+                    optim.clear_state_dict()
+        if self.reduce_func is not None and m.meta_list:
+            metrics = dict(self.reduce_func(m.meta_list, **self.reduce_func_kwargs) or {})
+        after_in, after_out = _traffic(m)
+        record = RoundRecord(
+            round=r,
+            mode=mode,
+            version=m.version,
+            participants=len(m.meta_list),
+            bytes_in=after_in - before_in,
+            bytes_out=after_out - before_out,
+            seconds=time.perf_counter() - tic,
+            metrics=metrics,
+        )
+        m.clear()
+        m.update_version()
+        self.records.append(record)
+        if self.record_path is not None:
+            with open(self.record_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+        if self.on_round is not None:
+            self.on_round(record)
+        log.info(
+            "round %d (%s): %d participants, %.2f s, %s",
+            r,
+            mode,
+            record.participants,
+            record.seconds,
+            metrics,
+        )
+        return record
+
+
+def _traffic(m: Maintainer) -> tuple[int, int]:
+    pipes = m.all_pipes()
+    return sum(p.bytes_in for p in pipes), sum(p.bytes_out for p in pipes)
+
+
+def _postfix(record: RoundRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "mode": record.mode,
+        "n": record.participants,
+        "MB": round((record.bytes_in + record.bytes_out) / 1e6, 2),
+    }
+    for key, value in record.metrics.items():
+        if isinstance(value, float):
+            out[key] = round(value, 4)
+    return out
+
+
+def run_collaborator(
+    maintainer: Maintainer,
+    train: Callable[[Meta], dict[str, Any]],
+    *,
+    fed_optim: Any = None,
+    test: Callable[[Meta], dict[str, Any]] | None = None,
+    rounds: int | None = None,
+    timeout: float | None = None,
+) -> int:
+    """The collaborator's side of :class:`API`: download, train or test, upload; repeat.
+
+    ``train(meta)`` runs local training on the freshly unpackaged model and
+    returns metrics for the upload's meta (include ``instances``); ``test``
+    evaluates for test rounds. Stops after ``rounds`` steps answered, or when
+    the aggregator leaves for good (``PeerTimeout`` after ``timeout``).
+    Returns the number of steps answered.
+    """
+    if not maintainer.collaborator:
+        raise ConfigError("run_collaborator runs on a collaborator")
+    optims = [] if fed_optim is None else fed_optim if isinstance(fed_optim, list) else [fed_optim]
+    answered = 0
+    wanted = 0
+    while rounds is None or answered < rounds:
+        maintainer.update_version(wanted)
+        maintainer.step(upload=False, timeout=timeout)
+        served = int(maintainer.meta.get("version", wanted))
+        mode = str(maintainer.meta.get("mode", "train"))
+        maintainer.unpackage(optims)
+        if mode == "test" and test is not None:
+            metrics = test(maintainer.meta)
+        else:
+            metrics = train(maintainer.meta)
+            for optim in optims:
+                if hasattr(optim, "round"):
+                    optim.round()
+        maintainer.update_version(served + 1)
+        maintainer.meta.update(metrics or {})
+        maintainer.meta["mode"] = mode
+        maintainer.package(optims)
+        try:
+            maintainer.step(download=False, timeout=timeout)
+        except RemoteError as exc:
+            if exc.code != "discarded":
+                raise
+            log.warning("%s: upload refused: %s", maintainer.nick_name, exc.reason)
+        for optim in optims:
+            if hasattr(optim, "clear_state_dict"):
+                optim.clear_state_dict()
+        answered += 1
+        wanted = served + 1
+    return answered

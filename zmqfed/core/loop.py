@@ -1,0 +1,242 @@
+"""The aggregator's step loop: one Poller over the group's ROUTER.
+
+No sleeps and no busy waiting: the loop blocks in ``poll`` until a message
+arrives, a hook asked to be woken (``Maintainer.wake_at``), the idle interval
+passes (so zombie/period hooks run) or the step's deadline expires. Requests
+the hooks refuse are parked on their pipe and looked at again whenever the
+state changes — at the next message, the next step, or a version change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+import zmq
+
+from zmqfed.core import steps
+from zmqfed.errors import PeerTimeout
+from zmqfed.federated import DRAINED, AggregatorGroup, AggregatorPipe
+from zmqfed.meta import Meta
+from zmqfed.wire import encode_tensors
+
+if TYPE_CHECKING:
+    from zmqfed.core.maintainer import Maintainer
+
+__all__ = ["AggregatorLoop"]
+
+log = logging.getLogger(__name__)
+
+
+class AggregatorLoop:
+    """Runs ``Maintainer.step()`` on an aggregator."""
+
+    def __init__(
+        self, maintainer: Maintainer, group: AggregatorGroup, *, idle_interval: float
+    ) -> None:
+        self.m = maintainer
+        self.group = group
+        self.idle_interval = idle_interval
+        self.stopped = False
+        self._wake = math.inf
+        self._served: Any = None  # tensor frames encoded once, shared by every DATA reply
+        self.parked = 0  # requests answered with WAIT
+        self.encodes = 0  # times the served model was encoded
+
+    # -- cache of the served model ---------------------------------------
+    def invalidate(self) -> None:
+        """The served state changed: encode again on the next download request."""
+        self._served = None
+
+    def version_changed(self) -> None:
+        self.group.version = max(self.m.version, 0)
+        self.invalidate()
+
+    def served_frames(self) -> Any:
+        """The model's tensor frames, snapshotted and encoded once per state."""
+        if self._served is None:
+            source = self.m.packaged_data or {n: {"param": p} for n, p in self.m.state_dict.items()}
+            with torch.no_grad():
+                data = self.m.apply_hooks(source, unpackage=False)
+            # Snapshot: libzmq reads the buffers after send() returns, while the
+            # user may already be averaging into the live tensors.
+            self.encodes += 1
+            self._served = encode_tensors(
+                data, codec=self.group.codec, limits=self.group.limits, snapshot=True
+            )
+        return self._served
+
+    def wake_at(self, when: float) -> None:
+        self._wake = min(self._wake, when)
+
+    # -- the loop -----------------------------------------------------------
+    def run(self, timeout: float | None) -> bool:
+        m = self.m
+        self.stopped = False
+        self.invalidate()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        m.run_step_hooks(steps.at_new_episode)
+        self._cycle_parked()
+        next_idle = time.monotonic() + self.idle_interval
+        while not self.stopped:
+            now = time.monotonic()
+            until = min(deadline, next_idle, self._wake)
+            wait_ms = max(0, math.ceil((until - now) * 1000))
+            if self.group.sock.poll(wait_ms, zmq.POLLIN):
+                self._drain()
+            now = time.monotonic()
+            if not self.stopped and (now >= next_idle or now >= self._wake):
+                self._wake = math.inf
+                for pipe in list(m.pipes):
+                    if self.stopped:
+                        break
+                    self._cycle(pipe)  # type: ignore[arg-type]
+                if not m.pipes:  # nobody joined yet: time-based policies still decide
+                    m.pipe = None
+                    m.run_step_hooks(steps.at_last)
+                next_idle = time.monotonic() + self.idle_interval
+            if not self.stopped and time.monotonic() >= deadline:
+                self._timed_out(timeout or 0.0)
+        return True
+
+    def _drain(self) -> None:
+        m = self.m
+        while not self.stopped:
+            result = self.group.receive_nowait()
+            if result is DRAINED:
+                return
+            if result is None:
+                continue
+            pipe: AggregatorPipe = result
+            if pipe.online and pipe not in m.pipes:
+                m.pipes.append(pipe)
+            elif not pipe.online and pipe not in m.pipes:
+                continue  # BYE from a peer that never joined this step's view
+            self._cycle(pipe)
+            if not self.stopped:
+                self._cycle_parked(exclude=pipe)
+
+    def _cycle_parked(self, exclude: AggregatorPipe | None = None) -> None:
+        for pipe in list(self.m.pipes):
+            if self.stopped:
+                return
+            if (
+                pipe is not exclude
+                and isinstance(pipe, AggregatorPipe)
+                and pipe.pending is not None
+            ):
+                self._cycle(pipe)
+
+    def _cycle(self, pipe: AggregatorPipe) -> None:
+        """OpenFed's per-pipe sequence: at_first, the branch of the pipe's state, at_last."""
+        m = self.m
+        m.pipe = pipe
+        m.run_step_hooks(steps.at_first)
+        if pipe.is_offline:
+            m.run_step_hooks(steps.before_destroy)
+            if pipe in m.pipes:
+                m.pipes.remove(pipe)
+            m.run_step_hooks(steps.after_destroy, True)
+        elif pipe.is_zombie:
+            m.run_step_hooks(steps.at_zombie)
+        elif pipe.is_pushing:
+            if m.run_step_hooks(steps.before_download) is not False:
+                flag = self._receive_upload(pipe)
+                m.run_step_hooks(steps.after_download, flag)
+            else:
+                self._park(pipe)
+                m.run_step_hooks(steps.at_failed)
+        elif pipe.is_pulling:
+            verdict = m.run_step_hooks(steps.before_upload)
+            if verdict is None:  # no hook decided: serve versions we have reached
+                verdict = _requested_version(pipe) <= m.version
+            if verdict:
+                flag = self._serve(pipe)
+                m.run_step_hooks(steps.after_upload, flag)
+            else:
+                self._park(pipe)
+                m.run_step_hooks(steps.at_failed)
+        else:
+            m.run_step_hooks(steps.at_invalid_state)
+        m.run_step_hooks(steps.at_last)
+
+    # -- branches -------------------------------------------------------------
+    def discard(self, pipe: AggregatorPipe, reason: str) -> None:
+        """Refuse ``pipe``'s pending request for good, telling the collaborator why."""
+        if pipe.pending is None:
+            return
+        log.info(
+            "%s: discarded %s from %s: %s",
+            self.m.nick_name,
+            pipe.pending.kind,
+            pipe.nick_name,
+            reason,
+        )
+        pipe.reply("ERROR", meta={"code": "discarded", "reason": reason})
+        pipe.pending = None
+
+    def _park(self, pipe: AggregatorPipe) -> None:
+        if pipe.pending is not None and not pipe.told_to_wait:
+            pipe.told_to_wait = True
+            self.parked += 1
+            self.group.send(
+                pipe,
+                "WAIT",
+                seq=pipe.pending.seq if pipe.pending else 0,
+                meta={"version": self.m.version},
+            )
+
+    def _receive_upload(self, pipe: AggregatorPipe) -> bool:
+        m = self.m
+        env = pipe.pending
+        assert env is not None
+        problem = m.check_received(env.tensors, pipe.nick_name)
+        if problem:
+            log.warning("%s: refused an upload: %s", m.nick_name, problem)
+            pipe.reply("ERROR", meta={"code": "bad-upload", "reason": problem})
+            pipe.pending = None
+            return False
+        data = m.apply_hooks(env.tensors, unpackage=True)
+        m.data = data
+        m.data_list.append({p: data[name] for name, p in m.state_dict.items()})
+        m.meta_list.append(Meta(env.meta))
+        pipe.remember_upload(pipe.session, env.seq)
+        pipe.reply("ACK", meta={"version": m.version})
+        pipe.pending = None
+        log.debug(
+            "%s: received upload %d from %s (%d bytes)",
+            m.nick_name,
+            env.seq,
+            pipe.nick_name,
+            env.nbytes,
+        )
+        return True
+
+    def _serve(self, pipe: AggregatorPipe) -> bool:
+        m = self.m
+        meta = pipe.take_out_meta()
+        if meta is None:
+            meta = Meta(m.meta)
+            meta["version"] = m.version
+        ok = pipe.reply("DATA", meta=meta.to_json_dict(), encoded=self.served_frames())
+        pipe.pending = None
+        return ok
+
+    def _timed_out(self, timeout: float) -> None:
+        m = self.m
+        online = sorted(p.nick_name for p in m.pipes)
+        missing = sorted(set(m.fed_props.collaborators) - set(online))
+        raise PeerTimeout(
+            ", ".join(missing) or m.nick_name,
+            timeout,
+            f"let {m.nick_name} finish its step ({len(m.meta_list)} uploads received; "
+            f"online: {online}; never joined or left: {missing})",
+        )
+
+
+def _requested_version(pipe: AggregatorPipe) -> int:
+    version = pipe.meta.get("version", -1)
+    return version if isinstance(version, int) and not isinstance(version, bool) else -1

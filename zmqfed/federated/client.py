@@ -1,0 +1,261 @@
+"""``CollaboratorLink``: a collaborator's DEALER, its monitor and the handshake.
+
+The link says HELLO, learns the aggregator's incarnation from WELCOME, and
+watches the DEALER's monitor: after any disconnect it forgets the handshake,
+so the pending request is re-sent once the aggregator is back (queued
+messages toward a lost connection are dropped by ZeroMQ; ZMQ-NOTES item 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zmqfed.errors import PeerTimeout, ProtocolError, RemoteError
+from zmqfed.federated.sockets import SocketOptions, make_dealer
+from zmqfed.props import FederatedProperties
+from zmqfed.wire import PROTOCOL_VERSION, Envelope, Limits, decode, encode
+
+__all__ = ["CollaboratorLink"]
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 500  # bounded waits: signals and deadlines are seen promptly
+_RESEND = object()  # the aggregator said BYE: handshake again, then resend
+
+
+class CollaboratorLink:
+    """The DEALER of one collaborator in one group, with handshake state."""
+
+    def __init__(
+        self,
+        props: FederatedProperties,
+        *,
+        options: SocketOptions | None = None,
+        limits: Limits,
+        codec: str = "raw",
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        assert props.address.endpoint is not None
+        self.nick_name = props.nick_name
+        self.aggregator_name = props.aggregator_name
+        self.endpoint = props.address.endpoint
+        self.fingerprint = props.fingerprint
+        self.limits = limits
+        self.codec = codec
+        self.session = uuid.uuid4().hex[:16]
+        self.sock = make_dealer(
+            self.endpoint, self.nick_name, options=options, limits=limits, ctx=ctx
+        )
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.connected = False
+        self.welcomed = False
+        self.incarnation = ""
+        self.incarnation_changed = False
+        #: The aggregator's version as of the last WELCOME.
+        self.aggregator_version: int | None = None
+        self._seq = 0
+        self._closed = False
+
+    def next_seq(self) -> int:
+        """A fresh sequence number for a request from this process."""
+        self._seq += 1
+        return self._seq
+
+    # -- monitor -----------------------------------------------------------
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.debug("%s: connected to %s", self.nick_name, self.endpoint)
+                self.connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                log.info(
+                    "%s: lost the connection to %s (%s)",
+                    self.nick_name,
+                    self.aggregator_name,
+                    self.endpoint,
+                )
+                self.connected = False
+                self.welcomed = False
+
+    # -- sending -----------------------------------------------------------
+    def send(
+        self,
+        frames: list[Any],
+        deadline: float | None,
+        timeout: float | None,
+        *,
+        hello: bool = False,
+    ) -> bool:
+        """Send once a connection exists; False if the handshake was lost meanwhile."""
+        while True:
+            self._drain_monitor()
+            if not hello and not self.welcomed:
+                return False
+            try:
+                self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+                return True
+            except zmq.Again:
+                pass  # IMMEDIATE=1: no connection yet (or at HWM); wait for one
+            wait = _remaining_ms(deadline)
+            if wait == 0:
+                raise PeerTimeout(
+                    self.aggregator_name, timeout or 0.0, f"accept a connection at {self.endpoint}"
+                )
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLOUT)
+            poller.register(self.monitor, zmq.POLLIN)
+            poller.poll(wait)
+
+    def ensure_welcome(self, deadline: float | None, timeout: float | None) -> None:
+        """Say HELLO until the aggregator answers WELCOME (or refuses: RemoteError)."""
+        while not self.welcomed:
+            seq = self.next_seq()
+            hello = Envelope(
+                kind="HELLO",
+                sender=self.nick_name,
+                seq=seq,
+                meta={
+                    "protocol": PROTOCOL_VERSION,
+                    "fingerprint": self.fingerprint,
+                    "session": self.session,
+                    "aggregator": self.aggregator_name,
+                    "endpoint": self.endpoint,
+                },
+            )
+            self.send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
+            reply = self.wait_reply(seq, deadline, timeout, what="answer HELLO", hello=True)
+            if reply is None:
+                continue
+            if reply.kind == "ERROR":
+                raise RemoteError(
+                    self.aggregator_name,
+                    str(reply.meta.get("code", "error")),
+                    str(reply.meta.get("reason", "")),
+                )
+            if reply.kind != "WELCOME":
+                log.warning("%s: expected WELCOME, got %s", self.nick_name, reply.kind)
+                continue
+            if reply.incarnation != self.incarnation:
+                if self.incarnation:
+                    log.info(
+                        "%s: aggregator %s restarted (incarnation %s)",
+                        self.nick_name,
+                        self.aggregator_name,
+                        reply.incarnation,
+                    )
+                self.incarnation_changed = True
+                self.incarnation = reply.incarnation
+            self.aggregator_version = reply.version
+            self.welcomed = True
+            self.connected = True
+
+    # -- receiving ---------------------------------------------------------
+    def wait_reply(
+        self,
+        seq: int,
+        deadline: float | None,
+        timeout: float | None,
+        *,
+        what: str,
+        hello: bool = False,
+    ) -> Envelope | None:
+        """The answer to request ``seq``; None when the request must be re-sent."""
+        while True:
+            wait = _remaining_ms(deadline)
+            if wait == 0:
+                raise PeerTimeout(self.aggregator_name, timeout or 0.0, what)
+            events = dict(self.poller.poll(wait))
+            # Read what already arrived before acting on a disconnect: an
+            # aggregator that ACKs and exits leaves the ACK in our queue.
+            if self.sock in events:
+                reply = self._read_replies(seq)
+                if reply is not None:
+                    return None if reply is _RESEND else reply
+            if self.monitor in events:
+                self._drain_monitor()
+                # After a disconnect keep listening: the monitor's event can
+                # overtake a reply already in flight. Resend only once the
+                # link is back (a reply lost with the old link never comes).
+                if not hello and not self.welcomed and self.connected:
+                    reply = self._read_replies(seq)
+                    return None if reply is None or reply is _RESEND else reply
+
+    def _read_replies(self, seq: int) -> Any:
+        """Drain the DEALER: the reply to ``seq``, ``_RESEND`` after a BYE, or None."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                env = decode(frames, limits=self.limits)
+            except ProtocolError as exc:
+                log.warning(
+                    "%s: dropped a malformed message from %s: %s",
+                    self.nick_name,
+                    self.aggregator_name,
+                    exc,
+                )
+                continue
+            if env.seq == seq and env.kind != "WAIT":
+                return env
+            if env.kind == "BYE":
+                log.info("%s: aggregator %s said BYE", self.nick_name, self.aggregator_name)
+                self.welcomed = False
+                return _RESEND
+            if env.kind == "WAIT" and env.seq == seq:
+                log.debug("%s: request %d parked by %s", self.nick_name, seq, self.aggregator_name)
+            else:
+                log.debug(
+                    "%s: ignored a stale %s (seq %d, waiting for %d)",
+                    self.nick_name,
+                    env.kind,
+                    env.seq,
+                    seq,
+                )
+
+    def close(self) -> None:
+        """Say BYE if connected, then close the monitor and the DEALER."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.welcomed:
+                bye = Envelope(
+                    kind="BYE",
+                    sender=self.nick_name,
+                    seq=self.next_seq(),
+                    incarnation=self.incarnation,
+                )
+                self.sock.send_multipart(encode(bye, limits=self.limits), flags=zmq.DONTWAIT)
+        except zmq.ZMQError:
+            pass
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close()
+
+
+def _remaining_ms(deadline: float | None) -> int:
+    if deadline is None:
+        return _POLL_MS
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return 0
+    return max(1, min(_POLL_MS, int(left * 1000)))

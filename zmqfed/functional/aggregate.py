@@ -1,0 +1,32 @@
+"""All aggregation rules in one import.
+
+The rules live one family per module: :mod:`~zmqfed.functional.agg_mean`
+(average, FedAvg, elastic), :mod:`~zmqfed.functional.agg_robust` (median,
+trimmed mean, Krum), :mod:`~zmqfed.functional.streaming` (running FedAvg) and
+:mod:`~zmqfed.functional.agg_common` (the data format and how aggregates reach
+the model and the optimizers).
+"""
+
+from __future__ import annotations
+
+from zmqfed.functional.agg_common import load_param_states
+from zmqfed.functional.agg_mean import average_aggregation, elastic_aggregation, naive_aggregation
+from zmqfed.functional.agg_robust import (
+    krum_aggregation,
+    krum_select,
+    median_aggregation,
+    trimmed_mean_aggregation,
+)
+from zmqfed.functional.streaming import StreamingFedAvg
+
+__all__ = [
+    "StreamingFedAvg",
+    "average_aggregation",
+    "elastic_aggregation",
+    "krum_aggregation",
+    "krum_select",
+    "load_param_states",
+    "median_aggregation",
+    "naive_aggregation",
+    "trimmed_mean_aggregation",
+]

@@ -1,0 +1,58 @@
+"""Package/unpackage hooks registered on the default Maintainer (``with maintainer:``)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from zmqfed.core import current_maintainer
+
+__all__ = ["device_alignment", "sign_gradient_clip"]
+
+
+def device_alignment() -> None:
+    """Move outgoing and incoming tensors to the device of the local tensor.
+
+    The ``param`` entry also takes the local tensor's dtype; optimizer state
+    keeps its own dtype (an integer ``step`` must stay an integer).
+    """
+    maintainer = current_maintainer("device_alignment()")
+
+    def align(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                state[key] = value.to(p) if key == "param" else value.to(p.device)
+        return state
+
+    maintainer.register_package_hook(nice=100, package_hook=align)
+    maintainer.register_unpackage_hook(nice=0, unpackage_hook=align)
+
+
+def sign_gradient_clip(epsilon: float = 0.001) -> None:
+    """signSGD: collaborators upload ``sign(local - global)``, the aggregator steps by ``epsilon``.
+
+    The collaborator's reference is ``state['original_param']`` when an
+    optimizer provides it, else the model it last downloaded.
+    """
+    maintainer = current_maintainer("sign_gradient_clip()")
+    if maintainer.aggregator:
+
+        def unpackage(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+            state["param"] = p.detach() - epsilon * state["param"].to(p)
+            return state
+
+        maintainer.register_unpackage_hook(nice=80, unpackage_hook=unpackage)
+        return
+
+    names = {id(p): n for n, p in maintainer.state_dict.items()}
+
+    def package(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+        reference = state.get("original_param")
+        if reference is None:
+            received = maintainer.data.get(names.get(id(p), ""), {})
+            reference = received.get("param")
+        if reference is None:
+            raise RuntimeError("sign_gradient_clip: download the global model before uploading")
+        state["param"] = (state["param"].detach() - reference.to(p)).sign()
+        return state
+
+    maintainer.register_package_hook(nice=20, package_hook=package)

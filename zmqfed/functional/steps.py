@@ -1,0 +1,183 @@
+"""Step policies: hooks that decide when an aggregator's ``step()`` ends.
+
+Each registers on the default Maintainer (``with maintainer:``) and does
+nothing on collaborators, as in OpenFed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from zmqfed.core import current_maintainer, steps
+from zmqfed.core.maintainer import Maintainer
+from zmqfed.errors import ConfigError
+
+__all__ = ["count_step", "deadline_step", "dispatch_step", "period_step", "version_check"]
+
+
+def _counts(counts: int | Sequence[int]) -> list[int]:
+    items = [counts] if isinstance(counts, int) else list(counts)
+    if not items or any(not isinstance(c, int) or c <= 0 for c in items):
+        raise ConfigError(f"counts must be positive ints, got {counts!r}")
+    return items
+
+
+def version_check(maintainer: Maintainer) -> bool:
+    """``before_upload`` hook: serve a download only once this version is reached.
+
+    A collaborator that asks for a newer version is parked until
+    ``update_version`` gets the aggregator there.
+    """
+    requested = maintainer.pipe.meta.get("version", -1) if maintainer.pipe else -1
+    if isinstance(requested, int) and requested > maintainer.version:
+        return False
+    maintainer.meta["version"] = maintainer.version
+    assert maintainer.pipe is not None
+    maintainer.pipe.set_meta(maintainer.meta)
+    return True
+
+
+def _accept(maintainer: Maintainer) -> bool:
+    return True
+
+
+def _register_common(maintainer: Maintainer, *, serve: bool = True) -> None:
+    if serve:
+        maintainer.register_step_hook(50, version_check, steps.before_upload)
+    maintainer.register_step_hook(50, _accept, steps.before_destroy)
+    maintainer.register_step_hook(50, _accept, steps.before_download)
+
+
+def count_step(counts: int | Sequence[int]) -> None:
+    """End each step once ``counts`` uploads were received.
+
+    With a list, consecutive steps use the counts in turn (cycling).
+
+    >>> count_step(15)  # doctest: +SKIP
+    >>> count_step([5, 15])  # doctest: +SKIP
+    """
+    maintainer = current_maintainer("count_step()")
+    items = _counts(counts)
+    if not maintainer.aggregator:
+        return
+    _register_common(maintainer)
+    idx = 0
+
+    def at_last(m: Maintainer) -> None:
+        nonlocal idx
+        if len(m.meta_list) >= items[idx]:
+            m.manual_stop()
+            idx = (idx + 1) % len(items)
+
+    maintainer.register_step_hook(50, at_last, steps.at_last)
+
+
+def period_step(period: float) -> None:
+    """End each step ``period`` seconds after it started, whatever was received."""
+    maintainer = current_maintainer("period_step()")
+    if period <= 0:
+        raise ConfigError(f"period must be positive seconds, got {period!r}")
+    if not maintainer.aggregator:
+        return
+    _register_common(maintainer)
+    tic = time.monotonic()
+
+    def at_new_episode(m: Maintainer) -> None:
+        nonlocal tic
+        tic = time.monotonic()
+        m.wake_at(tic + period)
+
+    def at_last(m: Maintainer) -> None:
+        if time.monotonic() - tic >= period:
+            m.manual_stop()
+
+    maintainer.register_step_hook(50, at_new_episode, steps.at_new_episode)
+    maintainer.register_step_hook(50, at_last, steps.at_last)
+
+
+def deadline_step(counts: int, seconds: float, min_count: int = 1) -> None:
+    """End a step at ``counts`` uploads, or after ``seconds`` with at least ``min_count``.
+
+    The straggler policy: a dead or slow collaborator cannot stall the round
+    beyond the deadline once enough updates arrived.
+    """
+    maintainer = current_maintainer("deadline_step()")
+    _counts(counts)
+    if seconds <= 0 or min_count < 0 or min_count > counts:
+        raise ConfigError(
+            f"deadline_step needs seconds > 0 and 0 <= min_count <= counts, "
+            f"got seconds={seconds!r}, min_count={min_count!r}, counts={counts!r}"
+        )
+    if not maintainer.aggregator:
+        return
+    _register_common(maintainer)
+    tic = time.monotonic()
+
+    def at_new_episode(m: Maintainer) -> None:
+        nonlocal tic
+        tic = time.monotonic()
+        m.wake_at(tic + seconds)
+
+    def at_last(m: Maintainer) -> None:
+        received = len(m.meta_list)
+        late = time.monotonic() - tic >= seconds
+        if received >= counts or (late and received >= min_count):
+            m.manual_stop()
+        elif late:
+            m.wake_at(time.monotonic() + 0.5)
+
+    maintainer.register_step_hook(50, at_new_episode, steps.at_new_episode)
+    maintainer.register_step_hook(50, at_last, steps.at_last)
+
+
+def dispatch_step(
+    counts: int | Sequence[int], parts_list: dict[str, list[Any]], seed: int | None = None
+) -> None:
+    """Hand each downloading collaborator a part id and mode; end at ``counts`` uploads.
+
+    Each step samples ``counts`` part ids from ``parts_list[mode]`` (modes
+    taken in turn, e.g. ``dict(train=range(100), test=range(50))``); a
+    collaborator receives ``meta['part_id']`` and ``meta['mode']``. Requests
+    beyond the sampled parts are parked until the next step.
+    """
+    maintainer = current_maintainer("dispatch_step()")
+    items = _counts(counts)
+    if not parts_list:
+        raise ConfigError("dispatch_step needs a non-empty parts_list")
+    modes = list(parts_list)
+    values = [list(v) for v in parts_list.values()]
+    for mode, value, count in zip(modes, values, items, strict=False):
+        if len(value) < count:
+            raise ConfigError(
+                f"dispatch_step: mode {mode!r} has {len(value)} parts, fewer than {count}"
+            )
+    if not maintainer.aggregator:
+        return
+    rng = random.Random(seed)
+    idx = 0
+    pending = rng.sample(values[0], items[0])
+
+    def before_upload(m: Maintainer) -> bool:
+        if not pending:
+            return False  # every part of this step is out: wait for the next step
+        m.meta["version"] = m.version
+        m.meta["part_id"] = pending.pop()
+        m.meta["mode"] = modes[idx % len(modes)]
+        assert m.pipe is not None
+        m.pipe.set_meta(m.meta)
+        return True
+
+    def at_last(m: Maintainer) -> None:
+        nonlocal idx, pending
+        if len(m.meta_list) >= items[idx % len(items)]:
+            m.manual_stop()
+            idx += 1
+            k = idx % len(modes)
+            pending = rng.sample(values[k], items[idx % len(items)])
+
+    maintainer.register_step_hook(50, before_upload, steps.before_upload)
+    maintainer.register_step_hook(50, at_last, steps.at_last)
+    _register_common(maintainer, serve=False)

@@ -1,0 +1,103 @@
+"""``Limits``: the byte and count bounds that both ends of a link enforce.
+
+The decoder checks every header field against these numbers *before* it
+allocates anything, so a forged header or an lz4 bomb cannot make a receiver
+allocate more than ``max_message_bytes`` (plus, for ``shuffle-lz4``, one
+scratch copy of the largest tensor).  The sender checks the same numbers and
+fails loudly, because ZeroMQ's MAXMSGSIZE backstop fails silently (the peer is
+just disconnected, ZMQ-NOTES.md item 17).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from zmqfed.errors import ConfigError
+
+__all__ = ["DEFAULT_LIMITS", "HEADER_SLACK", "Limits"]
+
+#: Added to ``max_frame_bytes`` for the socket's MAXMSGSIZE so the header frame
+#: (≤ 64 KiB by default) always passes the per-frame socket limit.
+HEADER_SLACK = 64 * 1024
+
+# libzmq takes MAXMSGSIZE as an int64; keep every bound well inside it.
+_MAX_BOUND = 2**62
+
+# The smallest header that can be valid (magic, version byte, a minimal JSON
+# object) is about 100 bytes; a limit below this would reject every message.
+_MIN_HEADER_BYTES = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Bounds on one wire message, checked by both ``encode`` and ``decode``.
+
+    Parameters
+    ----------
+    max_header_bytes : int
+        Largest header frame (magic + version + JSON), checked before parsing.
+    max_tensors : int
+        Largest number of tensor descriptors in one message.
+    max_message_bytes : int
+        Largest total of *decoded* (raw) tensor bytes in one message; this is
+        what bounds the receiver's allocation.
+    max_frame_bytes : int
+        Largest *encoded* tensor or object frame.
+    allow_pickle : bool
+        Accept (and produce) the opt-in cloudpickled ``object`` frame.  Leave
+        ``False`` unless the peer is trusted with code execution.
+    max_object_bytes : int
+        Largest object frame when ``allow_pickle`` is set.
+
+    Raises
+    ------
+    ConfigError
+        If a field has the wrong type or is out of range; the message names it.
+
+    Examples
+    --------
+    >>> Limits(max_frame_bytes=2**20).socket_maxmsgsize()
+    1114112
+    """
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 100_000
+    max_message_bytes: int = 4 * 2**30
+    max_frame_bytes: int = 4 * 2**30
+    allow_pickle: bool = False
+    max_object_bytes: int = 16 * 2**20
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "allow_pickle":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"Limits.allow_pickle must be True or False, got {value!r}")
+                continue
+            # bool is an int subclass; True as a byte limit is certainly a mistake
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(
+                    f"Limits.{f.name} must be an int, got {type(value).__name__} {value!r}"
+                )
+            low = _MIN_HEADER_BYTES if f.name == "max_header_bytes" else 0
+            if not low <= value <= _MAX_BOUND:
+                raise ConfigError(f"Limits.{f.name} = {value} is out of range [{low}, 2**62]")
+
+    def socket_maxmsgsize(self) -> int:
+        """The ZMQ ``MAXMSGSIZE`` to set on sockets that carry these messages.
+
+        Every frame a conforming sender produces fits: tensor and object frames
+        are at most ``max_frame_bytes`` and the header at most
+        ``max_header_bytes`` (covered by the 64 KiB slack unless it was raised
+        above ``max_frame_bytes``).
+
+        Returns
+        -------
+        int
+            ``max(max_frame_bytes, max_header_bytes) + 64 KiB``.
+        """
+        return max(self.max_frame_bytes, self.max_header_bytes) + HEADER_SLACK
+
+
+#: The limits used when none are given: 4 GiB messages, pickle disabled.
+DEFAULT_LIMITS = Limits()
