@@ -51,6 +51,23 @@ def _register_common(maintainer: Maintainer, *, serve: bool = True) -> None:
     maintainer.register_step_hook(50, _accept, steps.before_download)
 
 
+class _StepClock:
+    """Time since the current step began; wakes the loop when ``seconds`` have passed."""
+
+    def __init__(self, maintainer: Maintainer, seconds: float) -> None:
+        self.seconds = seconds
+        self.tic = time.monotonic()
+        maintainer.register_step_hook(50, self._start, steps.at_new_episode)
+
+    def _start(self, m: Maintainer) -> None:
+        self.tic = time.monotonic()
+        m.wake_at(self.tic + self.seconds)
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() - self.tic >= self.seconds
+
+
 def count_step(counts: int | Sequence[int]) -> None:
     """End each step once ``counts`` uploads were received.
 
@@ -83,18 +100,12 @@ def period_step(period: float) -> None:
     if not maintainer.aggregator:
         return
     _register_common(maintainer)
-    tic = time.monotonic()
-
-    def at_new_episode(m: Maintainer) -> None:
-        nonlocal tic
-        tic = time.monotonic()
-        m.wake_at(tic + period)
+    clock = _StepClock(maintainer, period)
 
     def at_last(m: Maintainer) -> None:
-        if time.monotonic() - tic >= period:
+        if clock.expired:
             m.manual_stop()
 
-    maintainer.register_step_hook(50, at_new_episode, steps.at_new_episode)
     maintainer.register_step_hook(50, at_last, steps.at_last)
 
 
@@ -114,22 +125,16 @@ def deadline_step(counts: int, seconds: float, min_count: int = 1) -> None:
     if not maintainer.aggregator:
         return
     _register_common(maintainer)
-    tic = time.monotonic()
-
-    def at_new_episode(m: Maintainer) -> None:
-        nonlocal tic
-        tic = time.monotonic()
-        m.wake_at(tic + seconds)
+    clock = _StepClock(maintainer, seconds)
 
     def at_last(m: Maintainer) -> None:
         received = len(m.meta_list)
-        late = time.monotonic() - tic >= seconds
+        late = clock.expired
         if received >= counts or (late and received >= min_count):
             m.manual_stop()
         elif late:
             m.wake_at(time.monotonic() + 0.5)
 
-    maintainer.register_step_hook(50, at_new_episode, steps.at_new_episode)
     maintainer.register_step_hook(50, at_last, steps.at_last)
 
 
