@@ -86,6 +86,11 @@ class Address:
         return self.endpoint or "<empty>"
 
 
-default_tcp_address = Address("tcp://127.0.0.1:1994")
-default_ipc_address = Address("ipc://" + os.path.join(tempfile.gettempdir(), "zmqfed-1994.ipc"))
+#: ``tcp://127.0.0.1:1994``, or ``$ZMQFED_DEFAULT_TCP`` (e.g. to run two federations on one host).
+default_tcp_address = Address(os.environ.get("ZMQFED_DEFAULT_TCP") or "tcp://127.0.0.1:1994")
+#: An ipc endpoint in the temp directory, or ``$ZMQFED_DEFAULT_IPC``.
+default_ipc_address = Address(
+    os.environ.get("ZMQFED_DEFAULT_IPC")
+    or "ipc://" + os.path.join(tempfile.gettempdir(), "zmqfed-1994.ipc")
+)
 empty_address = Address(None)

@@ -21,12 +21,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zmqfed.core import Maintainer, steps
-from zmqfed.errors import ConfigError, RemoteError
+from zmqfed.errors import ConfigError, PeerOffline, RemoteError
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -105,6 +105,8 @@ class API(threading.Thread):
         record_path: str | os.PathLike[str] | None = None,
         step_timeout: float | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
+        evaluate: Callable[[], Mapping[str, Any]] | None = None,
+        start_round: int = 0,
     ) -> None:
         super().__init__(name=f"zmqfed-api-{maintainer.nick_name}", daemon=True)
         if not maintainer.aggregator:
@@ -124,6 +126,10 @@ class API(threading.Thread):
         self.record_path = record_path
         self.step_timeout = step_timeout
         self.on_round = on_round
+        self.evaluate = evaluate
+        if not 0 <= start_round <= rounds:
+            raise ConfigError(f"start_round must be in [0, {rounds}], got {start_round!r}")
+        self.start_round = start_round
         self.records: list[RoundRecord] = []
         self.error: BaseException | None = None
         maintainer.register_step_hook(40, stale_check, steps.before_download)
@@ -143,12 +149,13 @@ class API(threading.Thread):
 
         bar = tqdm(
             total=self.rounds,
+            initial=self.start_round,
             desc=f"{self.maintainer.nick_name} rounds",
             unit="round",
             disable=not self.progress,
         )
         try:
-            for r in range(self.rounds):
+            for r in range(self.start_round, self.rounds):
                 record = self._round(r, "train")
                 bar.set_postfix(_postfix(record), refresh=False)
                 if self.with_test_round:
@@ -163,11 +170,18 @@ class API(threading.Thread):
         tic = time.perf_counter()
         before_in, before_out = _traffic(m)
         m.meta["mode"] = mode
+        m.meta["round"] = r
+        m.meta["rounds"] = self.rounds
         if mode == "train":
             m.package(self.optim_list)
         m.step(timeout=self.step_timeout)
         metrics: dict[str, Any] = {}
         if mode == "train" and m.data_list:
+            # An aggregation rule sets p.grad only for tensors some upload carries:
+            # without this, a tensor missing from this round's uploads would be
+            # stepped again with last round's pseudo-gradient.
+            for optim in self.optim_list:
+                optim.zero_grad()
             self.agg_func(m.data_list, m.meta_list, self.optim_list, **self.agg_func_kwargs)
             for optim in self.optim_list:
                 optim.step()
@@ -177,6 +191,8 @@ class API(threading.Thread):
                     optim.clear_state_dict()
         if self.reduce_func is not None and m.meta_list:
             metrics = dict(self.reduce_func(m.meta_list, **self.reduce_func_kwargs) or {})
+        if self.evaluate is not None and mode == "train":
+            metrics.update(self.evaluate())
         after_in, after_out = _traffic(m)
         record = RoundRecord(
             round=r,
@@ -226,10 +242,10 @@ def _postfix(record: RoundRecord) -> dict[str, Any]:
 
 def run_collaborator(
     maintainer: Maintainer,
-    train: Callable[[Meta], dict[str, Any]],
+    train: Callable[[Meta], Mapping[str, Any]],
     *,
     fed_optim: Any = None,
-    test: Callable[[Meta], dict[str, Any]] | None = None,
+    test: Callable[[Meta], Mapping[str, Any]] | None = None,
     rounds: int | None = None,
     timeout: float | None = None,
 ) -> int:
@@ -237,18 +253,29 @@ def run_collaborator(
 
     ``train(meta)`` runs local training on the freshly unpackaged model and
     returns metrics for the upload's meta (include ``instances``); ``test``
-    evaluates for test rounds. Stops after ``rounds`` steps answered, or when
-    the aggregator leaves for good (``PeerTimeout`` after ``timeout``).
-    Returns the number of steps answered.
+    evaluates for test rounds. Stops after ``rounds`` steps answered, after
+    the federation's last round (the aggregator sends ``round``/``rounds`` in
+    its meta), or when the aggregator says it has finished. Returns the number
+    of steps answered.
     """
     if not maintainer.collaborator:
         raise ConfigError("run_collaborator runs on a collaborator")
-    optims = [] if fed_optim is None else fed_optim if isinstance(fed_optim, list) else [fed_optim]
+    optims = (
+        []
+        if fed_optim is None
+        else list(fed_optim)
+        if isinstance(fed_optim, (list, tuple))
+        else [fed_optim]
+    )
     answered = 0
     wanted = 0
     while rounds is None or answered < rounds:
         maintainer.update_version(wanted)
-        maintainer.step(upload=False, timeout=timeout)
+        try:
+            maintainer.step(upload=False, timeout=timeout)
+        except PeerOffline as exc:
+            log.info("%s: %s", maintainer.nick_name, exc)
+            break
         served = int(maintainer.meta.get("version", wanted))
         mode = str(maintainer.meta.get("mode", "train"))
         maintainer.unpackage(optims)
@@ -274,4 +301,11 @@ def run_collaborator(
                 optim.clear_state_dict()
         answered += 1
         wanted = served + 1
+        if mode == "train" and _is_last_round(maintainer.meta):
+            break
     return answered
+
+
+def _is_last_round(meta: Meta) -> bool:
+    r, total = meta.get("round"), meta.get("rounds")
+    return isinstance(r, int) and isinstance(total, int) and r >= total - 1

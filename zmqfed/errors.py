@@ -61,6 +61,7 @@ class PeerTimeout(PipeError, TimeoutError):
     def __init__(self, peer: str, seconds: float, what: str = "answer") -> None:
         self.peer = peer
         self.seconds = seconds
+        self.what = what
         super().__init__(f"peer {peer!r} did not {what} within {seconds:.1f} s")
 
 

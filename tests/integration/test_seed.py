@@ -14,7 +14,7 @@ SEED = Path(__file__).resolve().parents[2] / "examples" / "seed"
 REPORT = """
 import faulthandler, json, logging, runpy, sys
 faulthandler.dump_traceback_later(45, exit=True)  # a hang shows every thread's stack
-logging.basicConfig(level=logging.DEBUG, format="%(created).3f %(name)s %(message)s"); logging.getLogger("matplotlib").setLevel(logging.WARNING)
+logging.basicConfig(level=logging.INFO, format="%(created).3f %(name)s %(message)s")
 g = runpy.run_path(sys.argv[1], run_name="__main__")
 m = g["maintainer"]
 out = {"role": m.role, "meta_list": len(m.meta_list),
@@ -48,10 +48,12 @@ def _results(procs: dict, timeout: float) -> dict[str, dict]:
         ("beta", "aggregator", "alpha"),
     ],
 )
-def test_seed_scripts_any_start_order(run_python, slow_factor, order):
+def test_seed_scripts_any_start_order(run_python, slow_factor, free_tcp_endpoint, order):
+    # The scripts use zmqfed.default_tcp_address; a free port keeps parallel runs apart.
+    env = {"ZMQFED_DEFAULT_TCP": free_tcp_endpoint}
     procs = {}
     for name in order:
-        procs[name] = run_python(REPORT, args=[str(SEED / f"{name}.py")])
+        procs[name] = run_python(REPORT, args=[str(SEED / f"{name}.py")], env=env)
         time.sleep(0.3)  # make the start order real
     results = _results(procs, 60 * slow_factor)
     agg = results["aggregator"]
@@ -64,9 +66,12 @@ def test_seed_scripts_any_start_order(run_python, slow_factor, order):
         assert results[name]["weights"] != agg["weights"]  # (its own init differs)
 
 
-def test_seed_scripts_run_as_written(run_python, slow_factor):
+def test_seed_scripts_run_as_written(run_python, slow_factor, free_tcp_endpoint):
     """Plain `python aggregator.py` etc.: the literal scripts exit 0."""
-    procs = [run_python(script=SEED / f"{name}.py") for name in ("alpha", "aggregator", "beta")]
+    env = {"ZMQFED_DEFAULT_TCP": free_tcp_endpoint}
+    procs = [
+        run_python(script=SEED / f"{name}.py", env=env) for name in ("alpha", "aggregator", "beta")
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=60 * slow_factor)
         assert proc.returncode == 0, err

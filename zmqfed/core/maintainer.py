@@ -22,7 +22,7 @@ from torch import Tensor
 from zmqfed.core import steps
 from zmqfed.core.context import pop_maintainer, push_maintainer
 from zmqfed.core.loop import AggregatorLoop
-from zmqfed.errors import ConfigError, ProtocolError
+from zmqfed.errors import ConfigError, PeerTimeout, ProtocolError
 from zmqfed.federated import (
     AggregatorGroup,
     CollaboratorLink,
@@ -312,7 +312,14 @@ class Maintainer:
         timeout = self.timeout if timeout is None else timeout
         if self._loop is not None:
             return self._loop.run(timeout)
-        return self._collaborator_step(upload, download, meta, timeout)
+        try:
+            return self._collaborator_step(upload, download, meta, timeout)
+        except PeerTimeout as exc:
+            # Each request gets only what is left of the step's time: report
+            # the step's timeout, not the remainder the last request had.
+            if timeout is None or exc.seconds == timeout:
+                raise
+            raise PeerTimeout(exc.peer, timeout, exc.what) from exc
 
     def _collaborator_step(
         self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
@@ -398,13 +405,17 @@ class Maintainer:
         """Close every pipe (alias of :meth:`close`, as in OpenFed)."""
         self.close()
 
-    def close(self) -> None:
-        """Say BYE to the peers and close the sockets (idempotent)."""
+    def close(self, *, final: bool = False) -> None:
+        """Say BYE to the peers and close the sockets (idempotent).
+
+        On an aggregator, ``final=True`` tells the collaborators that the
+        federation is over; otherwise they wait for it to come back.
+        """
         if self._closed:
             return
         self._closed = True
         if self._loop is not None:
-            self._loop.group.close()
+            self._loop.group.close(final=final)
         for pipe in self.pipes:
             if isinstance(pipe, CollaboratorPipe):
                 pipe.close()

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zmqfed.errors import PeerTimeout, ProtocolError, RemoteError
+from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError
 from zmqfed.federated.sockets import SocketOptions, make_dealer
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import PROTOCOL_VERSION, Envelope, Limits, decode, encode
@@ -67,6 +67,8 @@ class CollaboratorLink:
         self.aggregator_version: int | None = None
         self._seq = 0
         self._closed = False
+        #: The aggregator said the federation is over (a final BYE).
+        self.finished = False
 
     def next_seq(self) -> int:
         """A fresh sequence number for a request from this process."""
@@ -218,6 +220,9 @@ class CollaboratorLink:
             if env.kind == "BYE":
                 log.info("%s: aggregator %s said BYE", self.nick_name, self.aggregator_name)
                 self.welcomed = False
+                if env.meta.get("final") is True:
+                    self.finished = True
+                    raise PeerOffline(f"aggregator {self.aggregator_name!r} finished the federation")
                 return _RESEND
             if env.kind == "WAIT" and env.seq == seq:
                 log.debug("%s: request %d parked by %s", self.nick_name, seq, self.aggregator_name)

@@ -214,7 +214,8 @@ class AggregatorGroup:
             else:
                 log.warning("%s: could not send %s to %s: %s", self.name, kind, pipe.nick_name, exc)
             return False
-        pipe.bytes_out += env.nbytes
+        # A served model comes pre-encoded (``encoded``): env.tensors is empty then.
+        pipe.bytes_out += env.nbytes if encoded is None else encoded.nbytes
         return True
 
     def _error(self, rid: bytes, seq: int, code: str, reason: str) -> None:
@@ -230,12 +231,16 @@ class AggregatorGroup:
         with contextlib.suppress(zmq.ZMQError):  # the offender is gone: nothing to tell
             self.sock.send_multipart([rid, *encode(env, limits=self.limits)], flags=zmq.DONTWAIT)
 
-    def close(self) -> None:
-        """Say BYE to every online collaborator and close the ROUTER."""
+    def close(self, *, final: bool = False) -> None:
+        """Say BYE to every online collaborator and close the ROUTER.
+
+        ``final`` tells them the federation is over, so they stop instead of
+        waiting for this aggregator to come back.
+        """
         if self._closed:
             return
         self._closed = True
         for pipe in self.roster.values():
             if pipe.online:
-                self.send(pipe, "BYE", seq=0, meta={})
+                self.send(pipe, "BYE", seq=0, meta={"final": final})
         self.sock.close()

@@ -1,0 +1,125 @@
+"""``App``: what a user supplies to run a node under ``zmqfed-node`` or ``zmqfed-sim``.
+
+A factory ``factory(ctx: NodeContext) -> App`` is named on the command line
+as ``MODULE:FACTORY``. It builds the model (identically on every node) and the
+functions for the roles the node plays; the daemon runs the rounds, the
+checkpoints and the signals.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zmqfed.errors import ConfigError
+from zmqfed.meta import Meta
+from zmqfed.props import FederatedProperties
+
+__all__ = ["App", "NodeContext", "load_factory"]
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What an app factory knows about the node it builds for."""
+
+    #: This node's nick name.
+    name: str
+    #: Its federated groups (``topo.analysis``): aggregator group first, if any.
+    props: tuple[FederatedProperties, ...]
+    #: Training rounds requested on the command line (``None``: the app decides).
+    rounds: int | None = None
+    #: Free-form options (``--set key=value`` on the command line).
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def aggregator(self) -> bool:
+        """True when the node aggregates a group."""
+        return any(p.aggregator for p in self.props)
+
+    @property
+    def collaborator(self) -> bool:
+        """True when the node collaborates in a group."""
+        return any(p.collaborator for p in self.props)
+
+    @property
+    def index(self) -> int:
+        """Position among its group's sorted collaborators (for data partitions); 0 otherwise."""
+        for p in self.props:
+            if p.collaborator:
+                return p.collaborators.index(self.name)
+        return 0
+
+    @property
+    def parts(self) -> int:
+        """Number of collaborators in the node's (upward) group; 1 for a root."""
+        for p in self.props:
+            if p.collaborator:
+                return len(p.collaborators)
+        return 1
+
+
+@dataclass(kw_only=True)
+class App:
+    """A federated application.
+
+    Parameters
+    ----------
+    model:
+        The network; built from the same seed on every node.
+    train:
+        Collaborator: local training on ``model`` after each download;
+        returns metrics for the upload (include ``instances``).
+    test:
+        Collaborator: local evaluation in test rounds.
+    evaluate:
+        Aggregator: evaluate the global model after each round.
+    local_optim:
+        Collaborator's ``FederatedOptimizer``; its state travels with uploads.
+    server_optim:
+        Aggregator's optimizer on the pseudo-gradient (default SGD, lr 1.0).
+    agg_func, agg_kwargs:
+        The aggregation rule (default FedAvg, ``naive_aggregation``).
+    reduce_keys:
+        Upload metrics averaged (instance-weighted) into each round's record.
+    rounds:
+        Training rounds, unless the command line says otherwise.
+    min_clients, round_timeout:
+        Straggler policy: a round ends at all collaborators, or after
+        ``round_timeout`` seconds with at least ``min_clients`` uploads.
+    """
+
+    model: Any
+    train: Callable[[Meta], Mapping[str, Any]] | None = None
+    test: Callable[[Meta], Mapping[str, Any]] | None = None
+    evaluate: Callable[[], Mapping[str, Any]] | None = None
+    local_optim: Any = None
+    server_optim: Any = None
+    agg_func: Callable[..., Any] | None = None
+    agg_kwargs: dict[str, Any] = field(default_factory=dict)
+    reduce_keys: tuple[str, ...] = ("loss", "accuracy")
+    rounds: int = 10
+    min_clients: int | None = None
+    round_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds <= 0:
+            raise ConfigError(f"App.rounds must be positive, got {self.rounds!r}")
+        if self.round_timeout is not None and self.round_timeout <= 0:
+            raise ConfigError("App.round_timeout must be positive seconds")
+
+
+def load_factory(spec: str) -> Callable[[NodeContext], App]:
+    """Import ``MODULE:FACTORY``; a clear ConfigError when either part is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--app must look like MODULE:FACTORY, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"--app {spec!r}: {module_name!r} has no callable {attr!r}")
+    return factory

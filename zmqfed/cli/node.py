@@ -1,0 +1,201 @@
+"""``zmqfed-node``: one long-running process per node of a topology.
+
+::
+
+    zmqfed-node run --topology FILE --node NAME --app MODULE:FACTORY [--state-dir DIR]
+    zmqfed-node status --state-dir DIR [--node NAME]
+
+``run`` builds the node's groups from the topology and runs the app round after
+round; an aggregator checkpoints after every round into ``--state-dir`` and
+resumes from there after a restart. SIGTERM and SIGINT stop it cleanly: the
+current message is abandoned, peers get BYE, sockets close, and it exits with
+0 (SIGTERM: stopped on request) or 130 (SIGINT). Other codes are those of
+``zmqfed.cli.exitcodes`` (1 runtime failure, 2 usage, 3 invalid topology,
+4 invalid configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from zmqfed.cli.exitcodes import OK, run
+
+__all__ = ["main"]
+
+PROG = "zmqfed-node"
+log = logging.getLogger("zmqfed.node")
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM so every ``finally`` runs."""
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(level: str, as_json: bool, node: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {node} %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _raise_fd_limit() -> None:
+    """At 1024 descriptors libzmq spins silently on failed accepts: take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit above %d", soft)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    from zmqfed.errors import ConfigError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from zmqfed.app import load_factory
+    from zmqfed.node import NodeRunner
+    from zmqfed.topo import Topology
+
+    _setup_logging(args.log_level, args.log_json, args.node)
+    _raise_fd_limit()
+    topology = Topology.load(args.topology)
+    factory = load_factory(args.app)
+    runner = NodeRunner(
+        topology,
+        args.node,
+        factory,
+        state_dir=args.state_dir,
+        rounds=args.rounds,
+        options=_options(args.set),
+        progress=not args.no_progress,
+    )
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    tic = time.perf_counter()
+    try:
+        runner.run()
+    except Terminated:
+        log.info("stopped by SIGTERM at round %d", runner.round)
+        return OK
+    log.info("finished %d rounds in %.1f s", runner.round, time.perf_counter() - tic)
+    return OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from zmqfed.errors import ConfigError
+
+    state_dir = Path(args.state_dir)
+    pattern = f"{args.node}.status.json" if args.node else "*.status.json"
+    files = sorted(state_dir.glob(pattern))
+    if not files:
+        raise ConfigError(f"no status file matching {pattern} in {state_dir}")
+    for path in files:
+        status = json.loads(path.read_text())
+        age = time.time() - float(status.get("updated", 0))
+        print(
+            f"{status['node']}: {status['state']}, round {status['round']}/{status['rounds']}, "
+            f"version {status['version']}, pid {status['pid']}, updated {age:.0f} s ago"
+        )
+        print(f"  online peers: {', '.join(status['online_peers']) or '-'}")
+        record = status.get("last_record")
+        if record:
+            print(
+                f"  last round: {record['participants']} participants, {record['seconds']:.2f} s, "
+                f"{record['metrics']}"
+            )
+    return OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run one node until its rounds are done")
+    p_run.add_argument("--topology", required=True, help="topology file (JSON or YAML)")
+    p_run.add_argument("--node", required=True, help="this node's nick name")
+    p_run.add_argument("--app", required=True, help="MODULE:FACTORY returning a zmqfed.app.App")
+    p_run.add_argument("--state-dir", help="checkpoints and status go here")
+    p_run.add_argument("--rounds", type=int, help="override the app's number of rounds")
+    p_run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option passed to the app factory (repeatable)",
+    )
+    p_run.add_argument("--log-level", default="INFO")
+    p_run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    p_run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_status = sub.add_parser("status", help="show what running or stopped nodes report")
+    p_status.add_argument("--state-dir", required=True)
+    p_status.add_argument("--node", help="only this node")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``zmqfed-node``."""
+    args = build_parser().parse_args(argv)
+    command = _run if args.command == "run" else _status
+    return run(PROG, lambda: command(args))
+
+
+def _exit_now(code: int) -> None:
+    """Close sockets, flush, and leave without the interpreter's slow teardown.
+
+    Finalizing a process that loaded torch and scikit-learn spends seconds
+    (tens of seconds on a loaded host) collecting garbage; a daemon stopped by
+    SIGTERM should be gone at once. Everything that matters is done first.
+    """
+    from zmqfed.core.maintainer import _close_all
+
+    _close_all()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console_main() -> None:
+    """Console-script entry point: ``main`` followed by a fast, clean exit."""
+    _exit_now(main())
+
+
+if __name__ == "__main__":
+    console_main()

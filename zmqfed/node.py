@@ -1,0 +1,290 @@
+"""Run one node of a topology with a user's :class:`~zmqfed.app.App`, round after round.
+
+This is what ``zmqfed-node run`` and ``zmqfed-sim`` execute in each process.
+An aggregator checkpoints the global state (model, server optimizer, version,
+round records) atomically after every round and resumes from it after a
+restart; collaborators reconnect on their own and rejoin at the current
+version. A node that aggregates one group and collaborates in another (an edge
+of a hierarchy) relays: download from above, serve and aggregate below, upload
+the aggregate above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zmqfed.api import API, RoundRecord, run_collaborator, stale_check
+from zmqfed.app import App, NodeContext
+from zmqfed.checkpoint import load_checkpoint, save_checkpoint
+from zmqfed.core import Maintainer, steps
+from zmqfed.errors import ConfigError
+from zmqfed.federated import SocketOptions
+from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
+from zmqfed.optim import FederatedOptimizer
+from zmqfed.props import AGGREGATOR, FederatedProperties
+from zmqfed.topo import Topology, analysis
+
+__all__ = ["NodeRunner"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeRunner:
+    """One node's life: build its maintainers, run its rounds, checkpoint, report status.
+
+    Parameters
+    ----------
+    topology:
+        The federation's topology.
+    name:
+        This node's nick name in it.
+    factory:
+        ``factory(NodeContext) -> App``.
+    state_dir:
+        Where checkpoints and ``status.json`` go (``None``: no persistence).
+    rounds:
+        Overrides ``App.rounds``.
+    progress:
+        tqdm bar on the aggregator.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        name: str,
+        factory: Any,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        rounds: int | None = None,
+        options: dict[str, str] | None = None,
+        progress: bool = True,
+        socket_options: SocketOptions | None = None,
+    ) -> None:
+        self.name = name
+        self.props = tuple(analysis(topology, name))
+        self.ctx = NodeContext(name=name, props=self.props, rounds=rounds, options=options or {})
+        self.app: App = factory(self.ctx)
+        if not isinstance(self.app, App):
+            raise ConfigError(
+                f"the app factory returned {type(self.app).__name__}, not zmqfed.app.App"
+            )
+        self.rounds = rounds or self.app.rounds
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.progress = progress
+        self.socket_options = socket_options
+        self.maintainers: list[Maintainer] = []
+        self.records: list[dict[str, Any]] = []
+        self.round = 0
+        self.finished = False
+
+    # -- persistence ---------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / f"{self.name}.ckpt"
+
+    def write_status(self, state: str) -> None:
+        """Write ``status.json`` for operators (``zmqfed-node status``)."""
+        if self.state_dir is None:
+            return
+        online: list[str] = []
+        version = 0
+        for m in self.maintainers:
+            version = max(version, m.version)
+            online += [p.nick_name for p in m.all_pipes() if not p.is_offline]
+        status = {
+            "node": self.name,
+            "state": state,
+            "round": self.round,
+            "rounds": self.rounds,
+            "version": version,
+            "online_peers": sorted(online),
+            "pid": os.getpid(),
+            "updated": time.time(),
+            "last_record": self.records[-1] if self.records else None,
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".{self.name}.status.json"
+        tmp.write_text(json.dumps(status, indent=2))
+        os.replace(tmp, self.state_dir / f"{self.name}.status.json")
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> None:
+        """Run every round of this node (blocks)."""
+        agg = [p for p in self.props if p.aggregator]
+        col = [p for p in self.props if p.collaborator]
+        self.write_status("starting")
+        try:
+            if agg and col:
+                self._run_edge(agg[0], col[0])
+            elif agg:
+                self._run_aggregator(agg[0])
+            else:
+                self._run_collaborator(col[0])
+            self.finished = True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close every maintainer; a finished aggregator tells its peers it is over."""
+        for m in self.maintainers:
+            m.close(final=self.finished)
+        self.write_status("finished" if self.finished else "stopped")
+
+    def _maintainer(self, props: FederatedProperties) -> Maintainer:
+        codec = str(props.settings.get("codec") or self.ctx.options.get("codec") or "raw")
+        m = Maintainer(
+            props,
+            self.app.model.state_dict(keep_vars=True),
+            socket_options=self.socket_options,
+            codec=codec,
+        )
+        self.maintainers.append(m)
+        return m
+
+    def _step_policy(self, m: Maintainer, props: FederatedProperties) -> None:
+        n = len(props.collaborators)
+        with m:
+            if self.app.min_clients is not None and self.app.round_timeout is not None:
+                deadline_step(n, self.app.round_timeout, self.app.min_clients)
+            else:
+                count_step(n)
+
+    def _server_optim(self) -> Any:
+        if self.app.server_optim is not None:
+            return self.app.server_optim
+        sgd = torch.optim.SGD(self.app.model.parameters(), lr=1.0)
+        return FederatedOptimizer(sgd, AGGREGATOR)
+
+    def _run_aggregator(self, props: FederatedProperties) -> None:
+        m = self._maintainer(props)
+        self._step_policy(m, props)
+        server = self._server_optim()
+        start = self._resume(m, server)
+        if start >= self.rounds:
+            log.info("%s: checkpoint says all %d rounds are done", self.name, self.rounds)
+            return
+
+        def on_round(record: RoundRecord) -> None:
+            self.round = record.round + 1
+            self.records.append(asdict(record))
+            self._checkpoint(m, server)
+            self.write_status("running")
+            log.info(
+                "%s round %d: %d participants, %.0f kB in, %.2f s, %s",
+                self.name,
+                record.round,
+                record.participants,
+                record.bytes_in / 1e3,
+                record.seconds,
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in record.metrics.items()},
+            )
+
+        api = API(
+            m,
+            server,
+            self.rounds,
+            self.app.agg_func or naive_aggregation,
+            self.app.agg_kwargs,
+            reduce_func=partial(meta_reduce, keys=self.app.reduce_keys),
+            progress=self.progress,
+            on_round=on_round,
+            evaluate=self.app.evaluate,
+            start_round=start,
+            record_path=None
+            if self.state_dir is None
+            else self.state_dir / f"{self.name}.rounds.jsonl",
+        )
+        self.write_status("running")
+        api.run()
+
+    def _resume(self, m: Maintainer, server: Any) -> int:
+        path = self.checkpoint_path
+        state = load_checkpoint(path) if path is not None else None
+        if state is None:
+            return 0
+        self.app.model.load_state_dict(state["model"])
+        if "server_optim" in state and hasattr(server, "load_state_dict"):
+            server.load_state_dict(state["server_optim"])
+        m.update_version(int(state["version"]))
+        self.round = int(state["round"])
+        self.records = list(state.get("records", []))
+        log.info(
+            "%s: resumed from %s at round %d, version %d", self.name, path, self.round, m.version
+        )
+        return self.round
+
+    def _checkpoint(self, m: Maintainer, server: Any) -> None:
+        path = self.checkpoint_path
+        if path is None:
+            return
+        state = {
+            "model": self.app.model.state_dict(),
+            "version": m.version,
+            "round": self.round,
+            "records": self.records,
+        }
+        if hasattr(server, "state_dict"):
+            state["server_optim"] = server.state_dict()
+        save_checkpoint(path, state)
+
+    def _run_collaborator(self, props: FederatedProperties) -> None:
+        if self.app.train is None:
+            raise ConfigError(f"node {self.name!r} collaborates but the app has no train()")
+        m = self._maintainer(props)
+        self.write_status("running")
+        self.round = run_collaborator(
+            m,
+            self.app.train,
+            fed_optim=self.app.local_optim,
+            test=self.app.test,
+            rounds=self.rounds,
+        )
+
+    def _run_edge(self, below: FederatedProperties, above: FederatedProperties) -> None:
+        """Relay: the model comes from above, the leaves train it, their aggregate goes up."""
+        up = self._maintainer(above)
+        down = self._maintainer(below)
+        self._step_policy(down, below)
+        down.register_step_hook(40, stale_check, steps.before_download)
+        server = self._server_optim()
+        wanted = 0
+        while True:
+            up.update_version(wanted)
+            up.step(upload=False)
+            served = int(up.meta.get("version", wanted))
+            up.unpackage()
+            for key in ("round", "rounds", "mode"):
+                if key in up.meta:
+                    down.meta[key] = up.meta[key]
+            down.package()
+            down.step()
+            instances = sum(int(meta.get("instances", 1)) for meta in down.meta_list)
+            metrics = meta_reduce(down.meta_list, self.app.reduce_keys) if down.meta_list else {}
+            if down.data_list:
+                (self.app.agg_func or naive_aggregation)(
+                    down.data_list, down.meta_list, [server], **self.app.agg_kwargs
+                )
+                server.step()
+                server.clear_state_dict()
+            down.clear()
+            down.update_version()
+            up.update_version(served + 1)
+            up.meta.update(metrics)
+            up.meta["instances"] = instances
+            up.package()
+            up.step(download=False)
+            self.round += 1
+            self.write_status("running")
+            wanted = served + 1
+            r, total = up.meta.get("round"), up.meta.get("rounds")
+            if isinstance(r, int) and isinstance(total, int) and r >= total - 1:
+                return
