@@ -12,6 +12,7 @@ from zmqfed import core, data, federated, functional, optim, topo, wire
 from zmqfed.address import Address, default_ipc_address, default_tcp_address, empty_address
 from zmqfed.api import API
 from zmqfed.errors import (
+    AggregatorRewound,
     ConfigError,
     PeerOffline,
     PeerTimeout,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "API",
     "Address",
+    "AggregatorRewound",
     "ConfigError",
     "Meta",
     "PeerOffline",

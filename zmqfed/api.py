@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zmqfed.core import Maintainer, steps
-from zmqfed.errors import ConfigError, PeerOffline, RemoteError
+from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -276,6 +276,10 @@ def run_collaborator(
         except PeerOffline as exc:
             log.info("%s: %s", maintainer.nick_name, exc)
             break
+        except AggregatorRewound as exc:
+            log.warning("%s: %s; redoing that round", maintainer.nick_name, exc)
+            wanted = exc.version
+            continue
         served = int(maintainer.meta.get("version", wanted))
         mode = str(maintainer.meta.get("mode", "train"))
         maintainer.unpackage(optims)

@@ -8,6 +8,7 @@
     ├── ProtocolError        a message violates the wire protocol (names the field)
     ├── SecurityError        authentication or authorization failed
     └── PipeError            talking to a peer failed
+        ├── AggregatorRewound  the aggregator restarted behind the version asked for
         ├── PeerTimeout      a peer did not answer in time (names peer and wait)
         ├── PeerOffline      a peer left or cannot be reached
         └── RemoteError      the peer answered with an ERROR message
@@ -19,6 +20,7 @@ Lower-library errors (pyzmq, lz4, json) are translated at the boundary with
 from __future__ import annotations
 
 __all__ = [
+    "AggregatorRewound",
     "ConfigError",
     "PeerOffline",
     "PeerTimeout",
@@ -63,6 +65,21 @@ class PeerTimeout(PipeError, TimeoutError):
         self.seconds = seconds
         self.what = what
         super().__init__(f"peer {peer!r} did not {what} within {seconds:.1f} s")
+
+
+class AggregatorRewound(PipeError):
+    """The aggregator restarted from a checkpoint older than the version asked for.
+
+    The collaborator should download ``version`` and redo that round.
+    """
+
+    def __init__(self, peer: str, version: int, wanted: int) -> None:
+        self.peer = peer
+        self.version = version
+        self.wanted = wanted
+        super().__init__(
+            f"aggregator {peer!r} restarted at version {version}; version {wanted} was asked for"
+        )
 
 
 class PeerOffline(PipeError):

@@ -14,7 +14,7 @@ from zmqfed.props import FederatedProperties
 
 def test_top_level_all_is_pinned():
     assert sorted(zmqfed.__all__) == sorted([
-        "API", "Address", "ConfigError", "Meta", "PeerOffline", "PeerTimeout", "PipeError",
+        "API", "AggregatorRewound", "Address", "ConfigError", "Meta", "PeerOffline", "PeerTimeout", "PipeError",
         "ProtocolError", "RemoteError", "SecurityError", "TopologyError", "ZmqfedError",
         "__version__", "core", "data", "default_ipc_address", "default_tcp_address",
         "empty_address", "federated", "functional", "optim", "topo", "wire",

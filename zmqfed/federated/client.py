@@ -69,6 +69,8 @@ class CollaboratorLink:
         self._closed = False
         #: The aggregator said the federation is over (a final BYE).
         self.finished = False
+        #: A new aggregator incarnation answered (set until a request looks at it).
+        self.restarted = False
 
     def next_seq(self) -> int:
         """A fresh sequence number for a request from this process."""
@@ -154,6 +156,7 @@ class CollaboratorLink:
                 log.warning("%s: expected WELCOME, got %s", self.nick_name, reply.kind)
                 continue
             if reply.incarnation != self.incarnation:
+                self.restarted = bool(self.incarnation)
                 if self.incarnation:
                     log.info(
                         "%s: aggregator %s restarted (incarnation %s)",
@@ -222,7 +225,9 @@ class CollaboratorLink:
                 self.welcomed = False
                 if env.meta.get("final") is True:
                     self.finished = True
-                    raise PeerOffline(f"aggregator {self.aggregator_name!r} finished the federation")
+                    raise PeerOffline(
+                        f"aggregator {self.aggregator_name!r} finished the federation"
+                    )
                 return _RESEND
             if env.kind == "WAIT" and env.seq == seq:
                 log.debug("%s: request %d parked by %s", self.nick_name, seq, self.aggregator_name)

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from zmqfed.errors import PeerOffline, RemoteError
+from zmqfed.errors import AggregatorRewound, PeerOffline, RemoteError
 from zmqfed.meta import Meta
 from zmqfed.wire import EncodedTensors, Envelope, encode
 
@@ -178,6 +178,17 @@ class CollaboratorPipe(Pipe):
         frames: list[Any] | None = None
         while True:
             self.link.ensure_welcome(deadline, timeout)
+            if self.link.restarted:
+                self.link.restarted = False
+                wanted = meta.get("version")
+                known = self.link.aggregator_version
+                if (
+                    kind == "PULL"
+                    and isinstance(wanted, int)
+                    and known is not None
+                    and wanted > known
+                ):
+                    raise AggregatorRewound(self.nick_name, known, wanted)
             if frames is None or self.link.incarnation_changed:
                 env = Envelope(
                     kind=kind,
