@@ -8,9 +8,10 @@ them. ``zmqfed.topo`` turns a graph of nodes into ROUTER/DEALER sockets,
 
 from __future__ import annotations
 
-from zmqfed import core, data, federated, functional, optim, topo, wire
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from zmqfed.address import Address, default_ipc_address, default_tcp_address, empty_address
-from zmqfed.api import API
 from zmqfed.errors import (
     AggregatorRewound,
     ConfigError,
@@ -24,6 +25,29 @@ from zmqfed.errors import (
     ZmqfedError,
 )
 from zmqfed.meta import Meta
+
+if TYPE_CHECKING:
+    from zmqfed import core, data, federated, functional, optim, topo, wire
+    from zmqfed.api import API
+
+# Subpackages load on first use (PEP 562): `zmqfed-topo` and other paths that
+# never touch tensors do not pay for importing torch.
+_SUBMODULES = frozenset({"core", "data", "federated", "functional", "optim", "topo", "wire"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"zmqfed.{name}")
+    if name == "API":
+        from zmqfed.api import API
+
+        return API
+    raise AttributeError(f"module 'zmqfed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ from zmqfed.app import App, NodeContext
 from zmqfed.checkpoint import load_checkpoint, save_checkpoint
 from zmqfed.core import Maintainer, steps
 from zmqfed.errors import ConfigError
-from zmqfed.federated import SocketOptions
+from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
@@ -68,6 +68,7 @@ class NodeRunner:
         options: dict[str, str] | None = None,
         progress: bool = True,
         socket_options: SocketOptions | None = None,
+        keys_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name = name
         self.props = tuple(analysis(topology, name))
@@ -81,6 +82,7 @@ class NodeRunner:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.progress = progress
         self.socket_options = socket_options
+        self.curve = Curve(Path(keys_dir)) if keys_dir is not None else None
         self.maintainers: list[Maintainer] = []
         self.records: list[dict[str, Any]] = []
         self.round = 0
@@ -146,6 +148,7 @@ class NodeRunner:
             self.app.model.state_dict(keep_vars=True),
             socket_options=self.socket_options,
             codec=codec,
+            curve=self.curve,
         )
         self.maintainers.append(m)
         return m

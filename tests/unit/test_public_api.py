@@ -13,22 +13,59 @@ from zmqfed.props import FederatedProperties
 
 
 def test_top_level_all_is_pinned():
-    assert sorted(zmqfed.__all__) == sorted([
-        "API", "AggregatorRewound", "Address", "ConfigError", "Meta", "PeerOffline", "PeerTimeout", "PipeError",
-        "ProtocolError", "RemoteError", "SecurityError", "TopologyError", "ZmqfedError",
-        "__version__", "core", "data", "default_ipc_address", "default_tcp_address",
-        "empty_address", "federated", "functional", "optim", "topo", "wire",
-    ])
+    assert sorted(zmqfed.__all__) == sorted(
+        [
+            "API",
+            "AggregatorRewound",
+            "Address",
+            "ConfigError",
+            "Meta",
+            "PeerOffline",
+            "PeerTimeout",
+            "PipeError",
+            "ProtocolError",
+            "RemoteError",
+            "SecurityError",
+            "TopologyError",
+            "ZmqfedError",
+            "__version__",
+            "core",
+            "data",
+            "default_ipc_address",
+            "default_tcp_address",
+            "empty_address",
+            "federated",
+            "functional",
+            "optim",
+            "topo",
+            "wire",
+        ]
+    )
     for name in zmqfed.__all__:
         assert hasattr(zmqfed, name), name
 
 
 def test_seed_names_exist():
     f = zmqfed.functional
-    for name in ("device_alignment", "count_step", "period_step", "dispatch_step",
-                 "sign_gradient_clip", "at_new_episode", "at_first", "before_download",
-                 "after_download", "before_upload", "after_upload", "at_zombie",
-                 "at_invalid_state", "at_failed", "before_destroy", "after_destroy", "at_last"):
+    for name in (
+        "device_alignment",
+        "count_step",
+        "period_step",
+        "dispatch_step",
+        "sign_gradient_clip",
+        "at_new_episode",
+        "at_first",
+        "before_download",
+        "after_download",
+        "before_upload",
+        "after_upload",
+        "at_zombie",
+        "at_invalid_state",
+        "at_failed",
+        "before_destroy",
+        "after_destroy",
+        "at_last",
+    ):
         assert hasattr(f, name), name
     assert zmqfed.core.Maintainer.__name__ == "Maintainer"
     assert zmqfed.federated.FederatedProperties is FederatedProperties

@@ -106,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         options=_options(args.set),
         progress=not args.no_progress,
+        keys_dir=args.keys,
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     tic = time.perf_counter()
@@ -159,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="option passed to the app factory (repeatable)",
+    )
+    p_run.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="CurveZMQ key directory (zmqfed-keys): encrypt and authenticate",
     )
     p_run.add_argument("--log-level", default="INFO")
     p_run.add_argument("--log-json", action="store_true", help="one JSON object per log line")

@@ -31,6 +31,7 @@ from zmqfed.federated import (
     Pipe,
     SocketOptions,
 )
+from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import shutdown
 from zmqfed.meta import Meta
 from zmqfed.wire import DEFAULT_LIMITS, Limits
@@ -64,6 +65,9 @@ class Maintainer:
         Wire limits for incoming messages (sizes, pickle permission).
     socket_options:
         Heartbeat, reconnect and linger settings.
+    curve:
+        CurveZMQ keys (``zmqfed.federated.Curve(keys_dir)``): encrypt and
+        authenticate every connection; required for ``limits.allow_pickle``.
 
     Examples
     --------
@@ -83,6 +87,7 @@ class Maintainer:
         limits: Limits | None = None,
         socket_options: SocketOptions | None = None,
         idle_interval: float = 0.5,
+        curve: Curve | None = None,
     ) -> None:
         if not isinstance(fed_props, FederatedProperties):
             raise ConfigError(
@@ -93,6 +98,11 @@ class Maintainer:
         self.fed_props = fed_props
         self.timeout = timeout
         self.limits = limits or DEFAULT_LIMITS
+        if self.limits.allow_pickle and curve is None:
+            raise ConfigError(
+                "allow_pickle lets peers run code on this node; it is only allowed behind CURVE "
+                "(pass curve=Curve(keys_dir))"
+            )
         self.codec = codec
         self.state_dict: dict[str, Tensor] = dict(state_dict) if state_dict is not None else {}
         self.version = 0
@@ -116,12 +126,12 @@ class Maintainer:
         self._link: CollaboratorLink | None = None
         if fed_props.aggregator:
             group = AggregatorGroup(
-                fed_props, options=socket_options, limits=self.limits, codec=codec
+                fed_props, options=socket_options, limits=self.limits, codec=codec, curve=curve
             )
             self._loop = AggregatorLoop(self, group, idle_interval=idle_interval)
         else:
             self._link = CollaboratorLink(
-                fed_props, options=socket_options, limits=self.limits, codec=codec
+                fed_props, options=socket_options, limits=self.limits, codec=codec, curve=curve
             )
             self.pipe = CollaboratorPipe(self._link, fed_props.aggregator_name)
             self.pipes.append(self.pipe)

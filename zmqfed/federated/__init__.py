@@ -17,6 +17,7 @@ from zmqfed.federated.pipe import (
     CollaboratorPipe,
     Pipe,
 )
+from zmqfed.federated.security import Curve, create_keys
 from zmqfed.federated.server import DRAINED, AggregatorGroup
 from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router
 from zmqfed.props import AGGREGATOR, COLLABORATOR, FederatedProperties
@@ -33,10 +34,12 @@ __all__ = [
     "AggregatorPipe",
     "CollaboratorLink",
     "CollaboratorPipe",
+    "Curve",
     "FederatedProperties",
     "Pipe",
     "SocketOptions",
     "context",
+    "create_keys",
     "init_federated_group",
     "is_aggregator",
     "is_collaborator",

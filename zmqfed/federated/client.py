@@ -17,7 +17,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError
+from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
+from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions, make_dealer
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import PROTOCOL_VERSION, Envelope, Limits, decode, encode
@@ -27,7 +28,12 @@ __all__ = ["CollaboratorLink"]
 log = logging.getLogger(__name__)
 
 _POLL_MS = 500  # bounded waits: signals and deadlines are seen promptly
-_RESEND = object()  # the aggregator said BYE: handshake again, then resend
+_RESEND = object()
+#: ERROR codes about the connection itself, sent with seq 0 when the request
+#: could not be read: they answer whatever request is pending.
+_CONNECTION_ERRORS = frozenset(
+    {"identity", "unknown-peer", "protocol"}
+)  # the aggregator said BYE: handshake again, then resend
 
 
 class CollaboratorLink:
@@ -41,6 +47,7 @@ class CollaboratorLink:
         limits: Limits,
         codec: str = "raw",
         ctx: zmq.Context | None = None,
+        curve: Curve | None = None,
     ) -> None:
         assert props.address.endpoint is not None
         self.nick_name = props.nick_name
@@ -50,11 +57,24 @@ class CollaboratorLink:
         self.limits = limits
         self.codec = codec
         self.session = uuid.uuid4().hex[:16]
+        curve_options: dict[int, Any] | None = None
+        if curve is not None:
+            public, secret = curve.key_pair(self.nick_name)
+            curve_options = {
+                zmq.CURVE_SERVERKEY: curve.public_key(self.aggregator_name),
+                zmq.CURVE_PUBLICKEY: public,
+                zmq.CURVE_SECRETKEY: secret,
+            }
         self.sock = make_dealer(
-            self.endpoint, self.nick_name, options=options, limits=limits, ctx=ctx
+            self.endpoint,
+            self.nick_name,
+            options=options,
+            limits=limits,
+            ctx=ctx,
+            curve=curve_options,
         )
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         )
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -87,6 +107,11 @@ class CollaboratorLink:
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.debug("%s: connected to %s", self.nick_name, self.endpoint)
                 self.connected = True
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise SecurityError(
+                    f"aggregator {self.aggregator_name!r} at {self.endpoint} refused this "
+                    f"node's key (CURVE/ZAP status {event['value']})"
+                )
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 log.info(
                     "%s: lost the connection to %s (%s)",
@@ -220,6 +245,8 @@ class CollaboratorLink:
                 continue
             if env.seq == seq and env.kind != "WAIT":
                 return env
+            if env.kind == "ERROR" and env.seq == 0 and env.meta.get("code") in _CONNECTION_ERRORS:
+                return env  # refused before the aggregator could read our seq
             if env.kind == "BYE":
                 log.info("%s: aggregator %s said BYE", self.nick_name, self.aggregator_name)
                 self.welcomed = False

@@ -19,7 +19,8 @@ import zmq
 
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.pipe import AggregatorPipe
-from zmqfed.federated.sockets import SocketOptions, make_router
+from zmqfed.federated.security import Curve, group_authenticator
+from zmqfed.federated.sockets import SocketOptions, context, make_router
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import PROTOCOL_VERSION, EncodedTensors, Envelope, Limits, decode, encode
@@ -43,9 +44,11 @@ class AggregatorGroup:
         limits: Limits,
         codec: str = "raw",
         ctx: zmq.Context | None = None,
+        curve: Curve | None = None,
     ) -> None:
         assert props.address.endpoint is not None
         self.props = props
+        self.curve = curve
         self.name = props.nick_name
         self.endpoint = props.address.endpoint
         self.limits = limits
@@ -54,13 +57,37 @@ class AggregatorGroup:
         self.incarnation = uuid.uuid4().hex[:16]
         #: The version announced in replies; the Maintainer keeps it current.
         self.version = 0
-        self.sock = make_router(self.endpoint, options=options, limits=limits, ctx=ctx)
+        self.sock = make_router(
+            self.endpoint, options=options, limits=limits, ctx=ctx, curve=self._curve_options(ctx)
+        )
         self.roster: dict[str, AggregatorPipe] = {
             name: AggregatorPipe(self, name) for name in props.collaborators
         }
         self.messages_in = 0
         self.errors = 0
         self._closed = False
+
+    def _curve_options(self, ctx: zmq.Context | None) -> dict[int, Any] | None:
+        """CURVE server keys and the group's ZAP domain, with its allow-list running."""
+        if self.curve is None:
+            return None
+        public, secret = self.curve.key_pair(self.name)
+        allowed = {name: self.curve.public_key(name) for name in self.props.collaborators}
+        group_authenticator(ctx or context(), self.props.group_name, allowed)
+        return {
+            zmq.CURVE_SERVER: 1,
+            zmq.CURVE_PUBLICKEY: public,
+            zmq.CURVE_SECRETKEY: secret,
+            zmq.ZAP_DOMAIN: self.props.group_name.encode(),
+            zmq.ZAP_ENFORCE_DOMAIN: 1,  # fail closed when no ZAP handler answers
+        }
+
+    def _authenticated_as(self, frame: Any) -> str | None:
+        """The node name ZAP gave this connection, or None without authentication."""
+        try:
+            return str(frame.get("User-Id"))
+        except zmq.ZMQError:
+            return None
 
     # -- receiving ---------------------------------------------------------
     def receive_nowait(self) -> Any:
@@ -88,6 +115,22 @@ class AggregatorGroup:
                 f"(members: {', '.join(self.roster)})",
             )
             return None
+        if self.curve is not None and len(frames) > 1:
+            claimed_by = self._authenticated_as(frames[1])
+            if claimed_by != name:
+                log.warning(
+                    "%s: dropped a message claiming to be %r from key of %r",
+                    self.name,
+                    name,
+                    claimed_by,
+                )
+                self._error(
+                    rid,
+                    0,
+                    "identity",
+                    f"this connection authenticated as {claimed_by!r}, not {name!r}",
+                )
+                return None
         try:
             env = decode(frames[1:], limits=self.limits)
         except ProtocolError as exc:

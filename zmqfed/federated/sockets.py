@@ -13,13 +13,14 @@ import os
 import random
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
 from zmqfed.errors import ConfigError
 from zmqfed.wire import DEFAULT_LIMITS, Limits
 
-__all__ = ["SocketOptions", "context", "make_dealer", "make_router", "shutdown"]
+__all__ = ["SocketOptions", "context", "make_dealer", "make_router", "shutdown", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,11 @@ class SocketOptions:
         Base reconnect interval; ``None`` picks a random base per process in
         [200, 1000) ms so restarted aggregators are not hit in lock-step.
     reconnect_ivl_max_ms:
-        Cap of libzmq's exponential reconnect backoff.
+        Cap of libzmq's exponential reconnect backoff. 8 s rather than the 30 s
+        of ZMQ-NOTES: collaborators usually start before a slow-starting
+        aggregator (torch imports take seconds), and with doubling intervals a
+        30 s cap left them idle for up to half a minute after it came up; the
+        random base still spreads reconnects after an aggregator restart.
     linger_ms:
         How long closing waits for unsent messages (bounded: shutdown never hangs).
     backlog:
@@ -54,7 +59,7 @@ class SocketOptions:
     heartbeat_timeout_ms: int = 10000
     handshake_ivl_ms: int = 10000
     reconnect_ivl_ms: int | None = None
-    reconnect_ivl_max_ms: int = 30000
+    reconnect_ivl_max_ms: int = 8000
     linger_ms: int = 1000
     backlog: int = 1024
     sndhwm: int = 1000
@@ -82,11 +87,81 @@ class SocketOptions:
         return self.reconnect_ivl_ms or random.randint(200, 999)
 
 
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2).
+MALLOC_MMAP_THRESHOLD = 32 * 2**20
+#: The largest trim threshold ``mallopt`` (a C int) can set.
+MALLOC_TRIM_THRESHOLD = 2**31 - 1
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc(
+    mmap_threshold: int = MALLOC_MMAP_THRESHOLD, trim_threshold: int = MALLOC_TRIM_THRESHOLD
+) -> bool:
+    """Keep libzmq's receive buffers on an untrimmed heap (glibc only; once per process).
+
+    libzmq mallocs one buffer per received frame. With glibc's defaults,
+    frames of a few MiB and more are fresh ``mmap``s (or heap the allocator
+    trimmed), so every 4 KiB page of every received tensor faults on first
+    write: that halves receive throughput (PERF-NOTES.md). Raising the mmap
+    threshold to 32 MiB and the trim threshold to 2 GiB lets frames up to
+    32 MiB reuse heap pages already mapped by earlier messages; measured on
+    a 128 MiB state dict, download went from ~0.4x to ~1x the raw-socket limit.
+    The price: up to ``trim_threshold`` of freed heap stays mapped to the
+    process instead of returning to the OS.
+
+    :func:`context` calls this when it creates the process's Context. Opt out
+    with ``ZMQFED_TUNE_MALLOC=0``; it is skipped as well when the malloc
+    thresholds are already set through the environment (``GLIBC_TUNABLES``
+    naming them, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``).
+
+    Returns
+    -------
+    bool
+        True if the thresholds were set (now or by an earlier call).
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    env = os.environ
+    if env.get("ZMQFED_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if (
+        "MALLOC_MMAP_THRESHOLD_" in env
+        or "MALLOC_TRIM_THRESHOLD_" in env
+        or "malloc.mmap_threshold" in tunables
+        or "malloc.trim_threshold" in tunables
+    ):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold, MALLOC_MMAP_THRESHOLD)) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, MALLOC_TRIM_THRESHOLD)) == 1 and ok
+    _malloc_tuned = ok
+    log.debug("glibc malloc thresholds %s", "raised" if ok else "not changed")
+    return ok
+
+
 def context() -> zmq.Context:
-    """The process-wide Context, created on first use (after fork/spawn)."""
+    """The process-wide Context, created on first use (after fork/spawn).
+
+    Creating it also calls :func:`tune_malloc` (opt out: ``ZMQFED_TUNE_MALLOC=0``).
+    """
     global _ctx, _ctx_pid
     with _ctx_lock:
         if _ctx is None or _ctx_pid != os.getpid() or _ctx.closed:
+            tune_malloc()
             _ctx = zmq.Context()
             _ctx_pid = os.getpid()
         return _ctx
@@ -103,6 +178,9 @@ def shutdown() -> None:
     with _ctx_lock:
         ctx, _ctx = _ctx, None
     if ctx is not None and _ctx_pid == os.getpid() and not ctx.closed:
+        from zmqfed.federated.security import stop_authenticator
+
+        stop_authenticator()  # its thread owns a socket of this context
         ctx.destroy()
 
 
@@ -117,12 +195,18 @@ def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, limits.socket_maxmsgsize())
 
 
+def _apply(sock: zmq.Socket, extra: dict[int, Any] | None) -> None:
+    for option, value in (extra or {}).items():
+        sock.setsockopt(option, value)
+
+
 def make_router(
     endpoint: str,
     *,
     options: SocketOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
     ctx: zmq.Context | None = None,
+    curve: dict[int, Any] | None = None,
 ) -> zmq.Socket:
     """An aggregator's ROUTER, fully configured, then bound to ``endpoint``."""
     options = options or SocketOptions()
@@ -132,6 +216,7 @@ def make_router(
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # errors instead of silent drops
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer gets its id back
         sock.setsockopt(zmq.BACKLOG, options.backlog)
+        _apply(sock, curve)  # CURVE keys and ZAP domain, before bind
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
@@ -149,6 +234,7 @@ def make_dealer(
     options: SocketOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
     ctx: zmq.Context | None = None,
+    curve: dict[int, Any] | None = None,
 ) -> zmq.Socket:
     """A collaborator's DEALER with routing id ``routing_id``, connected to ``endpoint``."""
     options = options or SocketOptions()
@@ -170,6 +256,7 @@ def make_dealer(
         sock.setsockopt(zmq.IMMEDIATE, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_base())
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
+        _apply(sock, curve)  # CURVE keys, before connect
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)

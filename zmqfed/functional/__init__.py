@@ -31,7 +31,7 @@ from zmqfed.functional.aggregate import (
     naive_aggregation,
     trimmed_mean_aggregation,
 )
-from zmqfed.functional.hooks import device_alignment, sign_gradient_clip
+from zmqfed.functional.hooks import device_alignment, sign_gradient_clip, streaming_fedavg
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 from zmqfed.functional.steps import (
     count_step,
@@ -70,6 +70,7 @@ __all__ = [
     "naive_aggregation",
     "period_step",
     "sign_gradient_clip",
+    "streaming_fedavg",
     "trimmed_mean_aggregation",
     "version_check",
 ]

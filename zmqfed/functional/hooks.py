@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from zmqfed.core import current_maintainer
+from zmqfed.core import Maintainer, current_maintainer, steps
+from zmqfed.functional.streaming import StreamingFedAvg
 
-__all__ = ["device_alignment", "sign_gradient_clip"]
+__all__ = ["device_alignment", "sign_gradient_clip", "streaming_fedavg"]
 
 
 def device_alignment() -> None:
@@ -56,3 +57,25 @@ def sign_gradient_clip(epsilon: float = 0.001) -> None:
         return state
 
     maintainer.register_package_hook(nice=20, package_hook=package)
+
+
+def streaming_fedavg(weight_key: str = "instances") -> StreamingFedAvg:
+    """Fold every received upload into one running weighted sum as it arrives.
+
+    Registers an ``after_download`` hook on the aggregator: each upload is
+    added to the returned accumulator with weight ``meta[weight_key]`` and
+    removed from ``data_list`` at once, so the aggregator holds one model's
+    worth of sums instead of N uploads (``meta_list`` is kept: step policies
+    count it). After ``step()``: ``acc.apply(fed_optim)``, ``fed_optim.step()``,
+    ``acc.reset()``.
+    """
+    maintainer = current_maintainer("streaming_fedavg()")
+    acc = StreamingFedAvg(maintainer.state_dict)
+
+    def fold(m: Maintainer, received: bool) -> None:
+        if received and m.data_list:
+            weight = float(m.meta_list[-1].get(weight_key, 1))
+            acc.add(m.data_list.pop(), weight=weight)
+
+    maintainer.register_step_hook(10, fold, steps.after_download)
+    return acc

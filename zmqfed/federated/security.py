@@ -1,0 +1,142 @@
+"""CurveZMQ for zmqfed: node key pairs, a ZAP allow-list per group, identity checks.
+
+Every node has a long-term key pair in a key directory: ``NAME.key`` (public,
+shared with everybody) and ``NAME.key_secret`` (mode 0600, never shared). An
+aggregator is a CURVE server; its ZAP handler admits exactly the public keys of
+its group's collaborators (ZAP_ENFORCE_DOMAIN=1: no handler, no entry) and
+reports the node name as each message's ``User-Id``. ZAP never sees routing
+ids, so the group compares ``User-Id`` with the routing id on every message:
+a peer holding alpha's key cannot speak as beta (ZMQ-NOTES items 19-23).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from zmqfed.errors import SecurityError
+
+__all__ = ["Curve", "create_keys", "group_authenticator", "stop_authenticator"]
+
+log = logging.getLogger(__name__)
+
+
+def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` and ``NAME.key_secret`` (mode 0600) into ``keys_dir``.
+
+    Refuses to overwrite an existing key pair.
+    """
+    directory = Path(keys_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise SecurityError(f"a key pair for {name!r} already exists in {directory}")
+    old = os.umask(0o077)  # pyzmq writes the secret 0644 otherwise
+    try:
+        zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    return public, secret
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CURVE settings of one node: a directory of public keys plus its own secret key."""
+
+    keys_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys_dir", Path(self.keys_dir))
+        if not self.keys_dir.is_dir():
+            raise SecurityError(f"key directory {self.keys_dir} does not exist")
+
+    def public_key(self, name: str) -> bytes:
+        """The z85 public key of node ``name``."""
+        path = self.keys_dir / f"{name}.key"
+        if not path.exists():
+            raise SecurityError(f"no public key for node {name!r} ({path} is missing)")
+        public, _ = zmq.auth.load_certificate(path)
+        return public
+
+    def key_pair(self, name: str) -> tuple[bytes, bytes]:
+        """This node's (public, secret) z85 keys; the secret file must be private."""
+        path = self.keys_dir / f"{name}.key_secret"
+        if not path.exists():
+            raise SecurityError(f"no secret key for node {name!r} ({path} is missing)")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise SecurityError(
+                f"secret key {path} is readable by others (mode {mode:o}); chmod 600 it"
+            )
+        public, secret = zmq.auth.load_certificate(path)
+        if secret is None:
+            raise SecurityError(f"{path} holds no secret key")
+        return public, secret
+
+
+class _Authenticator(ThreadAuthenticator):
+    """One ZAP handler per Context: per-group allow-lists, node names as User-Id."""
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        super().__init__(ctx, log=logging.getLogger("zmqfed.security.zap"))
+        self.groups: dict[str, dict[bytes, str]] = {}
+        self.names: dict[bytes, str] = {}
+
+    def allow_group(self, domain: str, keys: dict[str, bytes]) -> None:
+        by_key = {key: name for name, key in keys.items()}
+        self.groups[domain] = by_key
+        self.names.update(by_key)
+        self.configure_curve_callback(domain, credentials_provider=self)
+
+    def callback(self, domain: str, key: Any) -> bool:
+        """ZAP: admit only the public keys of ``domain``'s collaborators."""
+        key = _z85(key)
+        name = self.groups.get(domain, {}).get(key)
+        if name is None:
+            log.warning("refused a CURVE client in group %r: unknown key %s", domain, key.decode())
+            return False
+        log.debug("admitted %s in group %r", name, domain)
+        return True
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(_z85(client_public_key), "")
+
+
+def _z85(key: Any) -> bytes:
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    return z85.encode(key) if len(key) == 32 else key
+
+
+_auth_lock = threading.Lock()
+_auth: _Authenticator | None = None
+
+
+def group_authenticator(ctx: zmq.Context, domain: str, keys: dict[str, bytes]) -> None:
+    """Start (once per Context) the ZAP handler and allow ``keys`` in ``domain``."""
+    global _auth
+    with _auth_lock:
+        if _auth is None or _auth.context is not ctx:
+            _auth = _Authenticator(ctx)
+            _auth.start()
+        _auth.allow_group(domain, keys)
+
+
+def stop_authenticator() -> None:
+    """Stop the ZAP handler (before the Context is terminated)."""
+    global _auth
+    with _auth_lock:
+        if _auth is not None:
+            _auth.stop()
+            _auth = None
