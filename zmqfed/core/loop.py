@@ -81,11 +81,19 @@ class AggregatorLoop:
         m.run_step_hooks(steps.at_new_episode)
         self._cycle_parked()
         next_idle = time.monotonic() + self.idle_interval
+        poller = zmq.Poller()
+        poller.register(self.group.sock, zmq.POLLIN)
+        poller.register(self.group.monitor, zmq.POLLIN)
         while not self.stopped:
             now = time.monotonic()
             until = min(deadline, next_idle, self._wake)
             wait_ms = max(0, math.ceil((until - now) * 1000))
-            if self.group.sock.poll(wait_ms, zmq.POLLIN):
+            events = dict(poller.poll(wait_ms))
+            if self.group.monitor in events:
+                for pipe in self.group.drain_monitor():
+                    if pipe in m.pipes and not self.stopped:
+                        self._cycle(pipe)  # offline: the destroy hooks run
+            if self.group.sock in events:
                 self._drain()
             now = time.monotonic()
             if not self.stopped and (now >= next_idle or now >= self._wake):

@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.pipe import AggregatorPipe
@@ -60,6 +61,9 @@ class AggregatorGroup:
         self.sock = make_router(
             self.endpoint, options=options, limits=limits, ctx=ctx, curve=self._curve_options(ctx)
         )
+        # The ROUTER's monitor only names fds, never peers (ZMQ-NOTES item 11): a
+        # DISCONNECTED event triggers a probe of every online pipe instead.
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.roster: dict[str, AggregatorPipe] = {
             name: AggregatorPipe(self, name) for name in props.collaborators
         }
@@ -226,6 +230,23 @@ class AggregatorGroup:
             log.info("%s: %s joined", self.name, pipe.nick_name)
         return pipe if joined else None
 
+    def drain_monitor(self) -> list[AggregatorPipe]:
+        """Pipes found gone after a disconnect: a send to a departed id fails at once."""
+        disconnected = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            disconnected |= event["event"] == zmq.EVENT_DISCONNECTED
+        if not disconnected:
+            return []
+        gone = []
+        for pipe in self.roster.values():
+            if pipe.online and not self.send(pipe, "PING", seq=0, meta={}):
+                gone.append(pipe)
+        return gone
+
     # -- sending -----------------------------------------------------------
     def send(
         self,
@@ -286,4 +307,7 @@ class AggregatorGroup:
         for pipe in self.roster.values():
             if pipe.online:
                 self.send(pipe, "BYE", seq=0, meta={"final": final})
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close()
