@@ -10,7 +10,6 @@ of its leaves (1.5 and 3.5) and the root averages those: 2.5 everywhere.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 import zmqfed
 import zmqfed.topo as topo
+from tests.integration._helpers import node_results
 from zmqfed.core import Maintainer
 
 EDGES = {"e1": ("l1", "l2"), "e2": ("l3", "l4")}
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 import zmqfed
 import zmqfed.topo as topo
+from tests.integration._helpers import node_results
 from zmqfed.core import Maintainer
 
 topology = topo.Topology.load(sys.argv[1])
@@ -108,20 +109,6 @@ def _topology(endpoints: dict[str, str]) -> topo.Topology:
     return topology
 
 
-def _results(procs: dict, timeout: float) -> dict[str, dict]:
-    outputs = {name: proc.communicate(timeout=timeout) for name, proc in procs.items()}
-    failed = [name for name, proc in procs.items() if proc.returncode != 0]
-    assert not failed, "\n".join(
-        f"--- {name} (exit {procs[name].returncode})\n{out}\n{err}"
-        for name, (out, err) in outputs.items()
-    )
-    results = {}
-    for name, (out, _err) in outputs.items():
-        line = next(line for line in out.splitlines() if line.startswith("RESULT "))
-        results[name] = json.loads(line[len("RESULT ") :])
-    return results
-
-
 def test_three_level_hierarchy(tmp_path, run_python, slow_factor):
     endpoints = dict(zip(("root", "e1", "e2"), _free_tcp_endpoints(3), strict=True))
     topology = _topology(endpoints)
@@ -151,7 +138,7 @@ def test_three_level_hierarchy(tmp_path, run_python, slow_factor):
         with torch.no_grad():
             for p in network.parameters():
                 p.copy_(torch.stack([d[p]["param"] for d in root.data_list]).mean(0))
-        results = _results(procs, 60 * slow_factor)
+        results = node_results(procs, 60 * slow_factor)
     finally:
         root.close()
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import zmqfed.topo as topo
+from tests.integration._helpers import download_then_upload
 from tests.integration.test_protocol_faults import (
     _ask,
     _dealer,
@@ -22,7 +23,6 @@ from tests.integration.test_protocol_faults import (
     _star,
 )
 from tests.integration.test_protocol_faults import aggregator as aggregator  # the fixture
-from zmqfed.core import Maintainer
 from zmqfed.wire import Envelope, Limits, encode
 
 
@@ -34,17 +34,6 @@ class _Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def _round(endpoint: str, name: str, timeout: float) -> None:
-    props = topo.analysis(_star(endpoint), name)[0]
-    m = Maintainer(props, nn.Linear(4, 1).state_dict(keep_vars=True), timeout=timeout)
-    try:
-        m.step(upload=False)
-        m.package()
-        m.step(download=False)
-    finally:
-        m.close()
 
 
 def _lz4_bomb() -> list:
@@ -116,7 +105,9 @@ def test_hostile_inputs_do_not_hurt_a_running_aggregator(
 
     # 5. Afterwards both members complete a normal round.
     for name in ("alpha", "beta"):
-        _round(aggregator.endpoint, name, timeout=30 * slow_factor)
+        props = topo.analysis(_star(aggregator.endpoint), name)[0]
+        state = nn.Linear(4, 1).state_dict(keep_vars=True)
+        download_then_upload(props, state, timeout=30 * slow_factor)
     aggregator.finish()
     assert aggregator.uploads == 2
     assert counts["protocol_errors"] == counts["garbage_messages"]

@@ -101,9 +101,13 @@ def _dealer(ctx: zmq.Context, endpoint: str, rid: str) -> zmq.Socket:
 
 
 def _ask(sock: zmq.Socket, frames: list, timeout: float = 10.0) -> Envelope:
+    """Send ``frames``; the aggregator's answer, skipping its liveness probes (PING)."""
     sock.send_multipart(frames)
-    assert sock.poll(int(timeout * 1000)), "no reply from the aggregator"
-    return decode(sock.recv_multipart())
+    while True:
+        assert sock.poll(int(timeout * 1000)), "no reply from the aggregator"
+        reply = decode(sock.recv_multipart())
+        if reply.kind != "PING":
+            return reply
 
 
 def _envelope(kind: str, sender: str = "alpha", seq: int = 1, **kw) -> list:

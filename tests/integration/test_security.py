@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import zmqfed
+from tests.integration._helpers import download_then_upload
 from zmqfed.address import Address
 from zmqfed.core import Maintainer
 from zmqfed.errors import ConfigError, PeerTimeout, RemoteError, SecurityError
@@ -39,6 +40,11 @@ print("UPLOADS", sorted(uploaders), len(m.meta_list), flush=True)
 """
 
 
+def _upload(name: str, endpoint: str, curve: Curve | None, timeout: float) -> None:
+    props = _props(name, endpoint)
+    download_then_upload(props, {"w": torch.ones(3)}, curve=curve, timeout=timeout)
+
+
 def _props(name: str, endpoint: str) -> FederatedProperties:
     return FederatedProperties(
         "collaborator", name, Address(endpoint), "aggregator", ("alpha", "beta")
@@ -55,16 +61,6 @@ def _wait_listening(endpoint: str, timeout: float) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"nothing listens on {endpoint}")
-
-
-def _upload(name: str, endpoint: str, curve: Curve | None, timeout: float) -> None:
-    m = Maintainer(_props(name, endpoint), {"w": torch.ones(3)}, curve=curve, timeout=timeout)
-    try:
-        m.step(upload=False)
-        m.package()
-        m.step(download=False)
-    finally:
-        m.close()
 
 
 def test_key_files_are_private(tmp_path):

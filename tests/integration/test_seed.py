@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration._helpers import node_results
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed"
 
@@ -25,21 +26,6 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _results(procs: dict, timeout: float) -> dict[str, dict]:
-    """Wait for every node; on any failure show all of their output."""
-    outputs = {name: proc.communicate(timeout=timeout) for name, proc in procs.items()}
-    failed = [name for name, proc in procs.items() if proc.returncode != 0]
-    assert not failed, "\n".join(
-        f"--- {name} (exit {procs[name].returncode})\n{out}\n{err}"
-        for name, (out, err) in outputs.items()
-    )
-    results = {}
-    for name, (out, _) in outputs.items():
-        line = next(line for line in out.splitlines() if line.startswith("RESULT "))
-        results[name] = json.loads(line[len("RESULT ") :])
-    return results
-
-
 @pytest.mark.parametrize(
     "order",
     [
@@ -55,7 +41,7 @@ def test_seed_scripts_any_start_order(run_python, slow_factor, free_tcp_endpoint
     for name in order:
         procs[name] = run_python(REPORT, args=[str(SEED / f"{name}.py")], env=env)
         time.sleep(0.3)  # make the start order real
-    results = _results(procs, 60 * slow_factor)
+    results = node_results(procs, 60 * slow_factor)
     agg = results["aggregator"]
     assert agg["role"] == "aggregator"
     assert agg["meta_list"] == 2
