@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
-    parser.add_argument("--algo", choices=("fedavg", "fedprox"), default="fedavg")
+    parser.add_argument("--algo", choices=("fedavg", "fedprox", "scaffold"), default="fedavg")
     parser.add_argument("--codec", choices=("raw", "lz4", "shuffle-lz4", "auto"), default="raw")
     parser.add_argument("--epochs", type=int, default=3, help="local epochs per round")
     parser.add_argument("--seed", type=int, default=0)

@@ -7,8 +7,8 @@
         --app examples.digits.daemon:factory --state-dir /var/lib/zmqfed
 
 Options (``--set KEY=VALUE``): ``alpha`` (Dirichlet skew, 0.5), ``epochs``
-(local epochs, 3), ``lr`` (local SGD rate, 0.2), ``algo`` (``fedavg`` or
-``fedprox``), ``mu`` (FedProx, 0.01), ``seed`` (0).
+(local epochs, 3), ``lr`` (local SGD rate, 0.2), ``algo`` (``fedavg``,
+``fedprox`` or ``scaffold``), ``mu`` (FedProx, 0.01), ``seed`` (0).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from examples.digits.app import (
     train_epochs,
 )
 from zmqfed.app import App, NodeContext
+from zmqfed.errors import ConfigError
 from zmqfed.meta import Meta
-from zmqfed.optim import FederatedOptimizer, ProxOptimizer
-from zmqfed.props import COLLABORATOR
+from zmqfed.optim import FederatedOptimizer, ProxOptimizer, ScaffoldOptimizer
+from zmqfed.props import AGGREGATOR, COLLABORATOR
 
 __all__ = ["factory"]
 
@@ -43,7 +44,13 @@ def factory(ctx: NodeContext) -> App:
     seed = int(opt.get("seed", 0))
     model = build_model(seed)
     app = App(model=model, rounds=ctx.rounds or 20)
+    algo = opt.get("algo", "fedavg")
+    if algo not in ("fedavg", "fedprox", "scaffold"):
+        raise ConfigError(f"algo must be fedavg, fedprox or scaffold, got {algo!r}")
     if ctx.aggregator and not ctx.collaborator:
+        if algo == "scaffold":  # the server keeps the global control variate c
+            server_sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+            app.server_optim = ScaffoldOptimizer(server_sgd, role=AGGREGATOR)
         x_test, y_test = held_out_split(seed)
 
         def evaluate_global() -> dict[str, Any]:
@@ -56,8 +63,10 @@ def factory(ctx: NodeContext) -> App:
         lr = float(opt.get("lr", LOCAL_LR))
         epochs = int(opt.get("epochs", LOCAL_EPOCHS))
         sgd = torch.optim.SGD(model.parameters(), lr=lr)
-        if opt.get("algo", "fedavg") == "fedprox":
+        if algo == "fedprox":
             local: Any = ProxOptimizer(sgd, COLLABORATOR, mu=float(opt.get("mu", MU)))
+        elif algo == "scaffold":
+            local = ScaffoldOptimizer(sgd, role=COLLABORATOR)
         else:
             local = FederatedOptimizer(sgd, COLLABORATOR)
         generator = torch.Generator().manual_seed(seed + 1000 * (ctx.index + 1))

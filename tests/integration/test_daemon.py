@@ -226,3 +226,22 @@ def test_sim_runs_a_three_level_hierarchy(run_python, tmp_path, slow_factor):
     for name in ("edge0", "edge1", "leaf0", "leaf3"):
         assert _status(logdir, name)["state"] == "finished"
         assert _status(logdir, name)["round"] == 3
+
+
+def test_systemd_unit_runs_a_valid_zmqfed_node_command():
+    """The sample unit's ExecStart parses with zmqfed-node's own parser and names a real app."""
+    import shlex
+
+    from zmqfed.app import load_factory
+    from zmqfed.cli.node import build_parser
+
+    unit = (
+        Path(__file__).resolve().parents[2] / "examples/daemon/zmqfed-node@.service"
+    ).read_text()
+    exec_start = unit.split("ExecStart=", 1)[1].split("\n\n")[0].split("\nStateDirectory")[0]
+    argv = shlex.split(exec_start.replace("\\\n", " ").replace("%i", "client0"))
+    assert argv[0].endswith("/zmqfed-node")
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.node, args.log_json) == ("run", "client0", True)
+    assert callable(load_factory(args.app))
+    assert "KillSignal=SIGTERM" in unit  # zmqfed-node stops cleanly on SIGTERM
