@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -88,6 +89,13 @@ class API(threading.Thread):
         Bound in seconds on each step (``PeerTimeout`` when exceeded).
     on_round:
         Called with each :class:`RoundRecord` (e.g. to evaluate the model).
+    evaluate:
+        Called after each training round's aggregation; its metrics join the record.
+    start_round:
+        First round to run (resuming from a checkpoint).
+    keep_records:
+        Keep only this many recent records in memory (``None``: all); a
+        long-running daemon bounds memory this way and relies on ``record_path``.
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class API(threading.Thread):
         on_round: Callable[[RoundRecord], None] | None = None,
         evaluate: Callable[[], Mapping[str, Any]] | None = None,
         start_round: int = 0,
+        keep_records: int | None = None,
     ) -> None:
         super().__init__(name=f"zmqfed-api-{maintainer.nick_name}", daemon=True)
         if not maintainer.aggregator:
@@ -130,7 +139,8 @@ class API(threading.Thread):
         if not 0 <= start_round <= rounds:
             raise ConfigError(f"start_round must be in [0, {rounds}], got {start_round!r}")
         self.start_round = start_round
-        self.records: list[RoundRecord] = []
+        #: The latest rounds (``keep_records`` of them; ``record_path`` has them all).
+        self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
         maintainer.register_step_hook(40, stale_check, steps.before_download)
 

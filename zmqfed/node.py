@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,10 @@ from zmqfed.topo import Topology, analysis
 __all__ = ["NodeRunner"]
 
 log = logging.getLogger(__name__)
+
+#: Round records kept in memory and in checkpoints, so a daemon's memory stays
+#: flat over thousands of rounds; ``NAME.rounds.jsonl`` keeps every round.
+KEEP_RECORDS = 100
 
 
 class NodeRunner:
@@ -84,7 +89,8 @@ class NodeRunner:
         self.socket_options = socket_options
         self.curve = Curve(Path(keys_dir)) if keys_dir is not None else None
         self.maintainers: list[Maintainer] = []
-        self.records: list[dict[str, Any]] = []
+        #: Recent round records (all of them are in NAME.rounds.jsonl).
+        self.records: deque[dict[str, Any]] = deque(maxlen=KEEP_RECORDS)
         self.round = 0
         self.finished = False
 
@@ -202,6 +208,7 @@ class NodeRunner:
             on_round=on_round,
             evaluate=self.app.evaluate,
             start_round=start,
+            keep_records=KEEP_RECORDS,
             record_path=None
             if self.state_dir is None
             else self.state_dir / f"{self.name}.rounds.jsonl",
@@ -219,7 +226,7 @@ class NodeRunner:
             server.load_state_dict(state["server_optim"])
         m.update_version(int(state["version"]))
         self.round = int(state["round"])
-        self.records = list(state.get("records", []))
+        self.records.extend(state.get("records", []))
         log.info(
             "%s: resumed from %s at round %d, version %d", self.name, path, self.round, m.version
         )
@@ -233,7 +240,7 @@ class NodeRunner:
             "model": self.app.model.state_dict(),
             "version": m.version,
             "round": self.round,
-            "records": self.records,
+            "records": list(self.records),
         }
         if hasattr(server, "state_dict"):
             state["server_optim"] = server.state_dict()

@@ -98,10 +98,11 @@ class AggregatorLoop:
             now = time.monotonic()
             if not self.stopped and (now >= next_idle or now >= self._wake):
                 self._wake = math.inf
-                for pipe in list(m.pipes):
+                for member in list(m.pipes):
                     if self.stopped:
                         break
-                    self._cycle(pipe)  # type: ignore[arg-type]
+                    assert isinstance(member, AggregatorPipe)
+                    self._cycle(member)
                 if not m.pipes:  # nobody joined yet: time-based policies still decide
                     m.pipe = None
                     m.run_step_hooks(steps.at_last)
