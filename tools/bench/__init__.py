@@ -1,0 +1,1 @@
+"""zmqfed benchmarks: python tools/bench/run.py [--quick] [--only NAME] [--out docs]."""
