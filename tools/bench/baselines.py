@@ -24,21 +24,21 @@ import struct
 import time
 from typing import Any
 
-from tools.bench.common import Proc, child_setup, free_port, make_state_dict, run_procs
+from tools.bench.common import (
+    Proc,
+    child_setup,
+    free_port,
+    make_state_dict,
+    raw_listener,
+    run_procs,
+)
 
 # ------------------------------------------------------------------ raw socket
 
 
 def _raw_sender(port: int, total: int, reps: int, ready: Any) -> None:
     child_setup()
-    from zmqfed.wire.codec import tensor_bytes
-
-    sd = make_state_dict(total)
-    bufs = [memoryview(tensor_bytes(t)) for t in sd.values()]
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
-    srv.listen(1)
+    srv, bufs = raw_listener(port, total)
     ready.set()
     conn, _ = srv.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -301,3 +301,37 @@ def star_props(endpoint: str, names: list[str], who: str) -> Any:
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
+
+
+def time_rounds(threads: list[Any], start: Any, finished: Any, rounds: int) -> list[float]:
+    """Start ``threads``; time each round from ``start`` set to ``finished`` set; join.
+
+    ``start`` and ``finished`` are ``threading.Barrier``-like (``wait()``) objects
+    that the worker threads also pass through once per round.
+    """
+    for t in threads:
+        t.start()
+    times = []
+    for _ in range(rounds):
+        start.wait()
+        t0 = time.perf_counter()
+        finished.wait()
+        times.append(time.perf_counter() - t0)
+    for t in threads:
+        t.join()
+    return times
+
+
+def raw_listener(port: int, total: int, backlog: int = 1) -> tuple[Any, list[memoryview]]:
+    """A listening TCP socket on 127.0.0.1:``port`` and a state dict's byte views to send."""
+    import socket
+
+    from zmqfed.wire.codec import tensor_bytes
+
+    sd = make_state_dict(total)
+    bufs = [memoryview(tensor_bytes(t)) for t in sd.values()]
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(backlog)
+    return srv, bufs

@@ -18,7 +18,16 @@ import threading
 import time
 from typing import Any
 
-from tools.bench.common import Proc, child_setup, free_port, median, row, run_procs, star_props
+from tools.bench.common import (
+    Proc,
+    child_setup,
+    free_port,
+    median,
+    row,
+    run_procs,
+    star_props,
+    time_rounds,
+)
 
 
 def _tiny() -> dict[str, Any]:
@@ -79,16 +88,7 @@ def _round_collaborators(endpoint: str, names: list[str], rounds: int, done: Any
             end.wait()
 
     threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in ms]
-    for t in threads:
-        t.start()
-    times = []
-    for _ in range(rounds + 1):
-        start.wait()
-        t0 = time.perf_counter()
-        end.wait()
-        times.append(time.perf_counter() - t0)
-    for t in threads:
-        t.join()
+    times = time_rounds(threads, start, end, rounds + 1)
     done.set()
     for m in ms:
         m.close()

@@ -28,11 +28,13 @@ from tools.bench.common import (
     gbps,
     make_state_dict,
     median,
+    raw_listener,
     row,
     run_procs,
     speed_row,
     star_props,
     state_bytes,
+    time_rounds,
 )
 
 # ------------------------------------------------------------------ zmqfed ends
@@ -152,16 +154,7 @@ def _fan_collaborators(
             finished.wait()
 
     threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in maintainers]
-    for t in threads:
-        t.start()
-    times = []
-    for _ in range(rounds):
-        start.wait()
-        t0 = time.perf_counter()
-        finished.wait()
-        times.append(time.perf_counter() - t0)
-    for t in threads:
-        t.join()
+    times = time_rounds(threads, start, finished, rounds)
     done.set()
     for m in maintainers:
         m.close()
@@ -186,17 +179,8 @@ def zmqfed_fanout(total: int, n: int, rounds: int, *, malloc: bool = True) -> di
 
 
 def _raw_fan_sender(port: int, total: int, n: int, rounds: int, ready: Any) -> None:
-    import socket
-
     child_setup()
-    from zmqfed.wire.codec import tensor_bytes
-
-    sd = make_state_dict(total)
-    bufs = [memoryview(tensor_bytes(t)) for t in sd.values()]
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
-    srv.listen(n)
+    srv, bufs = raw_listener(port, total, backlog=n)
     ready.set()
     conns = [srv.accept()[0] for _ in range(n)]
 
@@ -241,17 +225,7 @@ def _raw_fan_receivers(port: int, total: int, n: int, rounds: int, ready: Any) -
     threads = [
         threading.Thread(target=work, args=(c, v)) for c, v in zip(conns, dests, strict=True)
     ]
-    for t in threads:
-        t.start()
-    times = []
-    for _ in range(rounds + 1):
-        start.wait()
-        t0 = time.perf_counter()
-        finished.wait()
-        times.append(time.perf_counter() - t0)
-    for t in threads:
-        t.join()
-    return times[1:]
+    return time_rounds(threads, start, finished, rounds + 1)[1:]
 
 
 def raw_fanout(total: int, n: int, rounds: int) -> list[float]:
