@@ -74,3 +74,46 @@ def test_killed_collaborator_goes_offline_and_rejoins(free_tcp_endpoint, run_pyt
     for name in ("beta", "alpha2"):
         procs[name].communicate(timeout=30 * slow_factor)
         assert procs[name].returncode == 0
+
+
+IDLE_COLLABORATOR = """
+import sys, time, torch
+from zmqfed.address import Address
+from zmqfed.core import Maintainer
+from zmqfed.federated import SocketOptions
+from zmqfed.props import FederatedProperties
+name, endpoint = sys.argv[1:3]
+props = FederatedProperties("collaborator", name, Address(endpoint), "aggregator", ("alpha",))
+opts = SocketOptions(heartbeat_ivl_ms=200, heartbeat_timeout_ms=1000)
+m = Maintainer(props, {"w": torch.zeros(2)}, timeout=60, socket_options=opts)
+m.step(upload=False)
+time.sleep(6)  # "local training": 6 heartbeat timeouts without a single message
+m.package()
+m.step(download=False)
+"""
+
+
+def test_idle_link_survives_long_local_training(free_tcp_endpoint, run_python, slow_factor):
+    """ZMTP heartbeats (answered by libzmq's I/O thread) keep an idle link up."""
+    from zmqfed.federated import SocketOptions
+
+    props = FederatedProperties(
+        "aggregator", "aggregator", Address(free_tcp_endpoint), "aggregator", ("alpha",)
+    )
+    opts = SocketOptions(heartbeat_ivl_ms=200, heartbeat_timeout_ms=1000)
+    m = Maintainer(props, {"w": torch.ones(2)}, timeout=60 * slow_factor, socket_options=opts)
+    destroyed: list[str] = []
+    m.register_step_hook(60, lambda mm: destroyed.append(mm.pipe.nick_name), steps.before_destroy)
+    with m:
+        zmqfed.functional.count_step(1)
+    proc = run_python(IDLE_COLLABORATOR, args=["alpha", free_tcp_endpoint])
+    try:
+        m.step()
+        joins = m.stats["messages_in"]
+    finally:
+        m.close()
+    _, err = proc.communicate(timeout=30 * slow_factor)
+    assert proc.returncode == 0, err
+    assert destroyed == []  # never seen as gone during the 6 s of silence
+    assert "lost the connection" not in err
+    assert joins == 3  # HELLO, PULL, PUSH: no second HELLO after a reconnect
