@@ -75,22 +75,15 @@ def federation(tmp_path, free_tcp_endpoint, run_python):
     return start
 
 
+def _sim(run_python, logdir: Path, *args: str):
+    """``zmqfed-sim ARGS --logdir LOGDIR`` as a child process."""
+    return run_python(module="zmqfed.cli.sim", args=[*args, "--logdir", str(logdir)])
+
+
 def test_sim_runs_a_star_to_the_closed_form(run_python, tmp_path, slow_factor):
     logdir = tmp_path / "sim"
-    proc = run_python(
-        module="zmqfed.cli.sim",
-        args=[
-            "--star",
-            "3",
-            "--app",
-            APP,
-            "--rounds",
-            "4",
-            "--logdir",
-            str(logdir),
-            "--timeout",
-            "120",
-        ],
+    proc = _sim(
+        run_python, logdir, "--star", "3", "--app", APP, "--rounds", "4", "--timeout", "120"
     )
     out, err = proc.communicate(timeout=150 * slow_factor)
     assert proc.returncode == 0, out + err
@@ -104,24 +97,21 @@ def test_sim_runs_a_star_to_the_closed_form(run_python, tmp_path, slow_factor):
 
 def test_sim_stops_everything_when_a_node_fails(run_python, tmp_path, slow_factor):
     logdir = tmp_path / "sim"
-    proc = run_python(
-        module="zmqfed.cli.sim",
-        args=[
-            "--star",
-            "3",
-            "--app",
-            APP,
-            "--rounds",
-            "5",
-            "--logdir",
-            str(logdir),
-            "--set",
-            "fail_node=client1",
-            "--set",
-            "fail_round=1",
-            "--set",
-            "delay=0.2",
-        ],
+    proc = _sim(
+        run_python,
+        logdir,
+        "--star",
+        "3",
+        "--app",
+        APP,
+        "--rounds",
+        "5",
+        "--set",
+        "fail_node=client1",
+        "--set",
+        "fail_round=1",
+        "--set",
+        "delay=0.2",
     )
     out, err = proc.communicate(timeout=150 * slow_factor)
     assert proc.returncode == 1, out + err
@@ -202,20 +192,17 @@ def test_sim_runs_a_three_level_hierarchy(run_python, tmp_path, slow_factor):
     topology = tmp_path / "tree.json"
     tree(2, 2, transport="ipc", ipc_dir=str(ipc_dir)).save(topology)
     logdir = tmp_path / "sim"
-    proc = run_python(
-        module="zmqfed.cli.sim",
-        args=[
-            "--topology",
-            str(topology),
-            "--app",
-            APP,
-            "--rounds",
-            "3",
-            "--logdir",
-            str(logdir),
-            "--timeout",
-            "120",
-        ],
+    proc = _sim(
+        run_python,
+        logdir,
+        "--topology",
+        str(topology),
+        "--app",
+        APP,
+        "--rounds",
+        "3",
+        "--timeout",
+        "120",
     )
     out, err = proc.communicate(timeout=150 * slow_factor)
     shutil.rmtree(ipc_dir, ignore_errors=True)
