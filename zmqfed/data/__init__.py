@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zmqfed.data.datasets import FederatedDataset, PartitionerDataset
+from zmqfed.data.datasets import FederatedDataset, PartitionerDataset, samples_distribution
 from zmqfed.data.partitioner import (
     DirichletPartitioner,
     IIDPartitioner,
@@ -28,5 +28,6 @@ __all__ = [
     "ShardPartitioner",
     "breast_cancer_dataset",
     "digits_dataset",
+    "samples_distribution",
     "wine_dataset",
 ]

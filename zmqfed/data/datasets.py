@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from zmqfed.data.partitioner import Partitioner
 from zmqfed.errors import ConfigError
 
-__all__ = ["FederatedDataset", "PartitionerDataset"]
+__all__ = ["FederatedDataset", "PartitionerDataset", "samples_distribution"]
 
 
 class FederatedDataset(Dataset):
@@ -164,3 +164,12 @@ def format_distribution(rows: list[list[int]], header: list[str]) -> str:
 
     rule = "-+-".join("-" * w for w in widths)
     return "\n".join([line(head), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])])
+
+
+def samples_distribution(dataset: PartitionerDataset, verbose: bool = True) -> list[list[int]]:
+    """Per-part class counts of ``dataset`` (OpenFed's function form of the method)."""
+    if not isinstance(dataset, PartitionerDataset):
+        raise ConfigError(
+            f"samples_distribution needs a PartitionerDataset, got {type(dataset).__name__}"
+        )
+    return dataset.samples_distribution(verbose)
