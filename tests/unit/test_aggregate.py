@@ -434,3 +434,24 @@ def test_auto_reducer(tmp_path):
     assert json.loads(log.read_text().strip())["accuracy"] == pytest.approx(0.875)
     with pytest.raises(ConfigError, match="empty"):
         r.reduce()
+
+
+def test_streaming_result_in_place_matches_and_consumes():
+    from zmqfed.errors import ConfigError
+    from zmqfed.functional.streaming import StreamingFedAvg
+
+    p = torch.zeros(3, requires_grad=True)
+    updates = [({p: {"param": torch.full((3,), float(v))}}, w) for v, w in ((1, 1), (4, 2))]
+    fresh, in_place = StreamingFedAvg(), StreamingFedAvg()
+    for acc in (fresh, in_place):
+        for update, w in updates:
+            acc.add(update, weight=w)
+    expected = fresh.result()[p]["param"]
+    got = in_place.result(in_place=True)[p]["param"]
+    assert torch.allclose(got, expected) and torch.allclose(got, torch.full((3,), 3.0))
+    assert in_place.nbytes == fresh.nbytes  # no second copy of the model was made
+    with pytest.raises(ConfigError, match="reset"):
+        in_place.add(updates[0][0])
+    in_place.reset()  # consumed buffers are not recycled: `got` stays valid
+    in_place.add(updates[0][0], weight=1.0)
+    assert torch.allclose(got, torch.full((3,), 3.0))

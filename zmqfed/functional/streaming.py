@@ -84,6 +84,7 @@ class StreamingFedAvg:
         self._pool: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[Tensor]] = {}
         self._weights: dict[Hashable, dict[str, float]] = {}
         self._count = 0
+        self._consumed = False
 
     # -- folding in -------------------------------------------------------
 
@@ -108,6 +109,8 @@ class StreamingFedAvg:
         weight:
             This update's weight, e.g. ``meta['instances']``.
         """
+        if self._consumed:
+            raise ConfigError("the means were computed in place: call reset() before adding")
         w = check_weight(weight)
         # validate the whole update before touching the sums, so a bad upload
         # leaves the accumulator as it was
@@ -158,11 +161,14 @@ class StreamingFedAvg:
 
     # -- reading out ------------------------------------------------------
 
-    def result(self) -> ParamStates:
+    def result(self, in_place: bool = False) -> ParamStates:
         """The weighted means so far, as ``{key: {state name: Tensor}}``.
 
-        Fresh tensors, cast back to the parameter's dtype; nothing is applied
-        to the model and the accumulator is unchanged.
+        Cast back to the parameter's dtype; nothing is applied to the model.
+        By default the tensors are fresh and the accumulator is unchanged.
+        With ``in_place`` the means are computed in the accumulator's own
+        buffers (no second model in memory) and the accumulator is consumed:
+        :meth:`reset` before adding the next round's updates.
         """
         out: ParamStates = {}
         for key, sums in self._sums.items():
@@ -176,8 +182,10 @@ class StreamingFedAvg:
                     raise ConfigError(
                         f"state {name!r} of {describe(key)}: the updates carrying it weigh 0 in total"
                     )
-                state[name] = acc.div(total).to(result_dtype(key, name, acc))
+                mean = acc.div_(total) if in_place else acc.div(total)
+                state[name] = mean.to(result_dtype(key, name, acc))
             out[key] = state
+        self._consumed |= in_place
         return out
 
     def apply(self, optim_list: Any = None) -> ParamStates:
@@ -185,9 +193,11 @@ class StreamingFedAvg:
 
         Parameters with ``requires_grad`` get ``state['grad'] = p - mean`` and
         ``p.grad`` in every optimizer of ``optim_list``; buffers are copied into
-        the tensors. Returns the param states.
+        the tensors. The means are computed in place (``result(in_place=True)``),
+        so the accumulator is consumed: :meth:`reset` before the next round.
+        Returns the param states.
         """
-        param_states = self.result()
+        param_states = self.result(in_place=True)
         finalize(param_states)
         apply_to_optimizers(param_states, optim_list)
         return param_states
@@ -196,11 +206,12 @@ class StreamingFedAvg:
         """Forget everything folded in (start the next round).
 
         The float sum buffers are kept for the next round unless
-        ``keep_buffers`` is False (they never leave the object: :meth:`result`
-        returns fresh tensors).
+        ``keep_buffers`` is False, or the means were computed in place: then
+        the buffers were handed out (as means, or as optimizer state loaded
+        from them) and must not be overwritten.
         """
         self._pool.clear()
-        if keep_buffers:
+        if keep_buffers and not self._consumed:
             for sums in self._sums.values():
                 for acc in sums.values():
                     if not is_integral(acc):
@@ -209,6 +220,7 @@ class StreamingFedAvg:
         self._sums.clear()
         self._weights.clear()
         self._count = 0
+        self._consumed = False
 
     # -- introspection ----------------------------------------------------
 
