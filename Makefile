@@ -35,7 +35,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -c $(CONSTRAINTS) -e '.[test,dev]'
+	# [bench] (grpcio for the Flower baseline) too: the suite smoke-tests the benchmarks
+	$(PIP) install -c $(CONSTRAINTS) -e '.[test,dev,bench]'
 	@touch $@
 
 test: $(STAMP)
