@@ -38,6 +38,7 @@ def test_all_is_pinned():
         "ShardPartitioner",
         "breast_cancer_dataset",
         "digits_dataset",
+        "samples_distribution",
         "wine_dataset",
     ]
 
