@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -187,18 +187,7 @@ class API(threading.Thread):
         m.step(timeout=self.step_timeout)
         metrics: dict[str, Any] = {}
         if mode == "train" and m.data_list:
-            # An aggregation rule sets p.grad only for tensors some upload carries:
-            # without this, a tensor missing from this round's uploads would be
-            # stepped again with last round's pseudo-gradient.
-            for optim in self.optim_list:
-                optim.zero_grad()
-            self.agg_func(m.data_list, m.meta_list, self.optim_list, **self.agg_func_kwargs)
-            for optim in self.optim_list:
-                optim.step()
-                if hasattr(optim, "round"):
-                    optim.round()
-                if hasattr(optim, "clear_state_dict"):
-                    optim.clear_state_dict()
+            aggregate_and_step(m, self.optim_list, self.agg_func, **self.agg_func_kwargs)
         if self.reduce_func is not None and m.meta_list:
             metrics = dict(self.reduce_func(m.meta_list, **self.reduce_func_kwargs) or {})
         if self.evaluate is not None and mode == "train":
@@ -233,9 +222,27 @@ class API(threading.Thread):
         return record
 
 
+def aggregate_and_step(
+    m: Maintainer, optim_list: Sequence[Any], agg_func: Callable[..., Any], **agg_kwargs: Any
+) -> None:
+    """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers."""
+    # An aggregation rule sets p.grad only for tensors some upload carries:
+    # without this, a tensor missing from this round's uploads would be
+    # stepped again with last round's pseudo-gradient.
+    for optim in optim_list:
+        optim.zero_grad()
+    agg_func(m.data_list, m.meta_list, optim_list, **agg_kwargs)
+    for optim in optim_list:
+        optim.step()
+        if hasattr(optim, "round"):
+            optim.round()
+        if hasattr(optim, "clear_state_dict"):
+            optim.clear_state_dict()
+
+
 def _traffic(m: Maintainer) -> tuple[int, int]:
-    pipes = m.all_pipes()
-    return sum(p.bytes_in for p in pipes), sum(p.bytes_out for p in pipes)
+    stats = m.stats
+    return stats["bytes_in"], stats["bytes_out"]
 
 
 def _postfix(record: RoundRecord) -> dict[str, Any]:
@@ -315,11 +322,12 @@ def run_collaborator(
                 optim.clear_state_dict()
         answered += 1
         wanted = served + 1
-        if mode == "train" and _is_last_round(maintainer.meta):
+        if mode == "train" and is_last_round(maintainer.meta):
             break
     return answered
 
 
-def _is_last_round(meta: Meta) -> bool:
+def is_last_round(meta: Mapping[str, Any]) -> bool:
+    """True when ``meta`` (as served by :class:`API`) belongs to the federation's last round."""
     r, total = meta.get("round"), meta.get("rounds")
     return isinstance(r, int) and isinstance(total, int) and r >= total - 1

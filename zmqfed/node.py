@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from zmqfed.api import API, RoundRecord, run_collaborator, stale_check
+from zmqfed.api import (
+    API,
+    RoundRecord,
+    aggregate_and_step,
+    is_last_round,
+    run_collaborator,
+    stale_check,
+)
 from zmqfed.app import App, NodeContext
 from zmqfed.checkpoint import load_checkpoint, save_checkpoint
 from zmqfed.core import Maintainer, steps
@@ -280,11 +287,8 @@ class NodeRunner:
             instances = sum(int(meta.get("instances", 1)) for meta in down.meta_list)
             metrics = meta_reduce(down.meta_list, self.app.reduce_keys) if down.meta_list else {}
             if down.data_list:
-                (self.app.agg_func or naive_aggregation)(
-                    down.data_list, down.meta_list, [server], **self.app.agg_kwargs
-                )
-                server.step()
-                server.clear_state_dict()
+                agg = self.app.agg_func or naive_aggregation
+                aggregate_and_step(down, [server], agg, **self.app.agg_kwargs)
             down.clear()
             down.update_version()
             up.update_version(served + 1)
@@ -295,6 +299,5 @@ class NodeRunner:
             self.round += 1
             self.write_status("running")
             wanted = served + 1
-            r, total = up.meta.get("round"), up.meta.get("rounds")
-            if isinstance(r, int) and isinstance(total, int) and r >= total - 1:
+            if is_last_round(up.meta):
                 return
