@@ -79,10 +79,12 @@ class CollaboratorLink:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
+        self._send_poller = zmq.Poller()  # room to send, or a link event
+        self._send_poller.register(self.sock, zmq.POLLOUT)
+        self._send_poller.register(self.monitor, zmq.POLLIN)
         self.connected = False
         self.welcomed = False
         self.incarnation = ""
-        self.incarnation_changed = False
         #: The aggregator's version as of the last WELCOME.
         self.aggregator_version: int | None = None
         self._seq = 0
@@ -140,16 +142,13 @@ class CollaboratorLink:
                 self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
                 return True
             except zmq.Again:
-                pass  # IMMEDIATE=1: no connection yet (or at HWM); wait for one
+                pass  # at the high-water mark (IMMEDIATE=0 queues while unconnected)
             wait = _remaining_ms(deadline)
             if wait == 0:
                 raise PeerTimeout(
-                    self.aggregator_name, timeout or 0.0, f"accept a connection at {self.endpoint}"
+                    self.aggregator_name, timeout or 0.0, f"take a message at {self.endpoint}"
                 )
-            poller = zmq.Poller()
-            poller.register(self.sock, zmq.POLLOUT)
-            poller.register(self.monitor, zmq.POLLIN)
-            poller.poll(wait)
+            self._send_poller.poll(wait)
 
     def ensure_welcome(self, deadline: float | None, timeout: float | None) -> None:
         """Say HELLO until the aggregator answers WELCOME (or refuses: RemoteError)."""
@@ -189,7 +188,6 @@ class CollaboratorLink:
                         self.aggregator_name,
                         reply.incarnation,
                     )
-                self.incarnation_changed = True
                 self.incarnation = reply.incarnation
             self.aggregator_version = reply.version
             self.welcomed = True

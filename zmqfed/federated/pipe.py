@@ -176,6 +176,7 @@ class CollaboratorPipe(Pipe):
         deadline = None if timeout is None else time.monotonic() + timeout
         seq = self.link.next_seq()
         frames: list[Any] | None = None
+        encoded_for = ""  # the incarnation the frames are addressed to
         while True:
             self.link.ensure_welcome(deadline, timeout)
             if self.link.restarted:
@@ -189,7 +190,8 @@ class CollaboratorPipe(Pipe):
                     and wanted > known
                 ):
                     raise AggregatorRewound(self.nick_name, known, wanted)
-            if frames is None or self.link.incarnation_changed:
+            if frames is None or encoded_for != self.link.incarnation:
+                encoded_for = self.link.incarnation
                 env = Envelope(
                     kind=kind,
                     sender=self.link.nick_name,
@@ -200,7 +202,6 @@ class CollaboratorPipe(Pipe):
                     tensors=tensors or {},
                 )
                 frames = encode(env, codec=self.link.codec, limits=self.link.limits)
-                self.link.incarnation_changed = False
             if not self.link.send(frames, deadline, timeout):
                 continue  # link dropped before the send: handshake again
             self.bytes_out += sum(_nbytes(f) for f in frames)
