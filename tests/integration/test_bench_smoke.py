@@ -101,3 +101,12 @@ def test_run_writes_outputs(tmp_path, run_python) -> None:
     assert lines
     for line in lines:
         assert set(json.loads(line)) >= KEYS
+
+
+def test_huge_quick() -> None:
+    rows = _rows("huge")
+    _check_rows(rows)
+    # the smoke run streams a 48 MiB model: values arrive intact, memory stays bounded
+    speeds = [r for r in rows if r["unit"] == "GB/s"]
+    assert len(speeds) == 2 and all(r["note"] == "values checked on arrival" for r in speeds)
+    assert all(r["met"] for r in rows if "peak RSS" in r["name"] and "sender" in r["name"])

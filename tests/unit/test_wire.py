@@ -280,13 +280,17 @@ def test_public_api_is_pinned() -> None:
     assert sorted(wire.__all__) == sorted(
         [
             "CODECS",
+            "ChunkLayout",
             "DEFAULT_LIMITS",
+            "DEFAULT_STREAM",
             "KINDS",
             "MAGIC",
             "PROTOCOL_VERSION",
             "EncodedTensors",
             "Envelope",
             "Limits",
+            "StreamAnnounce",
+            "StreamConfig",
             "decode",
             "decode_tensor",
             "encode",
@@ -309,6 +313,8 @@ def test_public_api_is_pinned() -> None:
         "BYE",
         "PING",
         "PONG",
+        "CHUNK",
+        "CREDIT",
     )
 
 

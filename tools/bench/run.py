@@ -4,7 +4,7 @@ Usage::
 
     python tools/bench/run.py [--quick] [--only NAME[,NAME]] [--out docs]
 
-Families (``--only``): transfer, fanout, aggregate, overhead, codec.
+Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge.
 Every figure that has a target is a ratio against a baseline measured in the
 same run on the same machine (numbers drift by tens of percent between runs
 on shared machines; ratios much less). ``--quick`` uses tiny sizes and runs
@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # `python tools/bench/run.py` puts tools/bench fi
 # again in this process, where it measures memory bandwidth with all cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-FAMILIES = ("transfer", "fanout", "aggregate", "overhead", "codec")
+FAMILIES = ("transfer", "fanout", "aggregate", "overhead", "codec", "huge")
 
 
 def _family(name: str, quick: bool) -> list[dict[str, Any]]:
@@ -56,6 +56,10 @@ def _family(name: str, quick: bool) -> list[dict[str, Any]]:
         from tools.bench import overhead
 
         return overhead.run(quick=quick, log=log)
+    if name == "huge":
+        from tools.bench import huge
+
+        return huge.run(quick=quick, log=log)
     if name == "codec":
         from tools.bench import codec
 

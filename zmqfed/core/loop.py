@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
 
 from zmqfed.core import steps
-from zmqfed.errors import PeerTimeout
+from zmqfed.errors import PeerTimeout, ProtocolError
 from zmqfed.federated import DRAINED, AggregatorGroup, AggregatorPipe
 from zmqfed.meta import Meta
-from zmqfed.wire import encode_tensors
+from zmqfed.wire import EncodedTensors, encode_tensors
 
 if TYPE_CHECKING:
     from zmqfed.core.maintainer import Maintainer
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["AggregatorLoop"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a streamed download may go without progress before it is aborted.
+STREAM_STALL = 30.0
 
 
 class AggregatorLoop:
@@ -42,32 +45,53 @@ class AggregatorLoop:
         self.idle_interval = idle_interval
         self.stopped = False
         self._wake = math.inf
-        self._served: Any = None  # tensor frames encoded once, shared by every DATA reply
+        self._data: dict[str, dict[str, torch.Tensor]] | None = None  # after package hooks
+        self._whole: EncodedTensors | None = None  # snapshot, shared by every DATA reply
+        self._streamed: EncodedTensors | None = None  # live views, sent in chunks
+        self._deferred: list[AggregatorPipe] = []
         self.parked = 0  # requests answered with WAIT
         self.encodes = 0  # times the served model was encoded
 
     # -- cache of the served model ---------------------------------------
     def invalidate(self) -> None:
         """The served state changed: encode again on the next download request."""
-        self._served = None
+        self._data = self._whole = self._streamed = None
+        self.group.quiesce()  # no chunk of the old state may still be in flight
 
     def version_changed(self) -> None:
         self.group.version = max(self.m.version, 0)
         self.invalidate()
 
-    def served_frames(self) -> Any:
-        """The model's tensor frames, snapshotted and encoded once per state."""
-        if self._served is None:
+    def served_frames(self, pipe: AggregatorPipe | None = None) -> tuple[EncodedTensors, bool]:
+        """The served model's frames, encoded once per state, and whether to stream them.
+
+        Streamed when the model is above the stream threshold or a tensor is
+        above what ``pipe``'s peer accepts in one frame (its HELLO said).
+        """
+        group = self.group
+        if self._data is None:
             source = self.m.packaged_data or {n: {"param": p} for n, p in self.m.state_dict.items()}
             with torch.no_grad():
-                data = self.m.apply_hooks(source, unpackage=False)
-            # Snapshot: libzmq reads the buffers after send() returns, while the
-            # user may already be averaging into the live tensors.
+                self._data = self.m.apply_hooks(source, unpackage=False)
+        limits = group.limits if pipe is None else group.peer_limits(pipe)
+        if group.stream.should_stream(self._data, limits):
+            if self._streamed is None:
+                # Chunks are sent from the live tensors (no second copy of a huge
+                # model); invalidate() and the end of run() wait until libzmq is
+                # done with them, before anyone may change the tensors.
+                self.encodes += 1
+                self._streamed = encode_tensors(
+                    self._data, codec="raw", limits=group.limits, streamed=True
+                )
+            return self._streamed, True
+        if self._whole is None:
+            # Snapshot: libzmq reads the buffers after send() returns, while
+            # the user may already be averaging into the live tensors.
             self.encodes += 1
-            self._served = encode_tensors(
-                data, codec=self.group.codec, limits=self.group.limits, snapshot=True
+            self._whole = encode_tensors(
+                self._data, codec=group.codec, limits=group.limits, snapshot=True
             )
-        return self._served
+        return self._whole, False
 
     def wake_at(self, when: float) -> None:
         self._wake = min(self._wake, when)
@@ -79,6 +103,11 @@ class AggregatorLoop:
         self.invalidate()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         m.run_step_hooks(steps.at_new_episode)
+        # pipes that changed while the last step finished its downloads
+        for pipe in self._deferred:
+            if pipe.online and pipe not in m.pipes:
+                m.pipes.append(pipe)
+        self._deferred.clear()
         self._cycle_parked()
         next_idle = time.monotonic() + self.idle_interval
         poller = zmq.Poller()
@@ -98,6 +127,7 @@ class AggregatorLoop:
             now = time.monotonic()
             if not self.stopped and (now >= next_idle or now >= self._wake):
                 self._wake = math.inf
+                self.group.pump_all()
                 for member in list(m.pipes):
                     if self.stopped:
                         break
@@ -108,8 +138,38 @@ class AggregatorLoop:
                     m.run_step_hooks(steps.at_last)
                 next_idle = time.monotonic() + self.idle_interval
             if not self.stopped and time.monotonic() >= deadline:
+                self.group.quiesce()
                 self._timed_out(timeout or 0.0)
+        self._finish_downloads(poller, deadline)
+        self.group.quiesce()
         return True
+
+    def _finish_downloads(self, poller: zmq.Poller, deadline: float) -> None:
+        """Let streamed downloads that were started finish before ``step()`` returns.
+
+        Only credit is served here; requests that arrive meanwhile wait for the
+        next step. A download that makes no progress for ``STREAM_STALL``
+        seconds (or outlives the step's deadline) is aborted by ``quiesce``.
+        """
+        group = self.group
+        progress, last = -1, time.monotonic()
+        while group.sending():
+            now = time.monotonic()
+            sent = group.streamed_bytes()
+            if sent != progress:
+                progress, last = sent, now
+            until = min(deadline, last + STREAM_STALL)
+            if now >= until:
+                log.warning("%s: a streamed download stalled; aborting it", self.m.nick_name)
+                return
+            events = dict(poller.poll(max(1, math.ceil(min(until - now, 0.5) * 1000))))
+            if group.monitor in events:
+                self._deferred.extend(group.drain_monitor())
+            if group.sock in events:
+                while (result := group.receive_nowait()) is not DRAINED:
+                    if isinstance(result, AggregatorPipe):
+                        self._deferred.append(result)
+            group.pump_all()
 
     def _drain(self) -> None:
         m = self.m
@@ -202,13 +262,13 @@ class AggregatorLoop:
         m = self.m
         env = pipe.pending
         assert env is not None
-        problem = m.check_received(env.tensors, pipe.nick_name)
-        if problem:
-            log.warning("%s: refused an upload: %s", m.nick_name, problem)
-            pipe.reply("ERROR", meta={"code": "bad-upload", "reason": problem})
+        try:
+            data = m.receive(env.tensors, pipe.nick_name)
+        except ProtocolError as exc:
+            log.warning("%s: refused an upload: %s", m.nick_name, exc)
+            pipe.reply("ERROR", meta={"code": "bad-upload", "reason": str(exc)})
             pipe.pending = None
             return False
-        data = m.apply_hooks(env.tensors, unpackage=True)
         m.data = data
         m.data_list.append({p: data[name] for name, p in m.state_dict.items()})
         m.meta_list.append(Meta(env.meta))
@@ -230,7 +290,13 @@ class AggregatorLoop:
         if meta is None:
             meta = Meta(m.meta)
             meta["version"] = m.version
-        ok = pipe.reply("DATA", meta=meta.to_json_dict(), encoded=self.served_frames())
+        encoded, streamed = self.served_frames(pipe)
+        if streamed:
+            ok = self.group.start_out_stream(
+                pipe, "DATA", meta=meta.to_json_dict(), encoded=encoded
+            )
+        else:
+            ok = pipe.reply("DATA", meta=meta.to_json_dict(), encoded=encoded)
         pipe.pending = None
         return ok
 

@@ -34,7 +34,8 @@ from zmqfed.federated import (
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import shutdown
 from zmqfed.meta import Meta
-from zmqfed.wire import DEFAULT_LIMITS, Limits
+from zmqfed.wire import DEFAULT_LIMITS, DEFAULT_STREAM, Limits, StreamConfig
+from zmqfed.wire.header import TensorDesc
 
 __all__ = ["Maintainer"]
 
@@ -62,12 +63,23 @@ class Maintainer:
     codec:
         Tensor codec for outgoing data: ``raw``, ``lz4``, ``shuffle-lz4``, ``auto``.
     limits:
-        Wire limits for incoming messages (sizes, pickle permission).
+        Wire limits for incoming messages (sizes, pickle permission); by
+        default sized from ``state_dict`` (:meth:`zmqfed.wire.Limits.for_model`),
+        which bounds the memory a peer can make this node queue.
     socket_options:
         Heartbeat, reconnect and linger settings.
     curve:
         CurveZMQ keys (``zmqfed.federated.Curve(keys_dir)``): encrypt and
         authenticate every connection; required for ``limits.allow_pickle``.
+    stream:
+        When messages are streamed in chunks under credit, the chunk and
+        window sizes, and the aggregator's budget for streamed uploads
+        (:class:`zmqfed.wire.StreamConfig`).
+    download_in_place:
+        A collaborator receives a streamed model straight into its own
+        ``state_dict`` tensors (same dtype and shape), so a huge model needs
+        no second copy.  The tensors then hold the download as soon as
+        ``step()`` returns, before ``unpackage``.
 
     Examples
     --------
@@ -88,6 +100,8 @@ class Maintainer:
         socket_options: SocketOptions | None = None,
         idle_interval: float = 0.5,
         curve: Curve | None = None,
+        stream: StreamConfig | None = None,
+        download_in_place: bool = False,
     ) -> None:
         if not isinstance(fed_props, FederatedProperties):
             raise ConfigError(
@@ -97,13 +111,21 @@ class Maintainer:
             raise ConfigError(f"timeout must be positive seconds or None, got {timeout!r}")
         self.fed_props = fed_props
         self.timeout = timeout
-        self.limits = limits or DEFAULT_LIMITS
+        self.stream = stream or DEFAULT_STREAM
+        if limits is None:  # MAXMSGSIZE and message bounds from the model's size
+            limits = (
+                Limits.for_model(state_dict, stream_threshold=self.stream.threshold)
+                if state_dict
+                else DEFAULT_LIMITS
+            )
+        self.limits = limits
         if self.limits.allow_pickle and curve is None:
             raise ConfigError(
                 "allow_pickle lets peers run code on this node; it is only allowed behind CURVE "
                 "(pass curve=Curve(keys_dir))"
             )
         self.codec = codec
+        self.download_in_place = download_in_place
         self.state_dict: dict[str, Tensor] = dict(state_dict) if state_dict is not None else {}
         self.version = 0
         self.meta = Meta()
@@ -126,12 +148,22 @@ class Maintainer:
         self._link: CollaboratorLink | None = None
         if fed_props.aggregator:
             group = AggregatorGroup(
-                fed_props, options=socket_options, limits=self.limits, codec=codec, curve=curve
+                fed_props,
+                options=socket_options,
+                limits=self.limits,
+                codec=codec,
+                curve=curve,
+                stream=self.stream,
             )
             self._loop = AggregatorLoop(self, group, idle_interval=idle_interval)
         else:
             self._link = CollaboratorLink(
-                fed_props, options=socket_options, limits=self.limits, codec=codec, curve=curve
+                fed_props,
+                options=socket_options,
+                limits=self.limits,
+                codec=codec,
+                curve=curve,
+                stream=self.stream,
             )
             self.pipe = CollaboratorPipe(self._link, fed_props.aggregator_name)
             self.pipes.append(self.pipe)
@@ -273,7 +305,8 @@ class Maintainer:
             entry = self.data.get(name)
             if entry is None or "param" not in entry:
                 raise ProtocolError(f"received data has no 'param' for {name!r}")
-            p.copy_(entry["param"])
+            if entry["param"].data_ptr() != p.data_ptr():  # else: streamed in place
+                p.copy_(entry["param"])
             for optim in optims:
                 keys = state_keys if state_keys is not None else [k for k in entry if k != "param"]
                 for key in keys:
@@ -281,13 +314,24 @@ class Maintainer:
                         optim.state[p][key] = entry[key].clone()
 
     def check_received(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
-        """Why ``data`` cannot be used with this node's state dict, or None if it can."""
+        """Why ``data`` cannot be used with this node's state dict, or None if it can.
+
+        Names first (every local tensor has a ``param``, nothing unknown),
+        then shapes; :meth:`receive` runs the unpackage hooks in between,
+        since a compressed ``param`` may take its shape only when decoded.
+        """
+        return self._check_names(data, sender) or self._check_shapes(data, sender)
+
+    def _check_names(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
         missing = [n for n in self.state_dict if n not in data or "param" not in data[n]]
         if missing:
             return f"data from {sender!r} lacks {len(missing)} tensors, e.g. {missing[:3]}"
         extra = [n for n in data if n not in self.state_dict]
         if extra:
             return f"data from {sender!r} has {len(extra)} unknown tensors, e.g. {extra[:3]}"
+        return None
+
+    def _check_shapes(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
         for name, p in self.state_dict.items():
             got = data[name]["param"]
             if got.shape != p.shape:
@@ -296,6 +340,32 @@ class Maintainer:
                     f"expected {list(p.shape)}"
                 )
         return None
+
+    def receive(
+        self, data: Mapping[str, Mapping[str, Tensor]], sender: str
+    ) -> dict[str, dict[str, Tensor]]:
+        """Check received tensors, run the unpackage hooks on them, check the result.
+
+        Raises ``ProtocolError`` naming the problem: a missing or unknown
+        tensor, a hook that failed on the data (a decoder refusing malformed
+        input, or any hook tripping over it), or a shape that differs from the
+        local tensor once decoded. Nothing of refused data is kept.
+        """
+        problem = self._check_names(data, sender)
+        if problem:
+            raise ProtocolError(problem)
+        try:
+            decoded = self.apply_hooks({k: dict(v) for k, v in data.items()}, unpackage=True)
+        except ProtocolError as exc:
+            raise ProtocolError(f"data from {sender!r}: {exc}") from exc
+        except Exception as exc:  # a hook fed hostile data must not take the node down
+            raise ProtocolError(
+                f"data from {sender!r}: unpackage hooks failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        problem = self._check_shapes(decoded, sender)
+        if problem:
+            raise ProtocolError(problem)
+        return decoded
 
     def clear(self) -> None:
         """Forget the received uploads (``data_list``, ``meta_list``)."""
@@ -351,17 +421,22 @@ class Maintainer:
             )
         if download:
             reply = pipe.request(
-                "PULL", meta=out_meta, version=max(self.version, 0), timeout=_left(deadline)
+                "PULL",
+                meta=out_meta,
+                version=max(self.version, 0),
+                timeout=_left(deadline),
+                destination=self._own_tensor if self.download_in_place else None,
             )
-            problem = self.check_received(reply.tensors, pipe.nick_name)
-            if problem:
-                raise ProtocolError(problem)
-            self.data = self.apply_hooks(reply.tensors, unpackage=True)
+            self.data = self.receive(reply.tensors, pipe.nick_name)
             self.meta = Meta(reply.meta)
             pipe.meta = Meta(reply.meta)
             if meta is not None:
                 meta.update(self.meta)
         return True
+
+    def _own_tensor(self, desc: TensorDesc) -> Tensor | None:
+        """Where a streamed download of ``desc`` may land: the local tensor it replaces."""
+        return self.state_dict.get(desc.key) if desc.field == "param" else None
 
     def discard(self, reason: str) -> None:
         """From a step hook: refuse the current pipe's request for good.

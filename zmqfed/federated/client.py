@@ -9,6 +9,7 @@ messages toward a lost connection are dropped by ZeroMQ; ZMQ-NOTES item 5).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -20,8 +21,26 @@ from zmq.utils.monitor import recv_monitor_message
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions, make_dealer
+from zmqfed.federated.stream import (
+    Destination,
+    InStream,
+    OutStream,
+    discard_rest,
+    land_payload,
+    recv_message,
+)
 from zmqfed.props import FederatedProperties
-from zmqfed.wire import PROTOCOL_VERSION, Envelope, Limits, decode, encode
+from zmqfed.wire import (
+    DEFAULT_STREAM,
+    PROTOCOL_VERSION,
+    Envelope,
+    Limits,
+    StreamConfig,
+    decode,
+    encode,
+)
+from zmqfed.wire.header import parse_header
+from zmqfed.wire.stream import credit_meta, parse_chunk_meta
 
 __all__ = ["CollaboratorLink"]
 
@@ -48,8 +67,10 @@ class CollaboratorLink:
         codec: str = "raw",
         ctx: zmq.Context | None = None,
         curve: Curve | None = None,
+        stream: StreamConfig = DEFAULT_STREAM,
     ) -> None:
         assert props.address.endpoint is not None
+        self.stream = stream
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
         self.endpoint = props.address.endpoint
@@ -87,6 +108,8 @@ class CollaboratorLink:
         self.incarnation = ""
         #: The aggregator's version as of the last WELCOME.
         self.aggregator_version: int | None = None
+        #: The largest frame the aggregator accepts (its WELCOME says).
+        self.peer_frame_bytes: int | None = None
         self._seq = 0
         self._closed = False
         #: The aggregator said the federation is over (a final BYE).
@@ -164,6 +187,7 @@ class CollaboratorLink:
                     "session": self.session,
                     "aggregator": self.aggregator_name,
                     "endpoint": self.endpoint,
+                    "max_frame_bytes": self.limits.max_frame_bytes,
                 },
             )
             self.send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
@@ -190,6 +214,9 @@ class CollaboratorLink:
                     )
                 self.incarnation = reply.incarnation
             self.aggregator_version = reply.version
+            bound = reply.meta.get("max_frame_bytes")
+            if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 2**16:
+                self.peer_frame_bytes = bound
             self.welcomed = True
             self.connected = True
 
@@ -224,13 +251,18 @@ class CollaboratorLink:
                     reply = self._read_replies(seq)
                     return None if reply is None or reply is _RESEND else reply
 
-    def _read_replies(self, seq: int) -> Any:
-        """Drain the DEALER: the reply to ``seq``, ``_RESEND`` after a BYE, or None."""
+    def _read_replies(self, seq: int, stream: InStream | None = None) -> Any:
+        """Drain the DEALER: the reply to ``seq``, ``_RESEND`` after a BYE, or None.
+
+        Chunks of ``stream`` land in its tensors on the way.
+        """
         while True:
             try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frames = recv_message(self.sock, routed=False, land=lambda f: self._land(stream, f))
             except zmq.Again:
                 return None
+            if frames is None:
+                continue  # a chunk, landed
             try:
                 env = decode(frames, limits=self.limits)
             except ProtocolError as exc:
@@ -264,6 +296,111 @@ class CollaboratorLink:
                     env.seq,
                     seq,
                 )
+
+    # -- streams -----------------------------------------------------------
+    @property
+    def send_limits(self) -> Limits:
+        """Limits for messages to the aggregator: ours, within the frame bound it announced.
+
+        A frame above the receiver's MAXMSGSIZE would be dropped without a
+        word (ZMQ-NOTES item 17); a tensor that large is streamed instead.
+        """
+        bound = self.peer_frame_bytes
+        if bound is None or bound >= self.limits.max_frame_bytes:
+            return self.limits
+        return dataclasses.replace(self.limits, max_frame_bytes=bound)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Payload per CHUNK this link sends: the setting, within both frame limits."""
+        return min(self.stream.chunk_bytes, self.send_limits.max_frame_bytes)
+
+    def _land(self, stream: InStream | None, frames: list[Any]) -> bool:
+        """Land a CHUNK of ``stream``; drop one of an abandoned stream (True: consumed)."""
+        try:
+            head = parse_header(frames[0], self.limits)
+            sid, offset, nbytes = parse_chunk_meta(head.meta)
+        except ProtocolError:
+            return False  # the ordinary path logs and drops it
+        if head.tensors:
+            return False
+        if stream is None or sid != stream.id:
+            discard_rest(self.sock)
+            return True
+        try:
+            land_payload(self.sock, stream, offset, nbytes)
+        except ProtocolError as exc:
+            stream.broken = str(exc)
+        return True
+
+    def pump(self, out: OutStream, deadline: float | None, timeout: float | None) -> bool:
+        """Send ``out``'s chunks while its credit lasts; False if the link was lost."""
+
+        def send(frames: list[Any]) -> Any:
+            return self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False, track=True)
+
+        while out.ready:
+            self._drain_monitor()
+            if not self.welcomed:
+                return False
+            if out.pump(send):
+                continue
+            wait = _remaining_ms(deadline)
+            if wait == 0:
+                raise PeerTimeout(self.aggregator_name, timeout or 0.0, "take the upload's chunks")
+            self._send_poller.poll(wait)
+        return True
+
+    def receive_stream(
+        self,
+        announce: Envelope,
+        seq: int,
+        destination: Destination | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Envelope | None:
+        """Receive the chunks of an announced reply; None when the request must be re-sent.
+
+        An ERROR about the request (e.g. ``stream-aborted``) is returned as is.
+        """
+        stream = InStream(announce, self.stream.window_bytes, destination)
+        while True:
+            credit = stream.credit()
+            if credit:
+                env = Envelope(
+                    kind="CREDIT",
+                    sender=self.nick_name,
+                    seq=seq,
+                    incarnation=self.incarnation,
+                    meta=credit_meta(stream.id, credit),
+                )
+                if not self.send(encode(env, limits=self.limits), deadline, timeout):
+                    return None
+            if stream.done:
+                return stream.envelope()
+            wait = _remaining_ms(deadline)
+            if wait == 0:
+                raise PeerTimeout(
+                    self.aggregator_name,
+                    timeout or 0.0,
+                    f"stream the model ({stream.received} of {stream.total} bytes arrived)",
+                )
+            events = dict(self.poller.poll(wait))
+            if self.sock in events:
+                reply = self._read_replies(seq, stream)
+                if stream.broken:
+                    log.warning("%s: download stream broke: %s", self.nick_name, stream.broken)
+                    return None
+                if reply is _RESEND:
+                    return None
+                if reply is not None:
+                    if reply.kind == "ERROR":
+                        return reply
+                    log.debug("%s: ignored %s during a download", self.nick_name, reply.kind)
+            if self.monitor in events:
+                self._drain_monitor()
+                if not self.welcomed:
+                    return None  # the rest of the stream went with the link
 
     def close(self) -> None:
         """Say BYE if connected, then close the monitor and the DEALER."""

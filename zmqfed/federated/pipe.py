@@ -13,15 +13,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from zmqfed.errors import AggregatorRewound, PeerOffline, RemoteError
+from zmqfed.errors import AggregatorRewound, PeerOffline, ProtocolError, RemoteError
+from zmqfed.federated.stream import Destination, OutStream, new_stream_id
 from zmqfed.meta import Meta
-from zmqfed.wire import EncodedTensors, Envelope, encode
+from zmqfed.wire import EncodedTensors, Envelope, encode, encode_tensors
+from zmqfed.wire.stream import parse_credit_meta
 
 if TYPE_CHECKING:
     import torch
 
     from zmqfed.federated.client import CollaboratorLink
     from zmqfed.federated.server import AggregatorGroup
+    from zmqfed.federated.stream import InStream
 
 __all__ = [
     "OFFLINE",
@@ -101,6 +104,14 @@ class AggregatorPipe(Pipe):
         self.told_to_wait = False
         #: (session, seq) of uploads already counted, for idempotent retries.
         self.accepted: dict[tuple[str, int], None] = {}
+        #: A streamed upload being received, or announced and waiting for admission.
+        self.in_stream: InStream | None = None
+        self.announced: Envelope | None = None
+        #: The largest frame the peer accepts (its HELLO says; ours until then).
+        self.max_frame_bytes = group.limits.max_frame_bytes
+        #: A streamed download being sent, and its bytes already counted.
+        self.out_stream: OutStream | None = None
+        self.streamed_out = 0
 
     @property
     def state(self) -> str:
@@ -111,9 +122,10 @@ class AggregatorPipe(Pipe):
         return PUSHING if self.pending.kind == "PUSH" else PULLING
 
     def offline(self) -> None:
-        """Mark the peer gone; a pending request is dropped."""
+        """Mark the peer gone; a pending request and unfinished streams are dropped."""
         self.online = False
         self.pending = None
+        self.group.drop_streams(self)
 
     def remember_upload(self, session: str, seq: int, keep: int = 64) -> None:
         """Record an accepted upload so that a retry of it is ACKed, not counted."""
@@ -163,8 +175,12 @@ class CollaboratorPipe(Pipe):
         version: int,
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
         timeout: float | None = None,
+        destination: Destination | None = None,
     ) -> Envelope:
         """Send ``kind`` and block until the aggregator answers it.
+
+        Large messages are streamed both ways (:mod:`zmqfed.wire.stream`);
+        ``destination`` may name tensors a streamed reply lands in.
 
         WAIT answers (the request is parked) keep waiting; a reconnect or an
         aggregator restart makes the pipe say HELLO again and resend, which is
@@ -173,16 +189,21 @@ class CollaboratorPipe(Pipe):
         """
         if self._closed:
             raise PeerOffline(f"pipe to {self.nick_name!r} is closed")
+        link = self.link
         deadline = None if timeout is None else time.monotonic() + timeout
-        seq = self.link.next_seq()
+        seq = link.next_seq()
+        encoded: EncodedTensors | None = None
+        limits = link.send_limits
+        if tensors and link.stream.should_stream(tensors, limits):
+            encoded = encode_tensors(tensors, codec="raw", limits=limits, streamed=True)
         frames: list[Any] | None = None
         encoded_for = ""  # the incarnation the frames are addressed to
         while True:
-            self.link.ensure_welcome(deadline, timeout)
-            if self.link.restarted:
-                self.link.restarted = False
+            link.ensure_welcome(deadline, timeout)
+            if link.restarted:
+                link.restarted = False
                 wanted = meta.get("version")
-                known = self.link.aggregator_version
+                known = link.aggregator_version
                 if (
                     kind == "PULL"
                     and isinstance(wanted, int)
@@ -190,22 +211,41 @@ class CollaboratorPipe(Pipe):
                     and wanted > known
                 ):
                     raise AggregatorRewound(self.nick_name, known, wanted)
-            if frames is None or encoded_for != self.link.incarnation:
-                encoded_for = self.link.incarnation
+            out: OutStream | None = None
+            if encoded is not None or frames is None or encoded_for != link.incarnation:
+                encoded_for = link.incarnation
                 env = Envelope(
                     kind=kind,
-                    sender=self.link.nick_name,
+                    sender=link.nick_name,
                     version=version,
                     seq=seq,
-                    incarnation=self.link.incarnation,
+                    incarnation=link.incarnation,
                     meta=dict(meta),
-                    tensors=tensors or {},
+                    tensors=tensors if encoded is None and tensors else {},
                 )
-                frames = encode(env, codec=self.link.codec, limits=self.link.limits)
-            if not self.link.send(frames, deadline, timeout):
+                if encoded is None:
+                    frames = encode(env, codec=link.codec, limits=limits)
+                else:  # announce; the chunks follow as the aggregator grants credit
+                    out = OutStream(
+                        new_stream_id(),
+                        seq,
+                        encoded,
+                        link.chunk_bytes,
+                        sender=link.nick_name,
+                        incarnation=link.incarnation,
+                        version=version,
+                    )
+                    frames = encode(
+                        env, limits=limits, encoded=encoded, stream=(out.id, out.chunk_bytes)
+                    )
+            assert frames is not None
+            if not link.send(frames, deadline, timeout):
                 continue  # link dropped before the send: handshake again
             self.bytes_out += sum(_nbytes(f) for f in frames)
-            reply = self.link.wait_reply(seq, deadline, timeout, what=f"answer {kind}")
+            reply = self._answer(kind, seq, out, destination, deadline, timeout)
+            if out is not None:
+                self.bytes_out += out.sent
+                out.wait_sent(timeout=5.0)  # acknowledged or abandoned: libzmq lets go
             if reply is None:
                 continue  # reconnected or re-HELLO needed: resend
             self.bytes_in += reply.nbytes
@@ -213,9 +253,47 @@ class CollaboratorPipe(Pipe):
             if reply.kind == "ERROR":
                 code = str(reply.meta.get("code", "error"))
                 if code in REHELLO_CODES:
-                    self.link.welcomed = False
+                    link.welcomed = False
                     continue
+                if code == "stream-aborted":
+                    continue  # the model changed while it streamed: ask again
                 raise RemoteError(self.nick_name, code, str(reply.meta.get("reason", "")))
+            return reply
+
+    def _answer(
+        self,
+        kind: str,
+        seq: int,
+        out: OutStream | None,
+        destination: Destination | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Envelope | None:
+        """Wait for the answer to request ``seq``, running a stream on the way.
+
+        Sends an upload's chunks as credit arrives, and receives a streamed
+        reply's chunks; None when the request must be sent again.
+        """
+        link = self.link
+        while True:
+            reply = link.wait_reply(seq, deadline, timeout, what=f"answer {kind}")
+            if reply is None:
+                return None
+            if reply.kind == "CHUNK":
+                continue  # a chunk of a download abandoned before this attempt
+            if reply.kind == "CREDIT":
+                try:
+                    sid, nbytes = parse_credit_meta(reply.meta)
+                except ProtocolError as exc:
+                    log.warning("%s: bad credit from %s: %s", link.nick_name, self.nick_name, exc)
+                    continue
+                if out is not None and sid == out.id:
+                    out.grant(nbytes)
+                    if not link.pump(out, deadline, timeout):
+                        return None
+                continue
+            if reply.stream is not None and reply.kind == "DATA":
+                return link.receive_stream(reply, seq, destination, deadline, timeout)
             return reply
 
     def close(self) -> None:

@@ -10,9 +10,11 @@ counted twice (at-least-once delivery made idempotent).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import zmq
@@ -22,9 +24,28 @@ from zmqfed.errors import ProtocolError
 from zmqfed.federated.pipe import AggregatorPipe
 from zmqfed.federated.security import Curve, group_authenticator
 from zmqfed.federated.sockets import SocketOptions, context, make_router
+from zmqfed.federated.stream import (
+    InStream,
+    OutStream,
+    discard_rest,
+    land_payload,
+    new_stream_id,
+    recv_message,
+)
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
-from zmqfed.wire import PROTOCOL_VERSION, EncodedTensors, Envelope, Limits, decode, encode
+from zmqfed.wire import (
+    DEFAULT_STREAM,
+    PROTOCOL_VERSION,
+    EncodedTensors,
+    Envelope,
+    Limits,
+    StreamConfig,
+    decode,
+    encode,
+)
+from zmqfed.wire.header import parse_header
+from zmqfed.wire.stream import credit_meta, parse_chunk_meta, parse_credit_meta
 
 __all__ = ["DRAINED", "AggregatorGroup"]
 
@@ -46,10 +67,19 @@ class AggregatorGroup:
         codec: str = "raw",
         ctx: zmq.Context | None = None,
         curve: Curve | None = None,
+        stream: StreamConfig = DEFAULT_STREAM,
     ) -> None:
         assert props.address.endpoint is not None
         self.props = props
         self.curve = curve
+        self.stream = stream
+        #: Bytes allocated for streamed uploads being received now, and the most ever.
+        self.stream_bytes = 0
+        self.stream_bytes_peak = 0
+        #: Pipes whose announced upload waits for room in ``stream.receive_budget``.
+        self._admission: deque[AggregatorPipe] = deque()
+        #: The pipe whose streamed upload the last landed chunk completed.
+        self._completed: AggregatorPipe | None = None
         self.name = props.nick_name
         self.endpoint = props.address.endpoint
         self.limits = limits
@@ -70,6 +100,8 @@ class AggregatorGroup:
         self.messages_in = 0
         self.errors = 0
         self._closed = False
+        #: Finished downloads whose zero-copy chunks libzmq may still be reading.
+        self._sent_streams: list[OutStream] = []
 
     def _curve_options(self, ctx: zmq.Context | None) -> dict[int, Any] | None:
         """CURVE server keys and the group's ZAP domain, with its allow-list running."""
@@ -102,10 +134,13 @@ class AggregatorGroup:
         when the message was fully handled here (errors, duplicates, pings).
         """
         try:
-            frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            frames = recv_message(self.sock, routed=True, land=self._land_chunk)
         except zmq.Again:
             return DRAINED
         self.messages_in += 1
+        if frames is None:  # a chunk of a streamed upload, landed in place
+            pipe, self._completed = self._completed, None
+            return pipe
         rid = frames[0].bytes
         name = rid.decode("utf-8", "replace")
         pipe = self.roster.get(name)
@@ -153,7 +188,223 @@ class AggregatorGroup:
         pipe.bytes_in += env.nbytes
         return self._dispatch(pipe, env)
 
+    def _land_chunk(self, frames: list[Any]) -> bool:
+        """Receive a CHUNK of a streamed upload into its tensors (True: consumed).
+
+        A chunk of a stream that no longer exists (the peer started over, or
+        went offline meanwhile) is dropped; anything that is not a well-formed
+        chunk from the peer it names is left to the ordinary path to refuse.
+        """
+        rid = frames[0].bytes
+        pipe = self.roster.get(rid.decode("utf-8", "replace"))
+        if pipe is None:
+            return False
+        if self.curve is not None and self._authenticated_as(frames[1]) != pipe.nick_name:
+            return False
+        try:
+            head = parse_header(frames[1], self.limits)
+            sid, offset, nbytes = parse_chunk_meta(head.meta)
+        except ProtocolError:
+            return False
+        if head.sender != pipe.nick_name or head.tensors:
+            return False
+        stream = pipe.in_stream
+        if stream is None or sid != stream.id:
+            discard_rest(self.sock)
+            log.debug("%s: dropped a chunk of a finished stream from %s", self.name, pipe.nick_name)
+            return True
+        try:
+            land_payload(self.sock, stream, offset, nbytes)
+        except ProtocolError as exc:
+            log.warning("%s: broken stream from %s: %s", self.name, pipe.nick_name, exc)
+            self._error(rid, head.seq, "stream", str(exc))
+            self.drop_streams(pipe)
+            return True
+        pipe.last_seen = time.monotonic()
+        if stream.done:
+            self._finish_in_stream(pipe, stream)
+        else:
+            self._grant(pipe, stream)
+        return True
+
+    def _grant(self, pipe: AggregatorPipe, stream: InStream) -> None:
+        credit = stream.credit()
+        if credit:
+            self.send(pipe, "CREDIT", seq=stream.env.seq, meta=credit_meta(stream.id, credit))
+
+    def _finish_in_stream(self, pipe: AggregatorPipe, stream: InStream) -> None:
+        env = stream.envelope()
+        self._release(pipe)
+        pipe.bytes_in += env.nbytes
+        pipe.pending = env
+        pipe.told_to_wait = False
+        pipe.meta = Meta(env.meta)
+        self._completed = pipe
+
+    def _start_in_stream(self, pipe: AggregatorPipe, env: Envelope) -> None:
+        """Admit an announced upload now, or queue it until the budget has room."""
+        assert env.stream is not None
+        self.drop_streams(pipe)  # a re-sent announce replaces the unfinished stream
+        pipe.announced = env
+        if self.stream_bytes and self.stream_bytes + env.stream.nbytes > self.stream.receive_budget:
+            log.info(
+                "%s: %s's upload of %d bytes waits for the receive budget",
+                self.name,
+                pipe.nick_name,
+                env.stream.nbytes,
+            )
+            self._admission.append(pipe)
+            return
+        self._admit(pipe)
+
+    def _admit(self, pipe: AggregatorPipe) -> None:
+        env = pipe.announced
+        assert env is not None and env.stream is not None
+        pipe.announced = None
+        stream = InStream(env, self.stream.window_bytes)
+        self.stream_bytes += stream.total
+        self.stream_bytes_peak = max(self.stream_bytes_peak, self.stream_bytes)
+        pipe.in_stream = stream
+        if stream.done:  # nothing to wait for (a stream of empty tensors)
+            self._finish_in_stream(pipe, stream)
+            return
+        self._grant(pipe, stream)
+
+    def _release(self, pipe: AggregatorPipe) -> None:
+        """Forget ``pipe``'s incoming stream and admit waiting uploads that now fit."""
+        if pipe.in_stream is not None:
+            self.stream_bytes -= pipe.in_stream.total
+            pipe.in_stream = None
+        while self._admission:
+            nxt = self._admission[0]
+            size = nxt.announced.stream.nbytes if nxt.announced and nxt.announced.stream else 0
+            if nxt.announced is None:
+                self._admission.popleft()
+                continue
+            if self.stream_bytes and self.stream_bytes + size > self.stream.receive_budget:
+                break
+            self._admission.popleft()
+            self._admit(nxt)
+
+    def drop_streams(self, pipe: AggregatorPipe) -> None:
+        """Abandon ``pipe``'s streams in both directions (it left, or started over)."""
+        if pipe.announced is not None:
+            pipe.announced = None
+            with contextlib.suppress(ValueError):
+                self._admission.remove(pipe)
+        if pipe.in_stream is not None:
+            self._release(pipe)
+        pipe.out_stream = None
+
+    def start_out_stream(
+        self, pipe: AggregatorPipe, kind: str, *, meta: dict[str, Any], encoded: EncodedTensors
+    ) -> bool:
+        """Answer ``pipe``'s pending request with a streamed ``kind`` (the model, in chunks)."""
+        seq = pipe.pending.seq if pipe.pending is not None else 0
+        chunk = min(self.stream.chunk_bytes, self.limits.max_frame_bytes)
+        stream = OutStream(
+            new_stream_id(),
+            seq,
+            encoded,
+            chunk,
+            sender=self.name,
+            incarnation=self.incarnation,
+            version=max(self.version, 0),
+        )
+        pipe.out_stream = stream
+        if not self.send(
+            pipe, kind, seq=seq, meta=meta, encoded=encoded, stream=(stream.id, chunk)
+        ):
+            pipe.out_stream = None
+            return False
+        return True
+
+    def _credit(self, pipe: AggregatorPipe, env: Envelope) -> None:
+        try:
+            sid, nbytes = parse_credit_meta(env.meta)
+        except ProtocolError as exc:
+            self._error(pipe.routing_id, env.seq, "protocol", str(exc))
+            return
+        stream = pipe.out_stream
+        if stream is None or stream.id != sid:
+            log.debug("%s: credit for a finished stream from %s", self.name, pipe.nick_name)
+            return
+        stream.grant(nbytes)
+        self._pump(pipe, stream)
+
+    def _pump(self, pipe: AggregatorPipe, stream: OutStream) -> None:
+        def send(frames: list[Any]) -> Any:
+            try:
+                return self.sock.send_multipart(
+                    [pipe.routing_id, *frames], flags=zmq.DONTWAIT, copy=False, track=True
+                )
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EAGAIN:
+                    raise zmq.Again() from exc
+                raise
+
+        try:
+            stream.pump(send)
+        except zmq.ZMQError as exc:
+            log.info("%s: stream to %s broke: %s; pipe offline", self.name, pipe.nick_name, exc)
+            pipe.offline()
+            return
+        pipe.bytes_out += stream.sent - pipe.streamed_out
+        pipe.streamed_out = stream.sent
+        if stream.done:
+            self._sent_streams.append(stream)
+            pipe.out_stream = None
+            pipe.streamed_out = 0
+
+    def peer_limits(self, pipe: AggregatorPipe) -> Limits:
+        """Limits for messages to ``pipe``: ours, with the frame bound its HELLO announced."""
+        if pipe.max_frame_bytes >= self.limits.max_frame_bytes:
+            return self.limits
+        return dataclasses.replace(self.limits, max_frame_bytes=pipe.max_frame_bytes)
+
+    def sending(self) -> bool:
+        """A streamed download is in progress."""
+        return any(p.out_stream is not None for p in self.roster.values())
+
+    def streamed_bytes(self) -> int:
+        """Bytes sent so far by the streamed downloads in progress (progress marker)."""
+        return sum(p.out_stream.sent for p in self.roster.values() if p.out_stream is not None)
+
+    def pump_all(self) -> None:
+        """Send what credit allows on every download stream (after a full send queue)."""
+        for pipe in self.roster.values():
+            if pipe.out_stream is not None and pipe.out_stream.ready:
+                self._pump(pipe, pipe.out_stream)
+
+    def quiesce(self, timeout: float = 30.0) -> None:
+        """Before the served tensors may change: end unfinished downloads, wait for libzmq.
+
+        Collaborators whose download was cut are told ``stream-aborted`` and
+        ask again; zero-copy chunks already handed to libzmq are waited for.
+        """
+        for pipe in self.roster.values():
+            stream = pipe.out_stream
+            if stream is not None:
+                self._sent_streams.append(stream)
+                pipe.out_stream = None
+                pipe.streamed_out = 0
+                self._error(
+                    pipe.routing_id, stream.seq, "stream-aborted", "the served model changed"
+                )
+        for stream in self._sent_streams:
+            if not stream.wait_sent(timeout):
+                log.warning("%s: libzmq still holds chunks after %.0f s", self.name, timeout)
+        self._sent_streams.clear()
+
     def _dispatch(self, pipe: AggregatorPipe, env: Envelope) -> AggregatorPipe | None:
+        if env.kind == "CREDIT":
+            self._credit(pipe, env)
+            return None
+        if env.kind == "CHUNK":
+            log.debug(
+                "%s: dropped a chunk of an abandoned stream from %s", self.name, pipe.nick_name
+            )
+            return None
         if env.kind == "HELLO":
             return self._hello(pipe, env)
         if env.kind == "BYE":
@@ -192,6 +443,9 @@ class AggregatorGroup:
             )
             self.send(pipe, "ACK", seq=env.seq, meta={"duplicate": True})
             return None
+        if env.stream is not None:
+            self._start_in_stream(pipe, env)
+            return None
         pipe.pending = env
         pipe.told_to_wait = False
         pipe.meta = Meta(env.meta)
@@ -218,14 +472,21 @@ class AggregatorGroup:
                 f"{self.endpoint} and collaborators {list(self.props.collaborators)}",
             )
             return None
+        pipe.max_frame_bytes = _frame_bound(env.meta.get("max_frame_bytes"), self.limits)
         session = str(env.meta.get("session", ""))
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
             pipe.pending = None
+            self.drop_streams(pipe)
             pipe.session = session
         joined = not pipe.online
         pipe.online = True
-        self.send(pipe, "WELCOME", seq=env.seq, meta={"incarnation": self.incarnation})
+        self.send(
+            pipe,
+            "WELCOME",
+            seq=env.seq,
+            meta={"incarnation": self.incarnation, "max_frame_bytes": self.limits.max_frame_bytes},
+        )
         if joined:
             log.info("%s: %s joined", self.name, pipe.nick_name)
         return pipe if joined else None
@@ -257,6 +518,7 @@ class AggregatorGroup:
         meta: dict[str, Any],
         tensors: dict[str, Any] | None = None,
         encoded: EncodedTensors | None = None,
+        stream: tuple[str, int] | None = None,
     ) -> bool:
         """Send ``kind`` to ``pipe``; False (and the pipe offline) if the peer is gone."""
         env = Envelope(
@@ -268,7 +530,7 @@ class AggregatorGroup:
             meta=dict(meta),
             tensors=tensors or {},
         )
-        frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded)
+        frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded, stream=stream)
         try:
             self.sock.send_multipart([pipe.routing_id, *frames], flags=zmq.DONTWAIT, copy=False)
         except zmq.ZMQError as exc:
@@ -279,7 +541,8 @@ class AggregatorGroup:
                 log.warning("%s: could not send %s to %s: %s", self.name, kind, pipe.nick_name, exc)
             return False
         # A served model comes pre-encoded (``encoded``): env.tensors is empty then.
-        pipe.bytes_out += env.nbytes if encoded is None else encoded.nbytes
+        if stream is None:
+            pipe.bytes_out += env.nbytes if encoded is None else encoded.nbytes
         return True
 
     def _error(self, rid: bytes, seq: int, code: str, reason: str) -> None:
@@ -304,6 +567,7 @@ class AggregatorGroup:
         if self._closed:
             return
         self._closed = True
+        self.quiesce(timeout=5.0)
         for pipe in self.roster.values():
             if pipe.online:
                 self.send(pipe, "BYE", seq=0, meta={"final": final})
@@ -311,3 +575,10 @@ class AggregatorGroup:
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close()
+
+
+def _frame_bound(value: Any, limits: Limits) -> int:
+    """The frame bound a peer announced, or ours if it announced none (or nonsense)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2**16:
+        return min(value, limits.max_frame_bytes)
+    return limits.max_frame_bytes

@@ -10,20 +10,25 @@ only :class:`zmqfed.errors.ProtocolError` for anything a peer can send.
 from __future__ import annotations
 
 from zmqfed.wire.codec import CODECS, decode_tensor, encode_tensor
-from zmqfed.wire.frames import Envelope, decode, encode
+from zmqfed.wire.frames import Envelope, StreamAnnounce, decode, encode
 from zmqfed.wire.header import KINDS, MAGIC, PROTOCOL_VERSION, header_only
 from zmqfed.wire.limits import DEFAULT_LIMITS, Limits
+from zmqfed.wire.stream import DEFAULT_STREAM, ChunkLayout, StreamConfig
 from zmqfed.wire.tensors import EncodedTensors, encode_tensors
 
 __all__ = [
     "CODECS",
     "DEFAULT_LIMITS",
+    "DEFAULT_STREAM",
     "KINDS",
     "MAGIC",
     "PROTOCOL_VERSION",
+    "ChunkLayout",
     "EncodedTensors",
     "Envelope",
     "Limits",
+    "StreamAnnounce",
+    "StreamConfig",
     "decode",
     "decode_tensor",
     "encode",

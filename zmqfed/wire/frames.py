@@ -36,6 +36,7 @@ from zmqfed.wire.header import (
     MAGIC,
     MAX_NAME_CHARS,
     PROTOCOL_VERSION,
+    TensorDesc,
     frame_view,
     header_only,
     parse_header,
@@ -49,12 +50,37 @@ __all__ = [
     "MAGIC",
     "PROTOCOL_VERSION",
     "Envelope",
+    "StreamAnnounce",
     "decode",
     "encode",
     "header_only",
 ]
 
 _MAX_INT = 2**63 - 1  # version/seq must fit an int64 on any peer
+
+
+@dataclass(frozen=True)
+class StreamAnnounce:
+    """A received PUSH/DATA whose tensors follow as CHUNK messages (``zmqfed.wire.stream``).
+
+    Attributes
+    ----------
+    id : str
+        The stream id that CHUNK and CREDIT messages name.
+    chunk : int
+        Largest payload per CHUNK (already checked against ``max_frame_bytes``).
+    tensors : tuple of TensorDesc
+        The validated descriptors (raw codec; total within ``max_message_bytes``).
+    """
+
+    id: str
+    chunk: int
+    tensors: tuple[TensorDesc, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Total raw bytes the stream will carry."""
+        return sum(d.rawbytes for d in self.tensors)
 
 
 @dataclass(eq=False)
@@ -81,6 +107,9 @@ class Envelope:
     obj : object
         An opt-in object sent with cloudpickle; needs ``allow_pickle`` on both
         ends.  ``None`` means no object frame.
+    stream : StreamAnnounce, optional
+        Set by ``decode`` on an announced (streamed) message, whose
+        ``tensors`` are empty until its chunks arrived.
 
     Notes
     -----
@@ -96,6 +125,7 @@ class Envelope:
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     obj: Any = None
+    stream: StreamAnnounce | None = None
 
     @property
     def nbytes(self) -> int:
@@ -163,6 +193,7 @@ def encode(
     limits: Limits = DEFAULT_LIMITS,
     snapshot: bool = False,
     encoded: EncodedTensors | None = None,
+    stream: tuple[str, int] | None = None,
 ) -> list[Buffer]:
     """Encode a message as a list of frames for ``send_multipart``.
 
@@ -183,6 +214,10 @@ def encode(
         Frames made earlier by :func:`encode_tensors`, sent instead of
         ``env.tensors`` (which must then be empty).  Lets one encoding of a
         model serve many replies; ``codec`` and ``snapshot`` do not apply.
+    stream : (str, int), optional
+        ``(stream id, chunk bytes)``: announce the tensors instead of sending
+        them; the result is the header alone and the caller streams the raw
+        ``encoded`` buffers as CHUNK messages (:mod:`zmqfed.wire.stream`).
 
     Returns
     -------
@@ -221,7 +256,16 @@ def encode(
             )
         if env.tensors:
             raise ConfigError("give either env.tensors or encoded=, not both")
-        encoded.check(limits)  # it may have been made under other limits
+        encoded.check(limits, streamed=stream is not None)  # maybe made under other limits
+    if stream is not None:
+        if env.kind not in ("PUSH", "DATA") or obj_frame is not None:
+            raise ConfigError("only PUSH and DATA without an object can be streamed")
+        if any(d["codec"] != "raw" for d in encoded.descriptors):
+            raise ConfigError("streamed tensors must be encoded with the raw codec")
+        if not 0 < stream[1] <= limits.max_frame_bytes:
+            raise ProtocolError(
+                f"stream chunk of {stream[1]} bytes exceeds max_frame_bytes={limits.max_frame_bytes}"
+            )
 
     doc = {
         "kind": env.kind,
@@ -233,6 +277,8 @@ def encode(
         "tensors": list(encoded.descriptors),
         "object": None if obj_frame is None else {"nbytes": len(obj_frame)},
     }
+    if stream is not None:
+        doc["stream"] = {"id": stream[0], "chunk": stream[1]}
     try:
         text = json.dumps(
             doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_scalar
@@ -246,6 +292,8 @@ def encode(
             f"({len(encoded.descriptors)} tensors); raise Limits.max_header_bytes on both ends, "
             "or send fewer tensors per message or less meta"
         )
+    if stream is not None:
+        return [header]
     frames: list[Buffer] = [header, *encoded.buffers]
     if obj_frame is not None:
         frames.append(obj_frame)
@@ -293,6 +341,20 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
     if not frames:
         raise ProtocolError("empty message: no header frame")
     head = parse_header(frames[0], limits)
+    if head.stream is not None:
+        if len(frames) != 1:
+            raise ProtocolError(
+                f"a streamed {head.kind} is one header frame, this message has {len(frames)}"
+            )
+        return Envelope(
+            kind=head.kind,
+            sender=head.sender,
+            version=head.version,
+            seq=head.seq,
+            incarnation=head.incarnation,
+            meta=head.meta,
+            stream=StreamAnnounce(head.stream[0], head.stream[1], tuple(head.tensors)),
+        )
     n_tensors = len(head.tensors)
     expected = 1 + n_tensors + (head.object_nbytes is not None)
     if len(frames) != expected:

@@ -29,6 +29,7 @@ __all__ = [
     "MAGIC",
     "MAX_NAME_CHARS",
     "MAX_RANK",
+    "MAX_STREAM_ID_CHARS",
     "PROTOCOL_VERSION",
     "frame_view",
     "header_only",
@@ -40,7 +41,23 @@ MAGIC = b"ZMQFED"
 #: The byte after ``MAGIC``; a peer with another value is refused with a clear error.
 PROTOCOL_VERSION = 1
 #: Message kinds (DESIGN.md "Pipes and groups").
-KINDS = ("HELLO", "WELCOME", "PULL", "DATA", "PUSH", "ACK", "WAIT", "ERROR", "BYE", "PING", "PONG")
+KINDS = (
+    "HELLO",
+    "WELCOME",
+    "PULL",
+    "DATA",
+    "PUSH",
+    "ACK",
+    "WAIT",
+    "ERROR",
+    "BYE",
+    "PING",
+    "PONG",
+    "CHUNK",
+    "CREDIT",
+)
+#: Longest stream id in a streamed message's header (see :mod:`zmqfed.wire.stream`).
+MAX_STREAM_ID_CHARS = 64
 #: The dtype allow-list: wire name -> torch dtype.
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,6 +82,8 @@ MAX_RANK = 32
 
 _PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 _TOP_KEYS = ("kind", "sender", "version", "seq", "incarnation", "meta", "tensors", "object")
+#: Optional top-level key of an announced (streamed) PUSH or DATA.
+_STREAM_KEY = "stream"
 _DESC_KEYS = ("key", "field", "dtype", "shape", "codec", "nbytes", "rawbytes")
 _DESC_KEY_SET = frozenset(_DESC_KEYS)
 _MAX_INT = 2**63 - 1
@@ -103,6 +122,8 @@ class Header:
     tensors: list[TensorDesc]
     object_nbytes: int | None
     doc: dict[str, Any]
+    #: ``(stream id, chunk bytes)`` when the tensors follow as CHUNK messages.
+    stream: tuple[str, int] | None = None
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -196,7 +217,7 @@ def _parse_json(view: memoryview, limits: Limits) -> dict[str, Any]:
     return doc
 
 
-def _parse_desc(i: int, d: Any, limits: Limits) -> TensorDesc:
+def _parse_desc(i: int, d: Any, limits: Limits, *, streamed: bool = False) -> TensorDesc:
     # Runs once per tensor (thousands per message): error text is built only on failure.
     if not isinstance(d, dict):
         raise ProtocolError(f"tensor descriptor #{i} must be an object, got {type(d).__name__}")
@@ -240,7 +261,10 @@ def _parse_desc(i: int, d: Any, limits: Limits) -> TensorDesc:
         fail(f"raw frame must have rawbytes={rawbytes} bytes, header says {nbytes}")
     if codec != "raw" and not (0 < rawbytes <= LZ4_MAX_BYTES and nbytes > 0):
         fail(f"{codec} frame cannot hold {rawbytes} bytes in {nbytes}")
-    if nbytes > limits.max_frame_bytes:
+    if streamed:
+        if codec != "raw":
+            fail(f"a streamed tensor must use the raw codec, not {_short(codec)}")
+    elif nbytes > limits.max_frame_bytes:
         fail(f"frame of {nbytes} bytes exceeds max_frame_bytes={limits.max_frame_bytes}")
     return TensorDesc(key, fld, dtype_name, tuple(shape), codec, nbytes, rawbytes)
 
@@ -264,6 +288,7 @@ def _parse_object(obj: Any, limits: Limits) -> int | None:
 def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Validate a header frame completely; raise ``ProtocolError`` naming the fault."""
     doc = _parse_json(frame_view(frame, 0), limits)
+    stream = _parse_stream(doc.pop(_STREAM_KEY), limits) if _STREAM_KEY in doc else None
     _exact_keys(doc, _TOP_KEYS, "header")
     kind = doc["kind"]
     if kind not in KINDS:
@@ -285,11 +310,17 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
             f"header lists {len(descs)} tensors, limit max_tensors={limits.max_tensors}"
         )
     object_nbytes = _parse_object(doc["object"], limits)
+    if stream is not None:
+        if kind not in ("PUSH", "DATA"):
+            raise ProtocolError(f"only PUSH and DATA can be streamed, not {kind}")
+        if object_nbytes is not None:
+            raise ProtocolError("a streamed message cannot carry an object frame")
+        doc[_STREAM_KEY] = {"id": stream[0], "chunk": stream[1]}
     tensors: list[TensorDesc] = []
     seen: set[tuple[str, str]] = set()
     total = 0
     for i, d in enumerate(descs):
-        desc = _parse_desc(i, d, limits)
+        desc = _parse_desc(i, d, limits, streamed=stream is not None)
         if (desc.key, desc.field) in seen:
             raise ProtocolError(f"{desc.name} appears twice in the header")
         seen.add((desc.key, desc.field))
@@ -301,8 +332,31 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
             )
         tensors.append(desc)
     return Header(
-        kind, doc["sender"], version, seq, doc["incarnation"], meta, tensors, object_nbytes, doc
+        kind,
+        doc["sender"],
+        version,
+        seq,
+        doc["incarnation"],
+        meta,
+        tensors,
+        object_nbytes,
+        doc,
+        stream,
     )
+
+
+def _parse_stream(spec: Any, limits: Limits) -> tuple[str, int]:
+    """``(id, chunk bytes)`` of a header's ``stream`` field."""
+    if not isinstance(spec, dict):
+        raise ProtocolError(f"header 'stream' must be an object, got {type(spec).__name__}")
+    _exact_keys(spec, ("id", "chunk"), "header 'stream'")
+    sid = spec["id"]
+    if not isinstance(sid, str) or not 0 < len(sid) <= MAX_STREAM_ID_CHARS:
+        raise ProtocolError(f"stream id must be a str of 1-{MAX_STREAM_ID_CHARS} chars")
+    chunk = _uint(spec["chunk"], "stream chunk", limits.max_frame_bytes)
+    if chunk == 0:
+        raise ProtocolError("stream chunk must be positive")
+    return sid, chunk
 
 
 def header_only(frames_or_header: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:

@@ -10,7 +10,10 @@ just disconnected, ZMQ-NOTES.md item 17).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from zmqfed.errors import ConfigError
 
@@ -97,6 +100,57 @@ class Limits:
             ``max(max_frame_bytes, max_header_bytes) + 64 KiB``.
         """
         return max(self.max_frame_bytes, self.max_header_bytes) + HEADER_SLACK
+
+    @classmethod
+    def for_model(
+        cls,
+        state_dict: Mapping[str, Any],
+        *,
+        headroom: float = 2.0,
+        stream_threshold: int | None = None,
+        **overrides: Any,
+    ) -> Limits:
+        """Limits sized from the model the node exchanges, with ``headroom``.
+
+        ``max_frame_bytes`` (and so the socket's MAXMSGSIZE) becomes
+        ``headroom`` times the largest tensor, at least 1 MiB and at most
+        ``stream_threshold``: a peer can then pin at most HWM x that much
+        memory in a receive queue, and larger tensors travel in chunks
+        (streams check every chunk against the same bound).
+        ``max_message_bytes`` becomes ``2 * headroom`` times the whole model
+        (room for optimizer state uploaded with it), at least 64 MiB.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Name -> tensor (anything with ``numel()`` and ``element_size()``).
+        headroom : float
+            Factor over the model's sizes; must be at least 1.
+        stream_threshold : int, optional
+            Upper bound of the frame limit (messages above it stream anyway).
+        **overrides
+            Other ``Limits`` fields, e.g. ``allow_pickle=True``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> Limits.for_model({"w": torch.zeros(2**20)}).max_frame_bytes // 2**20
+        8
+        """
+        if not isinstance(headroom, (int, float)) or not math.isfinite(headroom) or headroom < 1:
+            raise ConfigError(f"headroom must be a number >= 1, got {headroom!r}")
+        sizes = [int(t.numel()) * int(t.element_size()) for t in state_dict.values()]
+        largest, total = max(sizes, default=0), sum(sizes)
+        frame = max(math.ceil(headroom * largest), 2**20)
+        if stream_threshold is not None:
+            frame = max(min(frame, stream_threshold), 2**20)
+        message = max(math.ceil(2 * headroom * total), 64 * 2**20)
+        values: dict[str, Any] = {
+            "max_frame_bytes": min(frame, _MAX_BOUND),
+            "max_message_bytes": min(message, _MAX_BOUND),
+        }
+        values.update(overrides)
+        return cls(**values)
 
 
 #: The limits used when none are given: 4 GiB messages, pickle disabled.

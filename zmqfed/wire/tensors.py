@@ -47,11 +47,12 @@ class EncodedTensors:
         """Total bytes of the frames as sent."""
         return sum(int(d["nbytes"]) for d in self.descriptors)
 
-    def check(self, limits: Limits) -> None:
+    def check(self, limits: Limits, *, streamed: bool = False) -> None:
         """Raise ``ProtocolError`` if these frames break ``limits``.
 
         ``encode`` calls this because the frames may have been made under
-        other limits than the message they are sent in.
+        other limits than the message they are sent in.  A ``streamed``
+        message's frames are sent in chunks, so only its totals are checked.
         """
         if len(self.descriptors) > limits.max_tensors:
             raise ProtocolError(
@@ -64,7 +65,7 @@ class EncodedTensors:
                 f"limit max_message_bytes={limits.max_message_bytes}"
             )
         for d in self.descriptors:
-            if d["nbytes"] > limits.max_frame_bytes:
+            if not streamed and d["nbytes"] > limits.max_frame_bytes:
                 raise ProtocolError(
                     f"tensor {d['key']!r}/{d['field']!r}: {d['codec']} frame of {d['nbytes']} "
                     f"bytes exceeds max_frame_bytes={limits.max_frame_bytes}"
@@ -108,6 +109,7 @@ def encode_tensors(
     codec: str = "raw",
     limits: Limits = DEFAULT_LIMITS,
     snapshot: bool = False,
+    streamed: bool = False,
 ) -> EncodedTensors:
     """Encode ``state-dict name -> field -> tensor`` into frames.
 
@@ -125,6 +127,9 @@ def encode_tensors(
         mutate them while libzmq still reads the frames (ZMQ-NOTES item 13).
         Compressed frames and copies made for non-contiguous tensors are
         already private and are not copied again.
+    streamed : bool
+        The frames will be sent in chunks (:mod:`zmqfed.wire.stream`):
+        ``max_frame_bytes`` bounds the chunks, not these frames.
 
     Returns
     -------
@@ -145,7 +150,7 @@ def encode_tensors(
     total = 0
     for key, fld, t in items:
         rawbytes = t.numel() * t.element_size()
-        if codec == "raw" and rawbytes > limits.max_frame_bytes:  # fail before copying
+        if not streamed and codec == "raw" and rawbytes > limits.max_frame_bytes:  # before copying
             raise ProtocolError(
                 f"tensor {key!r}/{fld!r}: raw frame of {rawbytes} bytes exceeds "
                 f"max_frame_bytes={limits.max_frame_bytes}"
@@ -156,7 +161,7 @@ def encode_tensors(
             if buf.ctypes.data == t.data_ptr():  # a view of the caller's memory
                 buf = buf.copy()
         nbytes = buf.nbytes if isinstance(buf, (np.ndarray, memoryview)) else len(buf)
-        if nbytes > limits.max_frame_bytes:
+        if not streamed and nbytes > limits.max_frame_bytes:
             raise ProtocolError(
                 f"tensor {key!r}/{fld!r}: {used} frame of {nbytes} bytes exceeds "
                 f"max_frame_bytes={limits.max_frame_bytes}"

@@ -1,0 +1,337 @@
+"""Streams on sockets: send chunks under credit, land them with ``recv_into``.
+
+The wire side (announce header, CHUNK/CREDIT meta, chunk layout) lives in
+:mod:`zmqfed.wire.stream`.  Here :class:`OutStream` sends a message's raw
+tensor bytes as CHUNK messages while the receiver's credit lasts, zero-copy
+from the tensors' own memory; :class:`InStream` preallocates the tensors (or
+borrows the receiver's own, see ``destination``) and receives each payload
+straight into them; :func:`recv_message` reads one multipart message and hands
+a CHUNK payload to ``recv_into`` before libzmq's frame is ever turned into a
+Python object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from zmqfed.errors import ProtocolError
+from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, encode
+from zmqfed.wire.header import DTYPES, TensorDesc
+from zmqfed.wire.stream import CHUNK_PREFIX, chunk_meta
+
+__all__ = [
+    "InStream",
+    "OutStream",
+    "discard_rest",
+    "land_payload",
+    "new_stream_id",
+    "recv_message",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``destination(desc)`` may return a tensor of the descriptor's dtype and
+#: shape to receive into (e.g. the receiver's own parameter), or None.
+Destination = Callable[[TensorDesc], "torch.Tensor | None"]
+#: Sends one CHUNK message's frames; returns a tracker for zero-copy frames,
+#: None when the frames were copied, or raises ``zmq.Again`` at the HWM.
+ChunkSender = Callable[[list[Any]], "zmq.MessageTracker | None"]
+
+
+def new_stream_id() -> str:
+    """A fresh random stream id."""
+    return uuid.uuid4().hex
+
+
+def _byte_view(buf: Any) -> memoryview:
+    if isinstance(buf, np.ndarray):
+        return buf.reshape(-1).view(np.uint8).data
+    return memoryview(buf).cast("B")
+
+
+class OutStream:
+    """The sending side of one stream: chunks go out while credit lasts.
+
+    Parameters
+    ----------
+    stream_id : str
+        Named by every CHUNK and CREDIT of this stream.
+    seq : int
+        The request the stream answers (or is), copied into every CHUNK.
+    encoded : EncodedTensors
+        Raw frames from ``encode_tensors(..., codec='raw', streamed=True)``.
+        They alias the caller's tensors: do not mutate those until
+        :meth:`wait_sent` returned.
+    chunk_bytes : int
+        Largest payload per CHUNK.
+    sender, incarnation : str
+        Header fields of the CHUNK messages.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        seq: int,
+        encoded: EncodedTensors,
+        chunk_bytes: int,
+        *,
+        sender: str,
+        incarnation: str,
+        version: int = 0,
+    ) -> None:
+        self.id = stream_id
+        self.seq = seq
+        self.chunk_bytes = chunk_bytes
+        self.sender = sender
+        self.incarnation = incarnation
+        self.version = version
+        self._views = [_byte_view(b) for b in encoded.buffers]
+        self._layout = ChunkLayout([int(d["rawbytes"]) for d in encoded.descriptors])
+        self._plan = self._layout.plan(chunk_bytes)
+        self._next = next(self._plan, None)
+        self.total = self._layout.total
+        self.credit = 0
+        self.sent = 0
+        self.chunks = 0
+        self._trackers: list[zmq.MessageTracker] = []
+
+    @property
+    def done(self) -> bool:
+        """Every chunk was handed to the socket."""
+        return self._next is None
+
+    @property
+    def ready(self) -> bool:
+        """The next chunk fits the credit: :meth:`pump` would send something."""
+        return self._next is not None and self._next[1] <= self.credit
+
+    def grant(self, nbytes: int) -> None:
+        """The receiver allows ``nbytes`` more in flight."""
+        self.credit += nbytes
+
+    def _payload(self, offset: int, nbytes: int) -> Any:
+        pieces = self._layout.pieces(offset, nbytes)
+        if len(pieces) == 1:
+            i, start, length = pieces[0]
+            return self._views[i][start : start + length]  # zero-copy slice
+        return b"".join(self._views[i][s : s + n] for i, s, n in pieces)  # small tensors packed
+
+    def pump(self, send: ChunkSender) -> int:
+        """Send chunks while credit allows; returns how many were sent."""
+        sent = 0
+        self._trackers = [t for t in self._trackers if not t.done]
+        while self._next is not None and self._next[1] <= self.credit:
+            offset, nbytes = self._next
+            header = encode(
+                Envelope(
+                    kind="CHUNK",
+                    sender=self.sender,
+                    version=self.version,
+                    seq=self.seq,
+                    incarnation=self.incarnation,
+                    meta=chunk_meta(self.id, offset, nbytes),
+                )
+            )[0]
+            try:
+                tracker = send([header, self._payload(offset, nbytes)])
+            except zmq.Again:
+                break  # at the high-water mark: pumped again on the next credit or poll
+            if tracker is not None:
+                self._trackers.append(tracker)
+            self.credit -= nbytes
+            self.sent += nbytes
+            self.chunks += 1
+            sent += 1
+            self._next = next(self._plan, None)
+        return sent
+
+    def wait_sent(self, timeout: float) -> bool:
+        """Block until libzmq released every zero-copy payload (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        for tracker in self._trackers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                tracker.wait(left)
+            except zmq.NotDone:
+                return False
+        self._trackers.clear()
+        return True
+
+
+class InStream:
+    """The receiving side of one stream: preallocated tensors filled chunk by chunk.
+
+    Parameters
+    ----------
+    env : Envelope
+        The announced PUSH or DATA (``env.stream`` set).
+    window : int
+        Bytes of credit kept outstanding.
+    destination : callable, optional
+        Returns a contiguous tensor of the descriptor's dtype and shape to
+        receive into, or None for a fresh one.
+    """
+
+    def __init__(self, env: Envelope, window: int, destination: Destination | None = None) -> None:
+        assert env.stream is not None
+        self.env = env
+        self.id = env.stream.id
+        self.chunk = env.stream.chunk
+        self.window = max(window, self.chunk)
+        descs = env.stream.tensors
+        self._layout = ChunkLayout([d.rawbytes for d in descs])
+        self.total = self._layout.total
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._views: list[memoryview] = []
+        self.in_place = 0  # tensors received into the destination's storage
+        for desc in descs:
+            t = self._allocate(desc, destination)
+            self.tensors.setdefault(desc.key, {})[desc.field] = t
+            self._views.append(
+                t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
+            )
+        self.received = 0
+        self.granted = 0
+        self._scratch: bytearray | None = None
+        #: Why the stream cannot be completed (a peer broke the protocol), or "".
+        self.broken = ""
+
+    def _allocate(self, desc: TensorDesc, destination: Destination | None) -> torch.Tensor:
+        dtype = DTYPES[desc.dtype]
+        if destination is not None:
+            t = destination(desc)
+            if (
+                t is not None
+                and t.dtype == dtype
+                and tuple(t.shape) == desc.shape
+                and t.is_contiguous()
+                and t.device.type == "cpu"
+            ):
+                self.in_place += 1
+                return t.detach()
+        return torch.empty(desc.shape, dtype=dtype)
+
+    @property
+    def done(self) -> bool:
+        """Every byte arrived."""
+        return self.received == self.total
+
+    def credit(self) -> int:
+        """Bytes to grant now so that ``window`` stays outstanding (0: nothing to send)."""
+        want = min(self.window, self.total - self.received) - (self.granted - self.received)
+        # Grant in chunk-sized steps at least (one CREDIT per chunk, not per
+        # byte), except for the stream's last bytes.
+        if want <= 0 or (want < self.chunk and self.granted + want < self.total):
+            return 0
+        self.granted += want
+        return want
+
+    def target(self, offset: int, nbytes: int) -> memoryview:
+        """Where the payload of CHUNK ``(offset, nbytes)`` must land; checks it first."""
+        if offset != self.received:
+            raise ProtocolError(f"stream {self.id}: chunk at {offset}, expected {self.received}")
+        if not 0 < nbytes <= self.chunk:
+            raise ProtocolError(
+                f"stream {self.id}: chunk of {nbytes} bytes, announced at most {self.chunk}"
+            )
+        if offset + nbytes > self.granted:
+            raise ProtocolError(
+                f"stream {self.id}: chunk ends at {offset + nbytes}, beyond the "
+                f"{self.granted} bytes of credit granted"
+            )
+        pieces = self._layout.pieces(offset, nbytes)
+        if len(pieces) == 1:
+            i, start, length = pieces[0]
+            return self._views[i][start : start + length]
+        if self._scratch is None or len(self._scratch) < nbytes:
+            self._scratch = bytearray(self.chunk)
+        return memoryview(self._scratch)[:nbytes]
+
+    def landed(self, offset: int, nbytes: int) -> None:
+        """The payload of CHUNK ``(offset, nbytes)`` is in its :meth:`target`."""
+        pieces = self._layout.pieces(offset, nbytes)
+        if len(pieces) > 1:
+            assert self._scratch is not None
+            pos = 0
+            for i, start, length in pieces:
+                self._views[i][start : start + length] = self._scratch[pos : pos + length]
+                pos += length
+        self.received += nbytes
+
+    def envelope(self) -> Envelope:
+        """The announced message with its tensors, once :attr:`done`."""
+        env = self.env
+        return Envelope(
+            kind=env.kind,
+            sender=env.sender,
+            version=env.version,
+            seq=env.seq,
+            incarnation=env.incarnation,
+            meta=env.meta,
+            tensors=self.tensors,
+        )
+
+
+def recv_message(
+    sock: zmq.Socket, *, routed: bool, land: Callable[[list[zmq.Frame]], bool]
+) -> list[zmq.Frame] | None:
+    """Receive one waiting message (``zmq.Again`` if none).
+
+    For a CHUNK (``[routing id,] header, payload``), ``land(frames so far)``
+    is asked first; when it returns True it consumed the rest of the message
+    (normally with ``recv_into``) and None is returned.  Otherwise all frames
+    are returned, as ``recv_multipart(copy=False)`` would.
+    """
+    frames = [sock.recv(flags=zmq.NOBLOCK, copy=False)]
+    if routed and frames[-1].more:
+        frames.append(sock.recv(copy=False))
+    header = frames[-1]
+    if (
+        header.more
+        and len(header.buffer) > len(CHUNK_PREFIX)
+        and header.buffer[: len(CHUNK_PREFIX)] == CHUNK_PREFIX
+        and land(frames)
+    ):
+        return None
+    while frames[-1].more:
+        frames.append(sock.recv(copy=False))
+    return frames
+
+
+def land_payload(sock: zmq.Socket, stream: InStream, offset: int, nbytes: int) -> None:
+    """Receive a CHUNK's payload frame into ``stream``; ``ProtocolError`` if it is not exactly that.
+
+    The rest of the message is always consumed, also on error.
+    """
+    try:
+        target = stream.target(offset, nbytes)
+    except ProtocolError:
+        discard_rest(sock)
+        raise
+    got = sock.recv_into(target)
+    extra = discard_rest(sock)  # a CHUNK has exactly one payload
+    if got != nbytes or extra:
+        raise ProtocolError(
+            f"stream {stream.id}: chunk payload of {got} bytes in {1 + extra} frames, "
+            f"header says {nbytes} bytes in 1"
+        )
+    stream.landed(offset, nbytes)
+
+
+def discard_rest(sock: zmq.Socket) -> int:
+    """Receive and drop the remaining frames of the current message; returns how many."""
+    n = 0
+    while sock.get(zmq.RCVMORE):
+        sock.recv_into(bytearray())
+        n += 1
+    return n
