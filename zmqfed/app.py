@@ -11,11 +11,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zmqfed.errors import ConfigError
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
+
+if TYPE_CHECKING:
+    from zmqfed.core import Maintainer
 
 __all__ = ["App", "NodeContext", "load_factory"]
 
@@ -88,6 +91,10 @@ class App:
     min_clients, round_timeout:
         Straggler policy: a round ends at all collaborators, or after
         ``round_timeout`` seconds with at least ``min_clients`` uploads.
+    configure:
+        Called inside ``with maintainer:`` for every Maintainer the node
+        builds, before its first step: register hooks there, e.g.
+        ``configure=lambda m: zmqfed.functional.int8_quantization()``.
     """
 
     model: Any
@@ -102,6 +109,7 @@ class App:
     rounds: int = 10
     min_clients: int | None = None
     round_timeout: float | None = None
+    configure: Callable[[Maintainer], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:

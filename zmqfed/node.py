@@ -34,7 +34,7 @@ from zmqfed.api import (
 from zmqfed.app import App, NodeContext
 from zmqfed.checkpoint import load_checkpoint, save_checkpoint
 from zmqfed.core import Maintainer, steps
-from zmqfed.errors import ConfigError
+from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline
 from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
 from zmqfed.optim import FederatedOptimizer
@@ -164,6 +164,9 @@ class NodeRunner:
             curve=self.curve,
         )
         self.maintainers.append(m)
+        if self.app.configure is not None:
+            with m:
+                self.app.configure(m)
         return m
 
     def _step_policy(self, m: Maintainer, props: FederatedProperties) -> None:
@@ -276,7 +279,15 @@ class NodeRunner:
         wanted = 0
         while True:
             up.update_version(wanted)
-            up.step(upload=False)
+            try:
+                up.step(upload=False)
+            except PeerOffline as exc:  # the aggregator above finished the federation
+                log.info("%s: %s", self.name, exc)
+                return
+            except AggregatorRewound as exc:  # it restarted from an older checkpoint
+                log.warning("%s: %s; relaying that round again", self.name, exc)
+                wanted = exc.version
+                continue
             served = int(up.meta.get("version", wanted))
             up.unpackage()
             for key in ("round", "rounds", "mode"):

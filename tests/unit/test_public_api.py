@@ -71,6 +71,51 @@ def test_seed_names_exist():
     assert zmqfed.federated.FederatedProperties is FederatedProperties
 
 
+def test_functional_all_is_pinned():
+    f = zmqfed.functional
+    assert sorted(f.__all__) == sorted(
+        [
+            "AutoReducer",
+            "CompressionStats",
+            "StreamingFedAvg",
+            "after_destroy",
+            "after_download",
+            "after_upload",
+            "at_failed",
+            "at_first",
+            "at_invalid_state",
+            "at_last",
+            "at_new_episode",
+            "at_zombie",
+            "average_aggregation",
+            "before_destroy",
+            "before_download",
+            "before_upload",
+            "count_step",
+            "deadline_step",
+            "device_alignment",
+            "dispatch_step",
+            "elastic_aggregation",
+            "half_precision",
+            "int8_quantization",
+            "krum_aggregation",
+            "krum_select",
+            "load_param_states",
+            "median_aggregation",
+            "meta_reduce",
+            "naive_aggregation",
+            "period_step",
+            "sign_gradient_clip",
+            "streaming_fedavg",
+            "topk_sparsification",
+            "trimmed_mean_aggregation",
+            "version_check",
+        ]
+    )
+    for name in f.__all__:
+        assert hasattr(f, name), name
+
+
 def test_addresses():
     assert zmqfed.default_tcp_address.endpoint == "tcp://127.0.0.1:1994"
     assert zmqfed.empty_address.empty

@@ -31,6 +31,12 @@ from zmqfed.functional.aggregate import (
     naive_aggregation,
     trimmed_mean_aggregation,
 )
+from zmqfed.functional.compress import (
+    CompressionStats,
+    half_precision,
+    int8_quantization,
+    topk_sparsification,
+)
 from zmqfed.functional.hooks import device_alignment, sign_gradient_clip, streaming_fedavg
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 from zmqfed.functional.steps import (
@@ -43,6 +49,7 @@ from zmqfed.functional.steps import (
 
 __all__ = [
     "AutoReducer",
+    "CompressionStats",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
@@ -62,6 +69,8 @@ __all__ = [
     "device_alignment",
     "dispatch_step",
     "elastic_aggregation",
+    "half_precision",
+    "int8_quantization",
     "krum_aggregation",
     "krum_select",
     "load_param_states",
@@ -71,6 +80,7 @@ __all__ = [
     "period_step",
     "sign_gradient_clip",
     "streaming_fedavg",
+    "topk_sparsification",
     "trimmed_mean_aggregation",
     "version_check",
 ]
