@@ -16,6 +16,7 @@ import cmd
 import inspect
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -239,6 +240,9 @@ def run_shell(path: Path | None = None) -> int:
     """
     topology = Topology.load(path) if path is not None else None
     shell = TopoShell(topology, interactive=sys.stdin.isatty())
+    # A process started in the background of a non-interactive shell inherits
+    # SIGINT ignored; the builder promises to stop on it all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         try:
             shell.cmdloop()
