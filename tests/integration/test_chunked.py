@@ -17,7 +17,7 @@ import zmq
 
 import zmqfed.topo as topo
 from tests.integration._helpers import node_results
-from tests.integration.test_protocol_faults import _ask, _dealer, _hello
+from tests.integration.test_protocol_faults import _ask, _dealer, _hello, _star
 from zmqfed.core import Maintainer, loop, steps
 from zmqfed.functional import count_step
 from zmqfed.wire import Envelope, Limits, StreamConfig, decode, encode, encode_tensors
@@ -44,11 +44,7 @@ def model(seed: int) -> dict[str, torch.Tensor]:
 
 
 def star(endpoint: str) -> topo.Topology:
-    topology = topo.Topology()
-    aggregator = topology.add_node(topo.Node("aggregator", endpoint))
-    for name in NAMES:
-        topology.add_edge(topo.Node(name), aggregator)
-    return topology
+    return _star(endpoint, NAMES)
 
 
 COLLABORATOR = """

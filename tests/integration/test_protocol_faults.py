@@ -189,6 +189,7 @@ def test_unknown_peer_and_hello_first(aggregator, zmq_ctx):
         reply = _ask(sock, _envelope("HELLO", "mallory", meta={"protocol": PROTOCOL_VERSION}))
         assert (reply.kind, reply.meta["code"]) == ("ERROR", "unknown-peer")
         assert "mallory" in reply.meta["reason"]
+        assert "alpha" not in reply.meta["reason"]  # the roster is not disclosed
     with _dealer(zmq_ctx, aggregator.endpoint, "alpha") as sock:
         reply = _ask(sock, _envelope("PUSH", tensors={"bias": {"param": torch.ones(1)}}))
         assert (reply.kind, reply.meta["code"]) == ("ERROR", "hello-first")

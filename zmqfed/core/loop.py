@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a streamed download may go without progress before it is aborted.
 STREAM_STALL = 30.0
+#: Messages handled before the loop looks at its deadline and timers again.
+DRAIN_BATCH = 512
 
 
 class AggregatorLoop:
@@ -115,10 +117,10 @@ class AggregatorLoop:
         poller.register(self.group.monitor, zmq.POLLIN)
         while not self.stopped:
             now = time.monotonic()
-            until = min(deadline, next_idle, self._wake)
+            until = min(deadline, next_idle, self._wake, self.group.next_probe)
             wait_ms = max(0, math.ceil((until - now) * 1000))
             events = dict(poller.poll(wait_ms))
-            if self.group.monitor in events:
+            if self.group.monitor in events or time.monotonic() >= self.group.next_probe:
                 for pipe in self.group.drain_monitor():
                     if pipe in m.pipes and not self.stopped:
                         self._cycle(pipe)  # offline: the destroy hooks run
@@ -172,8 +174,11 @@ class AggregatorLoop:
             group.pump_all()
 
     def _drain(self) -> None:
+        """Handle waiting messages, at most ``DRAIN_BATCH``: a flood must not starve timers."""
         m = self.m
-        while not self.stopped:
+        for _ in range(DRAIN_BATCH):
+            if self.stopped:
+                return
             result = self.group.receive_nowait()
             if result is DRAINED:
                 return

@@ -146,25 +146,18 @@ class Maintainer:
         self._closed = False
         self._loop: AggregatorLoop | None = None
         self._link: CollaboratorLink | None = None
+        transport: dict[str, Any] = {
+            "options": socket_options,
+            "limits": self.limits,
+            "codec": codec,
+            "curve": curve,
+            "stream": self.stream,
+        }
         if fed_props.aggregator:
-            group = AggregatorGroup(
-                fed_props,
-                options=socket_options,
-                limits=self.limits,
-                codec=codec,
-                curve=curve,
-                stream=self.stream,
-            )
+            group = AggregatorGroup(fed_props, **transport)
             self._loop = AggregatorLoop(self, group, idle_interval=idle_interval)
         else:
-            self._link = CollaboratorLink(
-                fed_props,
-                options=socket_options,
-                limits=self.limits,
-                codec=codec,
-                curve=curve,
-                stream=self.stream,
-            )
+            self._link = CollaboratorLink(fed_props, **transport)
             self.pipe = CollaboratorPipe(self._link, fed_props.aggregator_name)
             self.pipes.append(self.pipe)
         _live.add(self)

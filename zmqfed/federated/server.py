@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 #: ``receive_nowait`` found no message waiting.
 DRAINED = object()
+#: Seconds after a disconnect at which online pipes are probed again.
+REPROBE_DELAYS = (0.25, 1.0, 3.0)
+#: Seconds between log lines about refused messages of one kind.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class AggregatorGroup:
@@ -100,6 +105,8 @@ class AggregatorGroup:
         self.messages_in = 0
         self.errors = 0
         self._closed = False
+        self._refusal_log: dict[str, tuple[float, int]] = {}
+        self._reprobe: list[float] = []
         #: Finished downloads whose zero-copy chunks libzmq may still be reading.
         self._sent_streams: list[OutStream] = []
 
@@ -145,23 +152,20 @@ class AggregatorGroup:
         name = rid.decode("utf-8", "replace")
         pipe = self.roster.get(name)
         if pipe is None:
-            log.warning("%s: dropped a message from %r, not a member of the group", self.name, name)
-            self._error(
-                rid,
-                0,
+            self._refused(
                 "unknown-peer",
-                f"{name!r} is not a collaborator of {self.name!r} "
+                f"dropped a message from {name[:64]!r}, not a member of the group "
                 f"(members: {', '.join(self.roster)})",
             )
+            # the roster is not told to whoever asks
+            self._error(rid, 0, "unknown-peer", f"{name!r} is not a collaborator of {self.name!r}")
             return None
         if self.curve is not None and len(frames) > 1:
             claimed_by = self._authenticated_as(frames[1])
             if claimed_by != name:
-                log.warning(
-                    "%s: dropped a message claiming to be %r from key of %r",
-                    self.name,
-                    name,
-                    claimed_by,
+                self._refused(
+                    "identity",
+                    f"dropped a message claiming to be {name!r} from key of {claimed_by!r}",
                 )
                 self._error(
                     rid,
@@ -173,7 +177,7 @@ class AggregatorGroup:
         try:
             env = decode(frames[1:], limits=self.limits)
         except ProtocolError as exc:
-            log.warning("%s: malformed message from %r: %s", self.name, name, exc)
+            self._refused("protocol", f"malformed message from {name!r}: {exc}")
             self._error(rid, 0, "protocol", str(exc))
             return None
         if env.sender != name:
@@ -187,6 +191,21 @@ class AggregatorGroup:
         pipe.last_seen = time.monotonic()
         pipe.bytes_in += env.nbytes
         return self._dispatch(pipe, env)
+
+    def _refused(self, what: str, message: str) -> None:
+        """Log a refused message, at most once per ``REFUSAL_LOG_INTERVAL`` for each kind.
+
+        A flooding peer would otherwise turn into a log flood: the others of
+        an interval are counted and reported with the next line.
+        """
+        now = time.monotonic()
+        last, suppressed = self._refusal_log.get(what, (-math.inf, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusal_log[what] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more {what} refusals since the last report)" if suppressed else ""
+        log.warning("%s: %s%s", self.name, message, more)
+        self._refusal_log[what] = (now, 0)
 
     def _land_chunk(self, frames: list[Any]) -> bool:
         """Receive a CHUNK of a streamed upload into its tensors (True: consumed).
@@ -492,7 +511,13 @@ class AggregatorGroup:
         return pipe if joined else None
 
     def drain_monitor(self) -> list[AggregatorPipe]:
-        """Pipes found gone after a disconnect: a send to a departed id fails at once."""
+        """Pipes found gone after a disconnect: a send to a departed id fails at once.
+
+        libzmq may report the disconnect before the ROUTER has dropped the
+        routing id (pipe termination is asynchronous), and then the probe
+        still succeeds; so a disconnect also schedules probes a little later
+        (``next_probe``), which the loop runs when their time comes.
+        """
         disconnected = False
         while True:
             try:
@@ -500,13 +525,23 @@ class AggregatorGroup:
             except zmq.Again:
                 break
             disconnected |= event["event"] == zmq.EVENT_DISCONNECTED
-        if not disconnected:
+        now = time.monotonic()
+        if disconnected:
+            self._reprobe = [now + delay for delay in REPROBE_DELAYS]
+        elif self._reprobe and now >= self._reprobe[0]:
+            self._reprobe = [t for t in self._reprobe if t > now]
+        else:
             return []
         gone = []
         for pipe in self.roster.values():
             if pipe.online and not self.send(pipe, "PING", seq=0, meta={}):
                 gone.append(pipe)
         return gone
+
+    @property
+    def next_probe(self) -> float:
+        """When :meth:`drain_monitor` wants to probe again (``math.inf``: no need)."""
+        return self._reprobe[0] if self._reprobe else math.inf
 
     # -- sending -----------------------------------------------------------
     def send(

@@ -53,6 +53,24 @@ class SocketOptions:
         How long closing waits for unsent messages (bounded: shutdown never hangs).
     backlog:
         Pending TCP connections an aggregator accepts (burst joins).
+    sndhwm, rcvhwm:
+        Queue limits in messages (collaborators; the aggregator's sends).
+    peer_queue:
+        The aggregator's RCVHWM: messages one peer can have queued there.
+        With MAXMSGSIZE (from the model, ``Limits.for_model``) this bounds
+        the memory a flooding peer can pin while the aggregator is busy
+        between steps; an honest collaborator has a few messages in flight
+        (a request, or a window of chunks), far below it.
+
+    Notes
+    -----
+    Only collaborators send ZMTP heartbeats; the aggregator's ROUTER answers
+    them and drops a peer whose traffic stops for ``heartbeat_timeout_ms``
+    (the DEALER sets HEARTBEAT_TTL). The ROUTER sends none itself: in libzmq
+    4.3.5 a heartbeat tick on a connection whose peer hung up while its
+    receive queue was full aborts the whole process (``!_io_error`` in
+    stream_engine_base.cpp, libzmq#4841), which a flooding peer can trigger
+    at will.
     """
 
     heartbeat_ivl_ms: int = 2000
@@ -64,6 +82,7 @@ class SocketOptions:
     backlog: int = 1024
     sndhwm: int = 1000
     rcvhwm: int = 1000
+    peer_queue: int = 64
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,6 +94,7 @@ class SocketOptions:
             "backlog",
             "sndhwm",
             "rcvhwm",
+            "peer_queue",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -213,6 +233,8 @@ def make_router(
     sock = (ctx or context()).socket(zmq.ROUTER)
     try:
         _common(sock, options, limits)
+        sock.setsockopt(zmq.RCVHWM, options.peer_queue)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 0)  # see SocketOptions: peers' TTL instead
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # errors instead of silent drops
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer gets its id back
         sock.setsockopt(zmq.BACKLOG, options.backlog)
@@ -247,6 +269,9 @@ def make_dealer(
     try:
         _common(sock, options, limits)
         sock.setsockopt(zmq.ROUTING_ID, rid)
+        # The aggregator drops this link when our traffic (heartbeats included)
+        # stops for this long; libzmq sends the TTL in deciseconds, at most 6553.5 s.
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout_ms, 6_553_500))
         # IMMEDIATE stays 0 (a deviation from ZMQ-NOTES item 5): with 1, libzmq
         # terminates the pipe without delay on a disconnect and discards replies
         # that arrived but were not read yet, so the final ACK of an aggregator

@@ -36,6 +36,7 @@ from zmqfed.wire.header import (
     MAGIC,
     MAX_NAME_CHARS,
     PROTOCOL_VERSION,
+    Header,
     TensorDesc,
     frame_view,
     header_only,
@@ -346,15 +347,8 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
             raise ProtocolError(
                 f"a streamed {head.kind} is one header frame, this message has {len(frames)}"
             )
-        return Envelope(
-            kind=head.kind,
-            sender=head.sender,
-            version=head.version,
-            seq=head.seq,
-            incarnation=head.incarnation,
-            meta=head.meta,
-            stream=StreamAnnounce(head.stream[0], head.stream[1], tuple(head.tensors)),
-        )
+        announce = StreamAnnounce(head.stream[0], head.stream[1], tuple(head.tensors))
+        return _envelope(head, stream=announce)
     n_tensors = len(head.tensors)
     expected = 1 + n_tensors + (head.object_nbytes is not None)
     if len(frames) != expected:
@@ -393,6 +387,11 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
             obj = cloudpickle.loads(views[-1])
         except Exception as exc:
             raise ProtocolError(f"object frame cannot be unpickled ({exc})") from exc
+    return _envelope(head, tensors=tensors, obj=obj)
+
+
+def _envelope(head: Header, **content: Any) -> Envelope:
+    """The Envelope of a validated header, with its decoded ``content``."""
     return Envelope(
         kind=head.kind,
         sender=head.sender,
@@ -400,6 +399,5 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
         seq=head.seq,
         incarnation=head.incarnation,
         meta=head.meta,
-        tensors=tensors,
-        obj=obj,
+        **content,
     )
