@@ -335,3 +335,40 @@ def test_a_stalled_download_is_aborted_when_the_step_ends(
         assert (reply.kind, reply.seq, reply.meta["code"]) == ("ERROR", 9, "stream-aborted")
     agg.finish()
     assert agg.errors == 1
+
+
+def test_chunks_fit_the_frame_bound_the_receiver_announced(free_tcp_endpoint, slow_factor):
+    """A collaborator accepting only 64 KiB frames gets 64 KiB chunks from an aggregator set to 256.
+
+    A chunk above the receiver's MAXMSGSIZE would be dropped without a word,
+    and the download would never complete.
+    """
+    stream = StreamConfig(threshold=16 * KiB, chunk_bytes=256 * KiB, window_bytes=512 * KiB)
+    agg_model = {"w": torch.arange(300_000, dtype=torch.float32)}  # 1.2 MB: one tensor
+    props = topo.analysis(star(free_tcp_endpoint), "aggregator")[0]
+    agg = Maintainer(props, agg_model, stream=stream, idle_interval=0.05)
+    agg.register_step_hook(0, lambda m, ok: m.manual_stop(), steps.after_upload)
+    got: dict[str, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def download() -> None:
+        small = Limits(max_frame_bytes=64 * KiB)
+        alpha_props = topo.analysis(star(free_tcp_endpoint), "alpha")[0]
+        m = Maintainer(alpha_props, {"w": torch.zeros(300_000)}, stream=stream, limits=small)
+        try:
+            m.step(upload=False, timeout=30 * slow_factor)
+            got.update({k: v["param"] for k, v in m.data.items()})
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            m.close()
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    try:
+        agg.step(timeout=30 * slow_factor)
+    finally:
+        thread.join(60)
+        agg.close()
+    assert not errors, errors
+    assert torch.equal(got["w"], agg_model["w"])

@@ -19,6 +19,7 @@ from zmqfed.wire import (
     encode,
     encode_tensors,
 )
+from zmqfed.wire.limits import announced_frame_bound
 from zmqfed.wire.stream import (
     CHUNK_PREFIX,
     chunk_meta,
@@ -209,3 +210,19 @@ def test_limits_for_model_bound_frames_and_messages_by_the_model() -> None:
     assert Limits.for_model(model, allow_pickle=True).allow_pickle
     with pytest.raises(ConfigError, match="headroom"):
         Limits.for_model(model, headroom=0.5)
+
+
+def test_a_peers_announced_frame_bound_only_ever_lowers_ours() -> None:
+    ours = Limits(max_frame_bytes=2**20)
+    assert ours.within_frame_bound(None) is ours
+    assert ours.within_frame_bound(2**30) is ours
+    assert ours.within_frame_bound(2**17).max_frame_bytes == 2**17
+    assert (
+        StreamConfig(chunk_bytes=2**19, window_bytes=2**20).chunk_within(
+            ours.within_frame_bound(2**17)
+        )
+        == 2**17
+    )
+    assert announced_frame_bound(2**17) == 2**17
+    for nonsense in (None, True, "1048576", 1.5e6, 100, -(2**20)):
+        assert announced_frame_bound(nonsense) is None

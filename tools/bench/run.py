@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -33,38 +34,28 @@ if str(REPO) not in sys.path:  # `python tools/bench/run.py` puts tools/bench fi
 # again in this process, where it measures memory bandwidth with all cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-FAMILIES = ("transfer", "fanout", "aggregate", "overhead", "codec", "huge")
+#: Family -> (module in tools.bench, function): ``function(quick=, log=)`` returns rows.
+RUNNERS = {
+    "transfer": ("transfer", "run"),
+    "fanout": ("transfer", "run_fanout"),
+    "aggregate": ("aggregate", "run"),
+    "overhead": ("overhead", "run"),
+    "codec": ("codec", "run"),
+    "huge": ("huge", "run"),
+}
+FAMILIES = tuple(RUNNERS)
 
 
 def _family(name: str, quick: bool) -> list[dict[str, Any]]:
     def log(msg: str) -> None:
         print(f"  [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    if name == "transfer":
-        from tools.bench import transfer
-
-        return transfer.run(quick=quick, log=log)
-    if name == "fanout":
-        from tools.bench import transfer
-
-        return transfer.run_fanout(quick=quick, log=log)
-    if name == "aggregate":
-        from tools.bench import aggregate
-
-        return aggregate.run(quick=quick, log=log)
-    if name == "overhead":
-        from tools.bench import overhead
-
-        return overhead.run(quick=quick, log=log)
-    if name == "huge":
-        from tools.bench import huge
-
-        return huge.run(quick=quick, log=log)
-    if name == "codec":
-        from tools.bench import codec
-
-        return codec.run(quick=quick, log=log)
-    raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(FAMILIES)}")
+    if name not in RUNNERS:
+        raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(FAMILIES)}")
+    module, function = RUNNERS[name]
+    runner = getattr(importlib.import_module(f"tools.bench.{module}"), function)
+    rows: list[dict[str, Any]] = runner(quick=quick, log=log)
+    return rows
 
 
 def machine_facts() -> dict[str, Any]:

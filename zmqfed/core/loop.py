@@ -64,7 +64,7 @@ class AggregatorLoop:
         self.group.version = max(self.m.version, 0)
         self.invalidate()
 
-    def served_frames(self, pipe: AggregatorPipe | None = None) -> tuple[EncodedTensors, bool]:
+    def served_frames(self, pipe: AggregatorPipe) -> tuple[EncodedTensors, bool]:
         """The served model's frames, encoded once per state, and whether to stream them.
 
         Streamed when the model is above the stream threshold or a tensor is
@@ -75,8 +75,7 @@ class AggregatorLoop:
             source = self.m.packaged_data or {n: {"param": p} for n, p in self.m.state_dict.items()}
             with torch.no_grad():
                 self._data = self.m.apply_hooks(source, unpackage=False)
-        limits = group.limits if pipe is None else group.peer_limits(pipe)
-        if group.stream.should_stream(self._data, limits):
+        if group.stream.should_stream(self._data, group.peer_limits(pipe)):
             if self._streamed is None:
                 # Chunks are sent from the live tensors (no second copy of a huge
                 # model); invalidate() and the end of run() wait until libzmq is

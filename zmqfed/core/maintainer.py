@@ -306,15 +306,6 @@ class Maintainer:
                     if key in entry:
                         optim.state[p][key] = entry[key].clone()
 
-    def check_received(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
-        """Why ``data`` cannot be used with this node's state dict, or None if it can.
-
-        Names first (every local tensor has a ``param``, nothing unknown),
-        then shapes; :meth:`receive` runs the unpackage hooks in between,
-        since a compressed ``param`` may take its shape only when decoded.
-        """
-        return self._check_names(data, sender) or self._check_shapes(data, sender)
-
     def _check_names(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
         missing = [n for n in self.state_dict if n not in data or "param" not in data[n]]
         if missing:
@@ -338,6 +329,10 @@ class Maintainer:
         self, data: Mapping[str, Mapping[str, Tensor]], sender: str
     ) -> dict[str, dict[str, Tensor]]:
         """Check received tensors, run the unpackage hooks on them, check the result.
+
+        Names come first (every local tensor has a ``param``, nothing
+        unknown), shapes only after the hooks: a compressed ``param`` may take
+        its shape only when decoded.
 
         Raises ``ProtocolError`` naming the problem: a missing or unknown
         tensor, a hook that failed on the data (a decoder refusing malformed

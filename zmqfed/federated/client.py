@@ -9,7 +9,6 @@ messages toward a lost connection are dropped by ZeroMQ; ZMQ-NOTES item 5).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
@@ -40,6 +39,7 @@ from zmqfed.wire import (
     encode,
 )
 from zmqfed.wire.header import parse_header
+from zmqfed.wire.limits import announced_frame_bound
 from zmqfed.wire.stream import credit_meta, parse_chunk_meta
 
 __all__ = ["CollaboratorLink"]
@@ -214,9 +214,7 @@ class CollaboratorLink:
                     )
                 self.incarnation = reply.incarnation
             self.aggregator_version = reply.version
-            bound = reply.meta.get("max_frame_bytes")
-            if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 2**16:
-                self.peer_frame_bytes = bound
+            self.peer_frame_bytes = announced_frame_bound(reply.meta.get("max_frame_bytes"))
             self.welcomed = True
             self.connected = True
 
@@ -300,20 +298,13 @@ class CollaboratorLink:
     # -- streams -----------------------------------------------------------
     @property
     def send_limits(self) -> Limits:
-        """Limits for messages to the aggregator: ours, within the frame bound it announced.
-
-        A frame above the receiver's MAXMSGSIZE would be dropped without a
-        word (ZMQ-NOTES item 17); a tensor that large is streamed instead.
-        """
-        bound = self.peer_frame_bytes
-        if bound is None or bound >= self.limits.max_frame_bytes:
-            return self.limits
-        return dataclasses.replace(self.limits, max_frame_bytes=bound)
+        """Limits for messages to the aggregator: ours, within the frame bound it announced."""
+        return self.limits.within_frame_bound(self.peer_frame_bytes)
 
     @property
     def chunk_bytes(self) -> int:
         """Payload per CHUNK this link sends: the setting, within both frame limits."""
-        return min(self.stream.chunk_bytes, self.send_limits.max_frame_bytes)
+        return self.stream.chunk_within(self.send_limits)
 
     def _land(self, stream: InStream | None, frames: list[Any]) -> bool:
         """Land a CHUNK of ``stream``; drop one of an abandoned stream (True: consumed)."""

@@ -107,11 +107,10 @@ class AggregatorPipe(Pipe):
         #: A streamed upload being received, or announced and waiting for admission.
         self.in_stream: InStream | None = None
         self.announced: Envelope | None = None
-        #: The largest frame the peer accepts (its HELLO says; ours until then).
-        self.max_frame_bytes = group.limits.max_frame_bytes
-        #: A streamed download being sent, and its bytes already counted.
+        #: The largest frame the peer accepts, as its HELLO said (None: ours).
+        self.peer_frame_bytes: int | None = None
+        #: A streamed download being sent.
         self.out_stream: OutStream | None = None
-        self.streamed_out = 0
 
     @property
     def state(self) -> str:

@@ -10,7 +10,6 @@ counted twice (at-least-once delivery made idempotent).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -46,6 +45,7 @@ from zmqfed.wire import (
     encode,
 )
 from zmqfed.wire.header import parse_header
+from zmqfed.wire.limits import announced_frame_bound
 from zmqfed.wire.stream import credit_meta, parse_chunk_meta, parse_credit_meta
 
 __all__ = ["DRAINED", "AggregatorGroup"]
@@ -255,9 +255,7 @@ class AggregatorGroup:
         env = stream.envelope()
         self._release(pipe)
         pipe.bytes_in += env.nbytes
-        pipe.pending = env
-        pipe.told_to_wait = False
-        pipe.meta = Meta(env.meta)
+        _set_pending(pipe, env)
         self._completed = pipe
 
     def _start_in_stream(self, pipe: AggregatorPipe, env: Envelope) -> None:
@@ -265,7 +263,7 @@ class AggregatorGroup:
         assert env.stream is not None
         self.drop_streams(pipe)  # a re-sent announce replaces the unfinished stream
         pipe.announced = env
-        if self.stream_bytes and self.stream_bytes + env.stream.nbytes > self.stream.receive_budget:
+        if not self._fits(env.stream.nbytes):
             log.info(
                 "%s: %s's upload of %d bytes waits for the receive budget",
                 self.name,
@@ -295,15 +293,16 @@ class AggregatorGroup:
             self.stream_bytes -= pipe.in_stream.total
             pipe.in_stream = None
         while self._admission:
-            nxt = self._admission[0]
-            size = nxt.announced.stream.nbytes if nxt.announced and nxt.announced.stream else 0
-            if nxt.announced is None:
-                self._admission.popleft()
-                continue
-            if self.stream_bytes and self.stream_bytes + size > self.stream.receive_budget:
+            nxt = self._admission[0]  # drop_streams takes a pipe out when it withdraws
+            assert nxt.announced is not None and nxt.announced.stream is not None
+            if not self._fits(nxt.announced.stream.nbytes):
                 break
             self._admission.popleft()
             self._admit(nxt)
+
+    def _fits(self, nbytes: int) -> bool:
+        """A streamed upload of ``nbytes`` may be allocated now (always, if none is)."""
+        return not self.stream_bytes or self.stream_bytes + nbytes <= self.stream.receive_budget
 
     def drop_streams(self, pipe: AggregatorPipe) -> None:
         """Abandon ``pipe``'s streams in both directions (it left, or started over)."""
@@ -313,14 +312,14 @@ class AggregatorGroup:
                 self._admission.remove(pipe)
         if pipe.in_stream is not None:
             self._release(pipe)
-        pipe.out_stream = None
+        pipe.out_stream = None  # the peer discards what is still queued for it
 
     def start_out_stream(
         self, pipe: AggregatorPipe, kind: str, *, meta: dict[str, Any], encoded: EncodedTensors
     ) -> bool:
         """Answer ``pipe``'s pending request with a streamed ``kind`` (the model, in chunks)."""
         seq = pipe.pending.seq if pipe.pending is not None else 0
-        chunk = min(self.stream.chunk_bytes, self.limits.max_frame_bytes)
+        chunk = self.stream.chunk_within(self.peer_limits(pipe))
         stream = OutStream(
             new_stream_id(),
             seq,
@@ -352,34 +351,33 @@ class AggregatorGroup:
         self._pump(pipe, stream)
 
     def _pump(self, pipe: AggregatorPipe, stream: OutStream) -> None:
-        def send(frames: list[Any]) -> Any:
-            try:
-                return self.sock.send_multipart(
-                    [pipe.routing_id, *frames], flags=zmq.DONTWAIT, copy=False, track=True
-                )
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EAGAIN:
-                    raise zmq.Again() from exc
-                raise
+        def send(frames: list[Any]) -> Any:  # zmq.Again at the high-water mark
+            return self.sock.send_multipart(
+                [pipe.routing_id, *frames], flags=zmq.DONTWAIT, copy=False, track=True
+            )
 
+        before = stream.sent
         try:
             stream.pump(send)
         except zmq.ZMQError as exc:
             log.info("%s: stream to %s broke: %s; pipe offline", self.name, pipe.nick_name, exc)
             pipe.offline()
             return
-        pipe.bytes_out += stream.sent - pipe.streamed_out
-        pipe.streamed_out = stream.sent
+        finally:
+            pipe.bytes_out += stream.sent - before
         if stream.done:
+            self._end_out_stream(pipe)
+
+    def _end_out_stream(self, pipe: AggregatorPipe) -> OutStream | None:
+        """Forget ``pipe``'s download stream; libzmq may still read its chunks (see quiesce)."""
+        stream, pipe.out_stream = pipe.out_stream, None
+        if stream is not None:
             self._sent_streams.append(stream)
-            pipe.out_stream = None
-            pipe.streamed_out = 0
+        return stream
 
     def peer_limits(self, pipe: AggregatorPipe) -> Limits:
-        """Limits for messages to ``pipe``: ours, with the frame bound its HELLO announced."""
-        if pipe.max_frame_bytes >= self.limits.max_frame_bytes:
-            return self.limits
-        return dataclasses.replace(self.limits, max_frame_bytes=pipe.max_frame_bytes)
+        """Limits for messages to ``pipe``: ours, within the frame bound its HELLO announced."""
+        return self.limits.within_frame_bound(pipe.peer_frame_bytes)
 
     def sending(self) -> bool:
         """A streamed download is in progress."""
@@ -402,11 +400,8 @@ class AggregatorGroup:
         ask again; zero-copy chunks already handed to libzmq are waited for.
         """
         for pipe in self.roster.values():
-            stream = pipe.out_stream
+            stream = self._end_out_stream(pipe)
             if stream is not None:
-                self._sent_streams.append(stream)
-                pipe.out_stream = None
-                pipe.streamed_out = 0
                 self._error(
                     pipe.routing_id, stream.seq, "stream-aborted", "the served model changed"
                 )
@@ -465,9 +460,7 @@ class AggregatorGroup:
         if env.stream is not None:
             self._start_in_stream(pipe, env)
             return None
-        pipe.pending = env
-        pipe.told_to_wait = False
-        pipe.meta = Meta(env.meta)
+        _set_pending(pipe, env)
         return pipe
 
     def _hello(self, pipe: AggregatorPipe, env: Envelope) -> AggregatorPipe | None:
@@ -491,7 +484,7 @@ class AggregatorGroup:
                 f"{self.endpoint} and collaborators {list(self.props.collaborators)}",
             )
             return None
-        pipe.max_frame_bytes = _frame_bound(env.meta.get("max_frame_bytes"), self.limits)
+        pipe.peer_frame_bytes = announced_frame_bound(env.meta.get("max_frame_bytes"))
         session = str(env.meta.get("session", ""))
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
@@ -612,8 +605,8 @@ class AggregatorGroup:
         self.sock.close()
 
 
-def _frame_bound(value: Any, limits: Limits) -> int:
-    """The frame bound a peer announced, or ours if it announced none (or nonsense)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 2**16:
-        return min(value, limits.max_frame_bytes)
-    return limits.max_frame_bytes
+def _set_pending(pipe: AggregatorPipe, env: Envelope) -> None:
+    """``env`` is the request now waiting on ``pipe`` for the hooks."""
+    pipe.pending = env
+    pipe.told_to_wait = False
+    pipe.meta = Meta(env.meta)

@@ -24,6 +24,7 @@ import zmq
 
 from zmqfed.errors import ProtocolError
 from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, encode
+from zmqfed.wire.codec import tensor_bytes
 from zmqfed.wire.header import DTYPES, TensorDesc
 from zmqfed.wire.stream import CHUNK_PREFIX, chunk_meta
 
@@ -100,7 +101,6 @@ class OutStream:
         self.total = self._layout.total
         self.credit = 0
         self.sent = 0
-        self.chunks = 0
         self._trackers: list[zmq.MessageTracker] = []
 
     @property
@@ -128,7 +128,8 @@ class OutStream:
         """Send chunks while credit allows; returns how many were sent."""
         sent = 0
         self._trackers = [t for t in self._trackers if not t.done]
-        while self._next is not None and self._next[1] <= self.credit:
+        while self.ready:
+            assert self._next is not None
             offset, nbytes = self._next
             header = encode(
                 Envelope(
@@ -148,7 +149,6 @@ class OutStream:
                 self._trackers.append(tracker)
             self.credit -= nbytes
             self.sent += nbytes
-            self.chunks += 1
             sent += 1
             self._next = next(self._plan, None)
         return sent
@@ -193,13 +193,10 @@ class InStream:
         self.total = self._layout.total
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._views: list[memoryview] = []
-        self.in_place = 0  # tensors received into the destination's storage
         for desc in descs:
             t = self._allocate(desc, destination)
             self.tensors.setdefault(desc.key, {})[desc.field] = t
-            self._views.append(
-                t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
-            )
+            self._views.append(tensor_bytes(t).data)  # a view: t is contiguous CPU
         self.received = 0
         self.granted = 0
         self._scratch: bytearray | None = None
@@ -217,7 +214,6 @@ class InStream:
                 and t.is_contiguous()
                 and t.device.type == "cpu"
             ):
-                self.in_place += 1
                 return t.detach()
         return torch.empty(desc.shape, dtype=dtype)
 

@@ -174,12 +174,14 @@ def _uint(value: Any, what: str, bound: int = _MAX_INT) -> int:
     return value
 
 
-def _exact_keys(obj: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+def _exact_keys(
+    obj: dict[str, Any], keys: tuple[str, ...], what: str, optional: tuple[str, ...] = ()
+) -> None:
     for k in keys:
         if k not in obj:
             raise ProtocolError(f"{what} lacks the field {k!r}")
     for k in obj:
-        if k not in keys:
+        if k not in keys and k not in optional:
             raise ProtocolError(f"{what} has an unknown field {_short(k)}")
 
 
@@ -288,8 +290,8 @@ def _parse_object(obj: Any, limits: Limits) -> int | None:
 def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Validate a header frame completely; raise ``ProtocolError`` naming the fault."""
     doc = _parse_json(frame_view(frame, 0), limits)
-    stream = _parse_stream(doc.pop(_STREAM_KEY), limits) if _STREAM_KEY in doc else None
-    _exact_keys(doc, _TOP_KEYS, "header")
+    _exact_keys(doc, _TOP_KEYS, "header", optional=(_STREAM_KEY,))
+    stream = _parse_stream(doc[_STREAM_KEY], limits) if _STREAM_KEY in doc else None
     kind = doc["kind"]
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {_short(kind)}; expected one of {KINDS}")
@@ -315,7 +317,6 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
             raise ProtocolError(f"only PUSH and DATA can be streamed, not {kind}")
         if object_nbytes is not None:
             raise ProtocolError("a streamed message cannot carry an object frame")
-        doc[_STREAM_KEY] = {"id": stream[0], "chunk": stream[1]}
     tensors: list[TensorDesc] = []
     seen: set[tuple[str, str]] = set()
     total = 0

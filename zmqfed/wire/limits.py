@@ -10,6 +10,7 @@ just disconnected, ZMQ-NOTES.md item 17).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,7 +18,7 @@ from typing import Any
 
 from zmqfed.errors import ConfigError
 
-__all__ = ["DEFAULT_LIMITS", "HEADER_SLACK", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "HEADER_SLACK", "Limits", "announced_frame_bound"]
 
 #: Added to ``max_frame_bytes`` for the socket's MAXMSGSIZE so the header frame
 #: (≤ 64 KiB by default) always passes the per-frame socket limit.
@@ -101,6 +102,17 @@ class Limits:
         """
         return max(self.max_frame_bytes, self.max_header_bytes) + HEADER_SLACK
 
+    def within_frame_bound(self, bound: int | None) -> Limits:
+        """These limits, with frames no larger than ``bound`` (what a peer accepts).
+
+        A frame above the receiver's MAXMSGSIZE is dropped without a word
+        (ZMQ-NOTES item 17); a sender checking these limits streams a tensor
+        that large instead.
+        """
+        if bound is None or bound >= self.max_frame_bytes:
+            return self
+        return dataclasses.replace(self, max_frame_bytes=bound)
+
     @classmethod
     def for_model(
         cls,
@@ -151,6 +163,17 @@ class Limits:
         }
         values.update(overrides)
         return cls(**values)
+
+
+def announced_frame_bound(value: Any) -> int | None:
+    """The frame bound a peer announced (HELLO/WELCOME meta), or None if none or nonsense.
+
+    Bounds below 64 KiB are ignored: no conforming peer sets one (the
+    header alone may take 64 KiB).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= HEADER_SLACK:
+        return value
+    return None
 
 
 #: The limits used when none are given: 4 GiB messages, pickle disabled.

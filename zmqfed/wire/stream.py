@@ -89,6 +89,10 @@ class StreamConfig:
                 f"window_bytes ({self.window_bytes}): a chunk could never be sent"
             )
 
+    def chunk_within(self, limits: Limits) -> int:
+        """Payload bytes per CHUNK for a receiver with ``limits``: the setting, within its frames."""
+        return min(self.chunk_bytes, limits.max_frame_bytes)
+
     def should_stream(self, tensors: Mapping[str, Mapping[str, Any]], limits: Limits) -> bool:
         """Whether a message with ``tensors`` must be streamed rather than sent whole.
 
