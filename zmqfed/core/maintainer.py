@@ -1,50 +1,49 @@
 """``Maintainer``: bridges federated algorithms and the communication layer.
 
-A Maintainer serves one federated group. On a collaborator, ``step()`` uploads
-the packaged data and/or downloads the model, blocking until the aggregator
-answers. On the aggregator, ``step()`` runs one poller loop over the group's
-ROUTER: every incoming message sets its pipe's state and the registered step
-hooks decide what happens and when the step ends (``manual_stop``).
+A Maintainer serves one federated group.  It holds the state exchanged
+(``state_dict``, ``packaged_data``, what was received), the hooks, and the
+version; the work of each role is done by its side over the group's
+transport: :class:`~zmqfed.core.collaborator_side.CollaboratorSide` uploads
+and downloads, blocking until the aggregator answers;
+:class:`~zmqfed.core.aggregator_side.AggregatorSide` runs the aggregator's
+loop, where step hooks decide what happens and when the step ends
+(``manual_stop``).  The transport runs on real sockets by default, or on an
+in-memory network (``network=MemoryNetwork()``) in unit tests.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import time
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from zmqfed.core import steps
+from zmqfed.core import step_points
+from zmqfed.core.aggregator_side import AggregatorSide
+from zmqfed.core.collaborator_side import CollaboratorSide
 from zmqfed.core.context import pop_maintainer, push_maintainer
-from zmqfed.core.loop import AggregatorLoop
-from zmqfed.errors import ConfigError, PeerTimeout, ProtocolError
+from zmqfed.core.contracts import PackageHook, StepContext, StepHook, StepResult, as_optim_list
+from zmqfed.core.hooks import HookRegistry
+from zmqfed.errors import ConfigError, ProtocolError
 from zmqfed.federated import (
-    AggregatorGroup,
-    CollaboratorLink,
-    CollaboratorPipe,
+    AggregatorTransport,
+    CollaboratorTransport,
     FederatedProperties,
+    Network,
     Pipe,
     SocketOptions,
+    default_network,
 )
 from zmqfed.federated.security import Curve
-from zmqfed.federated.sockets import shutdown
+from zmqfed.federated.sockets import close_at_exit
 from zmqfed.meta import Meta
 from zmqfed.wire import DEFAULT_LIMITS, DEFAULT_STREAM, Limits, StreamConfig
-from zmqfed.wire.header import TensorDesc
 
 __all__ = ["Maintainer"]
 
 log = logging.getLogger(__name__)
-
-PackageHook = Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]
-StepHook = Callable[..., Any]
-
-_live: weakref.WeakSet[Maintainer] = weakref.WeakSet()
 
 
 class Maintainer:
@@ -102,6 +101,7 @@ class Maintainer:
         curve: Curve | None = None,
         stream: StreamConfig | None = None,
         download_in_place: bool = False,
+        network: Network | None = None,
     ) -> None:
         if not isinstance(fed_props, FederatedProperties):
             raise ConfigError(
@@ -136,31 +136,32 @@ class Maintainer:
         self.data_list: list[dict[Tensor, dict[str, Tensor]]] = []
         #: What the next upload (or an aggregator's next DATA) carries.
         self.packaged_data: dict[str, dict[str, Tensor]] = {}
+        #: The peers of the current step (aggregator), or the one pipe (collaborator).
         self.pipes: list[Pipe] = []
+        #: The pipe the running step hook is about (OpenFed's "current pipe").
         self.pipe: Pipe | None = None
+        #: The step point being run.
         self.current_step: str | None = None
-        self._package_hooks: list[tuple[int, int, PackageHook]] = []
-        self._unpackage_hooks: list[tuple[int, int, PackageHook]] = []
-        self._step_hooks: dict[str, list[tuple[int, int, StepHook]]] = {}
-        self._hook_order = 0
+        self._hooks = HookRegistry()
         self._closed = False
-        self._loop: AggregatorLoop | None = None
-        self._link: CollaboratorLink | None = None
         transport: dict[str, Any] = {
+            "network": network or default_network(),
             "options": socket_options,
             "limits": self.limits,
             "codec": codec,
             "curve": curve,
             "stream": self.stream,
         }
+        self._side: AggregatorSide | CollaboratorSide
         if fed_props.aggregator:
-            group = AggregatorGroup(fed_props, **transport)
-            self._loop = AggregatorLoop(self, group, idle_interval=idle_interval)
+            group = AggregatorTransport(fed_props, served=self._served, **transport)
+            self._side = AggregatorSide(self, group, idle_interval=idle_interval)
         else:
-            self._link = CollaboratorLink(fed_props, **transport)
-            self.pipe = CollaboratorPipe(self._link, fed_props.aggregator_name)
-            self.pipes.append(self.pipe)
-        _live.add(self)
+            link = CollaboratorTransport(fed_props, **transport)
+            self._side = CollaboratorSide(self, link)
+            self.pipe = link.pipe
+            self.pipes.append(link.pipe)
+        close_at_exit(self)  # final ACKs and BYEs are flushed at interpreter exit
 
     # -- identity ------------------------------------------------------------
     @property
@@ -185,7 +186,7 @@ class Maintainer:
 
     @property
     def anti_nick_name(self) -> str | None:
-        """The nick name of the peer at the other end of the current pipe."""
+        """The nick name of the peer at the other end of the current pipe (OpenFed's name)."""
         return self.pipe.nick_name if self.pipe else None
 
     @property
@@ -194,75 +195,66 @@ class Maintainer:
         return self.pipe is None or self.pipe.is_offline
 
     # -- hooks ---------------------------------------------------------------
-    def _next_order(self) -> int:
-        self._hook_order += 1
-        return self._hook_order
-
     def register_package_hook(self, nice: int, package_hook: PackageHook) -> None:
-        """Transform outgoing data: ``hook(state, p) -> state`` per tensor, lower ``nice`` first."""
-        self._package_hooks.append((nice, self._next_order(), package_hook))
-        self._package_hooks.sort(key=lambda h: h[:2])
+        """Transform outgoing data: ``hook(state, p[, name=]) -> state`` per tensor, lower ``nice`` first."""
+        self._hooks.add_package(nice, package_hook)
 
     def register_unpackage_hook(self, nice: int, unpackage_hook: PackageHook) -> None:
-        """Transform received data: ``hook(state, p) -> state`` per tensor, lower ``nice`` first."""
-        self._unpackage_hooks.append((nice, self._next_order(), unpackage_hook))
-        self._unpackage_hooks.sort(key=lambda h: h[:2])
+        """Transform received data: ``hook(state, p[, name=]) -> state`` per tensor, lower ``nice`` first."""
+        self._hooks.add_unpackage(nice, unpackage_hook)
 
     def register_step_hook(
-        self, nice: int, step_hook: StepHook, step_name: str | None = None
+        self, nice: int, step_hook: Any, step_name: str | None = None
     ) -> None:
-        """Run ``step_hook(maintainer, *args)`` at ``step_name`` of the aggregator's loop.
+        """Run OpenFed-style ``step_hook(maintainer[, flag])`` at step point ``step_name``.
 
-        Hooks of ``before_download``/``before_upload`` return False to refuse
-        (the request is parked and looked at again later), True to accept.
+        The hook reads the peer from ``maintainer.pipe``; ``flag`` is passed
+        at the points after an exchange.  Hooks at ``upload_received`` /
+        ``download_requested`` (OpenFed: ``before_download`` /
+        ``before_upload``) return False to park the request, True to accept.
+        New code may prefer :meth:`on`, whose hooks get the peer as an argument.
         """
         step_name = step_name or getattr(step_hook, "step_name", None)
-        if step_name not in steps.STEP_NAMES:
-            raise ConfigError(
-                f"unknown step name {step_name!r}; expected one of {steps.STEP_NAMES}"
-            )
-        hooks = self._step_hooks.setdefault(step_name, [])
-        hooks.append((nice, self._next_order(), step_hook))
-        hooks.sort(key=lambda h: h[:2])
+        if not callable(step_hook):
+            raise ConfigError(f"a step hook must be callable, got {step_hook!r}")
 
-    def run_step_hooks(self, step_name: str, *args: Any) -> bool | None:
-        """Run the hooks of ``step_name``: False if any refused, True if any accepted."""
-        self.current_step = step_name
-        outputs = [hook(self, *args) for _, _, hook in self._step_hooks.get(step_name, ())]
-        if any(out is False for out in outputs):
-            return False
-        if any(out is True for out in outputs):
-            return True
-        return None
+        def openfed_shape(ctx: StepContext) -> bool | None:
+            if ctx.flag is None:
+                return step_hook(ctx.maintainer)  # type: ignore[no-any-return]
+            return step_hook(ctx.maintainer, ctx.flag)  # type: ignore[no-any-return]
+
+        self._hooks.add_step(step_name, openfed_shape, nice)  # type: ignore[arg-type]
+
+    def on(self, point: str, hook: StepHook, nice: int = 50) -> None:
+        """Run ``hook(ctx)`` at step point ``point``; ``ctx`` is a :class:`StepContext`.
+
+        >>> maintainer.on(step_points.upload_handled, lambda ctx: print(ctx.pipe.nick_name))  # doctest: +SKIP
+        """
+        self._hooks.add_step(point, hook, nice)
+
+    def run_step_point(self, point: str, pipe: Pipe | None, flag: bool | None = None) -> bool | None:
+        """Run the hooks of ``point`` about ``pipe``: False if any refused, True if any accepted."""
+        self.current_step = point
+        self.pipe = pipe
+        return self._hooks.run_step(StepContext(self, point, pipe, flag))
 
     def apply_hooks(
         self, data: Mapping[str, dict[str, Tensor]], *, unpackage: bool
     ) -> dict[str, dict[str, Tensor]]:
         """Run the (un)package hooks on copies of ``data``'s per-tensor dicts."""
-        hooks = self._unpackage_hooks if unpackage else self._package_hooks
-        out: dict[str, dict[str, Tensor]] = {}
-        for name, state in data.items():
-            state = dict(state)
-            p = self.state_dict.get(name)
-            if p is not None:
-                for _, _, hook in hooks:
-                    state = hook(state, p)
-            out[name] = state
-        return out
+        return self._hooks.apply(data, self.state_dict, unpackage=unpackage)
 
     # -- state ---------------------------------------------------------------
     def update_version(self, version: int | None = None) -> None:
         """Set the version (or add one); it travels in ``meta['version']``."""
         self.version = self.version + 1 if version is None else int(version)
         self.meta["version"] = self.version
-        if self._loop is not None:
-            self._loop.version_changed()
+        self._side.version_changed()
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Add or replace tensors to exchange."""
         self.state_dict.update(state_dict)
-        if self._loop is not None:
-            self._loop.invalidate()
+        self._side.model_changed()
 
     def package(self, optim_list: Any = None, state_keys: list[str] | None = None) -> None:
         """Collect ``param`` plus optimizer state per tensor into ``packaged_data``.
@@ -271,7 +263,7 @@ class Maintainer:
         name (an aggregation may leave a stale ``param`` in the optimizer).
         """
         self.packaged_data = {}
-        optims = _as_list(optim_list)
+        optims = as_optim_list(optim_list)
         for name, p in self.state_dict.items():
             entry: dict[str, Tensor] = {}
             for optim in optims:
@@ -285,15 +277,14 @@ class Maintainer:
                         entry[key] = value
             entry["param"] = p
             self.packaged_data[name] = entry
-        if self._loop is not None:
-            self._loop.invalidate()
+        self._side.model_changed()
 
     @torch.no_grad()
     def unpackage(self, optim_list: Any = None, state_keys: list[str] | None = None) -> None:
         """Copy the received ``param`` into each tensor and optimizer state into ``optim_list``."""
         if not self.data:
             raise ConfigError(f"{self.nick_name}: nothing to unpackage; download with step() first")
-        optims = _as_list(optim_list)
+        optims = as_optim_list(optim_list)
         for name, p in self.state_dict.items():
             entry = self.data.get(name)
             if entry is None or "param" not in entry:
@@ -305,6 +296,11 @@ class Maintainer:
                 for key in keys:
                     if key in entry:
                         optim.state[p][key] = entry[key].clone()
+
+    def _served(self) -> dict[str, dict[str, Tensor]]:
+        """What an aggregator serves: the packaged data, else its state, after the package hooks."""
+        source = self.packaged_data or {n: {"param": p} for n, p in self.state_dict.items()}
+        return self.apply_hooks(source, unpackage=False)
 
     def _check_names(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
         missing = [n for n in self.state_dict if n not in data or "param" not in data[n]]
@@ -355,6 +351,12 @@ class Maintainer:
             raise ProtocolError(problem)
         return decoded
 
+    def record_upload(self, data: dict[str, dict[str, Tensor]], meta: Meta) -> None:
+        """Keep a received (validated) upload: ``data``, ``data_list`` and ``meta_list``."""
+        self.data = data
+        self.data_list.append({p: data[name] for name, p in self.state_dict.items()})
+        self.meta_list.append(meta)
+
     def clear(self) -> None:
         """Forget the received uploads (``data_list``, ``meta_list``)."""
         self.data_list.clear()
@@ -367,8 +369,8 @@ class Maintainer:
         download: bool = True,
         meta: dict[str, Any] | None = None,
         timeout: float | None = None,
-    ) -> bool:
-        """One exchange with the group.
+    ) -> StepResult:
+        """One exchange with the group; returns what it did (a true :class:`StepResult`).
 
         Collaborator: upload (PUSH) the packaged data if ``upload``, then
         download (PULL) the model if ``download``; blocks until answered.
@@ -378,53 +380,9 @@ class Maintainer:
         if self._closed:
             raise ConfigError(f"{self.nick_name}: the maintainer is closed")
         timeout = self.timeout if timeout is None else timeout
-        if self._loop is not None:
-            return self._loop.run(timeout)
-        try:
-            return self._collaborator_step(upload, download, meta, timeout)
-        except PeerTimeout as exc:
-            # Each request gets only what is left of the step's time: report
-            # the step's timeout, not the remainder the last request had.
-            if timeout is None or exc.seconds == timeout:
-                raise
-            raise PeerTimeout(exc.peer, timeout, exc.what) from exc
-
-    def _collaborator_step(
-        self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
-    ) -> bool:
-        pipe = self.pipe
-        assert isinstance(pipe, CollaboratorPipe)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out_meta = Meta(meta if meta is not None else self.meta).to_json_dict()
-        if upload:
-            if not self.packaged_data:
-                self.package()
-            tensors = self.apply_hooks(self.packaged_data, unpackage=False)
-            pipe.request(
-                "PUSH",
-                meta=out_meta,
-                version=max(self.version, 0),
-                tensors=tensors,
-                timeout=_left(deadline),
-            )
-        if download:
-            reply = pipe.request(
-                "PULL",
-                meta=out_meta,
-                version=max(self.version, 0),
-                timeout=_left(deadline),
-                destination=self._own_tensor if self.download_in_place else None,
-            )
-            self.data = self.receive(reply.tensors, pipe.nick_name)
-            self.meta = Meta(reply.meta)
-            pipe.meta = Meta(reply.meta)
-            if meta is not None:
-                meta.update(self.meta)
-        return True
-
-    def _own_tensor(self, desc: TensorDesc) -> Tensor | None:
-        """Where a streamed download of ``desc`` may land: the local tensor it replaces."""
-        return self.state_dict.get(desc.key) if desc.field == "param" else None
+        if isinstance(self._side, AggregatorSide):
+            return self._side.step(timeout)
+        return self._side.step(upload, download, meta, timeout)
 
     def discard(self, reason: str) -> None:
         """From a step hook: refuse the current pipe's request for good.
@@ -432,54 +390,43 @@ class Maintainer:
         The collaborator's ``step()`` raises ``RemoteError`` with code
         ``'discarded'`` and ``reason``; nothing of the request is kept.
         """
-        if self._loop is None or self.pipe is None:
-            raise ConfigError("discard() is for an aggregator's step hooks")
-        self._loop.discard(self.pipe, reason)  # type: ignore[arg-type]
+        self._side.discard(self.pipe, reason)
 
     @property
-    def stats(self) -> dict[str, int]:
-        """Counters: bytes in/out, and on an aggregator messages, errors, parked requests, encodes."""
+    def stats(self) -> dict[str, Any]:
+        """Counters: bytes in/out; on an aggregator messages, errors (refusals by code),
+        parked requests, encodes, chunks; on a collaborator, resent requests."""
         pipes = self.all_pipes()
-        out = {
+        out: dict[str, Any] = {
             "bytes_in": sum(p.bytes_in for p in pipes),
             "bytes_out": sum(p.bytes_out for p in pipes),
         }
-        if self._loop is not None:
-            out.update(
-                messages_in=self._loop.group.messages_in,
-                errors=self._loop.group.errors,
-                parked=self._loop.parked,
-                encodes=self._loop.encodes,
-            )
+        out.update(self._side.stats())
         return out
 
     def all_pipes(self) -> list[Pipe]:
         """Every pipe of the group, online or not (the aggregator's roster)."""
-        if self._loop is not None:
-            return list(self._loop.group.roster.values())
-        return list(self.pipes)
+        return self._side.pipes()
 
     def manual_stop(self) -> None:
         """End the aggregator's current ``step()`` after the hook that calls it."""
-        if self._loop is not None:
-            self._loop.stopped = True
+        self._side.manual_stop()
 
     def wake_at(self, when: float) -> None:
         """Ask the aggregator's loop to run the hooks at ``time.monotonic()`` ``when``."""
-        if self._loop is not None:
-            self._loop.wake_at(when)
+        self._side.wake_at(when)
 
     @property
     def stopped(self) -> bool:
         """True once ``manual_stop`` ended the current step."""
-        return self._loop.stopped if self._loop is not None else False
+        return isinstance(self._side, AggregatorSide) and self._side.stopped
 
     def killed(self) -> None:
         """Close every pipe (alias of :meth:`close`, as in OpenFed)."""
         self.close()
 
     def close(self, *, final: bool = False) -> None:
-        """Say BYE to the peers and close the sockets (idempotent).
+        """Say BYE to the peers and close the transport (idempotent).
 
         On an aggregator, ``final=True`` tells the collaborators that the
         federation is over; otherwise they wait for it to come back.
@@ -487,12 +434,7 @@ class Maintainer:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None:
-            self._loop.group.close(final=final)
-        for pipe in self.pipes:
-            if isinstance(pipe, CollaboratorPipe):
-                pipe.close()
-        _live.discard(self)
+        self._side.close(final=final)
 
     def __enter__(self) -> Maintainer:
         push_maintainer(self)
@@ -511,24 +453,3 @@ class Maintainer:
             return "|" + "|".join(c.center(w) for c, w in zip(cells, widths, strict=True)) + "|"
 
         return "\n".join(["<zmqfed> Maintainer", sep, line(head), sep, line(row), sep])
-
-
-def _as_list(optim_list: Any) -> list[Any]:
-    if optim_list is None:
-        return []
-    return list(optim_list) if isinstance(optim_list, (list, tuple)) else [optim_list]
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-
-@atexit.register
-def _close_all() -> None:
-    """Close live maintainers at exit so final ACKs and BYEs are flushed (bounded by LINGER)."""
-    for maintainer in list(_live):
-        try:
-            maintainer.close()
-        except Exception:  # pragma: no cover - best effort at interpreter exit
-            log.debug("closing %s at exit failed", maintainer.nick_name, exc_info=True)
-    shutdown()

@@ -1,13 +1,20 @@
-"""Federated layer: pipes to peers, group bootstrap and the socket options.
+"""Federated layer: transports and pipes to peers, ports, the protocol, security.
 
 Lower layers (``zmqfed.wire``) never import this package; ``zmqfed.core``
-builds on it.
+builds on it.  ``docs/architecture.md`` draws who owns what.
 """
 
 from __future__ import annotations
 
-from zmqfed.federated.client import CollaboratorLink
-from zmqfed.federated.group import init_federated_group, is_aggregator, is_collaborator
+from zmqfed.federated.aggregator_transport import (
+    AggregatorTransport,
+    PeerEvent,
+    PeerEventKind,
+    TransportStats,
+)
+from zmqfed.federated.collaborator_transport import CollaboratorTransport
+from zmqfed.federated.group import init_federated_group
+from zmqfed.federated.memory import MemoryNetwork
 from zmqfed.federated.pipe import (
     OFFLINE,
     PULLING,
@@ -17,32 +24,41 @@ from zmqfed.federated.pipe import (
     CollaboratorPipe,
     Pipe,
 )
+from zmqfed.federated.ports import Network, Port
+from zmqfed.federated.protocol import ErrorCode, Kind
 from zmqfed.federated.security import Curve, create_keys
-from zmqfed.federated.server import DRAINED, AggregatorGroup
 from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router
+from zmqfed.federated.zmq_port import ZmqNetwork, default_network
 from zmqfed.props import AGGREGATOR, COLLABORATOR, FederatedProperties
 
 __all__ = [
     "AGGREGATOR",
     "COLLABORATOR",
-    "DRAINED",
     "OFFLINE",
     "PULLING",
     "PUSHING",
     "ZOMBIE",
-    "AggregatorGroup",
     "AggregatorPipe",
-    "CollaboratorLink",
+    "AggregatorTransport",
     "CollaboratorPipe",
+    "CollaboratorTransport",
     "Curve",
+    "ErrorCode",
     "FederatedProperties",
+    "Kind",
+    "MemoryNetwork",
+    "Network",
+    "PeerEvent",
+    "PeerEventKind",
     "Pipe",
+    "Port",
     "SocketOptions",
+    "TransportStats",
+    "ZmqNetwork",
     "context",
     "create_keys",
+    "default_network",
     "init_federated_group",
-    "is_aggregator",
-    "is_collaborator",
     "make_dealer",
     "make_router",
 ]

@@ -1,25 +1,21 @@
-"""Group bootstrap: build the pipes of one federated group from its properties."""
+"""Group bootstrap: the transport and pipes of one federated group, from its properties."""
 
 from __future__ import annotations
 
-from zmqfed.federated.client import CollaboratorLink
-from zmqfed.federated.pipe import AggregatorPipe, CollaboratorPipe, Pipe
-from zmqfed.federated.server import AggregatorGroup
-from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.aggregator_transport import AggregatorTransport
+from zmqfed.federated.collaborator_transport import CollaboratorTransport
+from zmqfed.federated.pipe import Pipe
+from zmqfed.federated.ports import Network
+from zmqfed.federated.sockets import SocketOptions, close_at_exit
+from zmqfed.federated.zmq_port import default_network
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import DEFAULT_LIMITS, Limits
 
-__all__ = ["init_federated_group", "is_aggregator", "is_collaborator"]
+__all__ = ["init_federated_group"]
 
-
-def is_aggregator(role: str) -> bool:
-    """True for the aggregator role name."""
-    return role == "aggregator"
-
-
-def is_collaborator(role: str) -> bool:
-    """True for the collaborator role name."""
-    return role == "collaborator"
+#: Transports made here: pipes are views, so the group keeps its transport alive
+#: (and its ROUTER bound) until it is closed at exit.
+_transports: list[AggregatorTransport | CollaboratorTransport] = []
 
 
 def init_federated_group(
@@ -28,16 +24,26 @@ def init_federated_group(
     options: SocketOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
     codec: str = "raw",
+    network: Network | None = None,
 ) -> list[Pipe]:
     """The pipes of ``fed_props``'s group: the aggregator's roster, or a collaborator's one pipe.
 
     The aggregator's pipes share one bound ROUTER; a collaborator's pipe owns
-    a DEALER connected to the aggregator. Most users get pipes through a
-    ``Maintainer`` instead.
+    a DEALER connected to the aggregator.  The transport behind them is
+    closed at interpreter exit (or by closing a collaborator's pipe).  Most
+    users get pipes through a ``Maintainer`` instead.
     """
+    network = network or default_network()
     if fed_props.aggregator:
-        group = AggregatorGroup(fed_props, options=options, limits=limits, codec=codec)
-        pipes: list[AggregatorPipe] = list(group.roster.values())
-        return list(pipes)
-    link = CollaboratorLink(fed_props, options=options, limits=limits, codec=codec)
-    return [CollaboratorPipe(link, fed_props.aggregator_name)]
+        transport = AggregatorTransport(
+            fed_props, network=network, served=dict, options=options, limits=limits, codec=codec
+        )
+        _transports.append(transport)
+        close_at_exit(transport)
+        return list(transport.roster.values())
+    link = CollaboratorTransport(
+        fed_props, network=network, options=options, limits=limits, codec=codec
+    )
+    _transports.append(link)
+    close_at_exit(link)
+    return [link.pipe]

@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from zmq.utils import z85
 
 from zmqfed.errors import SecurityError
 
-__all__ = ["Curve", "create_keys", "group_authenticator", "stop_authenticator"]
+__all__ = [
+    "ClientSecurity",
+    "Curve",
+    "ServerSecurity",
+    "create_keys",
+    "group_authenticator",
+    "stop_authenticator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,54 @@ class Curve:
         if secret is None:
             raise SecurityError(f"{path} holds no secret key")
         return public, secret
+
+    def server(self, name: str, domain: str, members: Iterable[str]) -> ServerSecurity:
+        """What aggregator ``name`` needs to admit exactly ``members`` in ZAP ``domain``."""
+        public, secret = self.key_pair(name)
+        allowed = {member: self.public_key(member) for member in members}
+        return ServerSecurity(public=public, secret=secret, domain=domain, allowed=allowed)
+
+    def client(self, name: str, server: str) -> ClientSecurity:
+        """What collaborator ``name`` needs to connect to aggregator ``server``."""
+        public, secret = self.key_pair(name)
+        return ClientSecurity(public=public, secret=secret, server_key=self.public_key(server))
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """An aggregator's CURVE keys and the allow-list of its group's ZAP domain."""
+
+    public: bytes
+    secret: bytes
+    domain: str
+    allowed: dict[str, bytes]
+
+    def socket_options(self) -> dict[int, Any]:
+        """CURVE server options, set before bind."""
+        return {
+            zmq.CURVE_SERVER: 1,
+            zmq.CURVE_PUBLICKEY: self.public,
+            zmq.CURVE_SECRETKEY: self.secret,
+            zmq.ZAP_DOMAIN: self.domain.encode(),
+            zmq.ZAP_ENFORCE_DOMAIN: 1,  # fail closed when no ZAP handler answers
+        }
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """A collaborator's CURVE keys and the public key of the aggregator it talks to."""
+
+    public: bytes
+    secret: bytes
+    server_key: bytes
+
+    def socket_options(self) -> dict[int, Any]:
+        """CURVE client options, set before connect."""
+        return {
+            zmq.CURVE_SERVERKEY: self.server_key,
+            zmq.CURVE_PUBLICKEY: self.public,
+            zmq.CURVE_SECRETKEY: self.secret,
+        }
 
 
 class _Authenticator(ThreadAuthenticator):

@@ -7,11 +7,13 @@ and the reasons behind them are ZMQ-NOTES.md section 0.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
 import random
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +22,22 @@ import zmq
 from zmqfed.errors import ConfigError
 from zmqfed.wire import DEFAULT_LIMITS, Limits
 
-__all__ = ["SocketOptions", "context", "make_dealer", "make_router", "shutdown", "tune_malloc"]
+__all__ = [
+    "SocketOptions",
+    "close_at_exit",
+    "context",
+    "make_dealer",
+    "make_router",
+    "shutdown",
+    "tune_malloc",
+]
 
 log = logging.getLogger(__name__)
 
 _ctx_lock = threading.Lock()
 _ctx: zmq.Context | None = None
 _ctx_pid: int | None = None
+_closables: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,14 +198,27 @@ def context() -> zmq.Context:
         return _ctx
 
 
+def close_at_exit(obj: Any) -> None:
+    """Have :func:`shutdown` call ``obj.close()`` first (held weakly; for Maintainers, groups)."""
+    _closables.add(obj)
+
+
 def shutdown() -> None:
     """Close what is left open and terminate this process's Context.
 
-    Each socket's LINGER bounds the wait, so queued replies (a final ACK, a
-    BYE) are flushed instead of dying with the process: libzmq only honours
-    LINGER when the context is terminated.
+    Everything registered with :func:`close_at_exit` is closed first (so
+    final ACKs and BYEs are queued), then the context is destroyed: each
+    socket's LINGER bounds the wait, so queued replies are flushed instead of
+    dying with the process (libzmq only honours LINGER when the context is
+    terminated; docs/zeromq.md §33).  Runs at interpreter exit.
     """
     global _ctx
+    for obj in list(_closables):
+        try:
+            obj.close()
+        except Exception:  # best effort at interpreter exit
+            log.debug("closing %r at exit failed", obj, exc_info=True)
+    _closables.clear()
     with _ctx_lock:
         ctx, _ctx = _ctx, None
     if ctx is not None and _ctx_pid == os.getpid() and not ctx.closed:
@@ -202,6 +226,9 @@ def shutdown() -> None:
 
         stop_authenticator()  # its thread owns a socket of this context
         ctx.destroy()
+
+
+atexit.register(shutdown)
 
 
 def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:

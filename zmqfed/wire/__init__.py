@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from zmqfed.wire.codec import CODECS, decode_tensor, encode_tensor
 from zmqfed.wire.frames import Envelope, StreamAnnounce, decode, encode
-from zmqfed.wire.header import KINDS, MAGIC, PROTOCOL_VERSION, header_only
+from zmqfed.wire.header import KINDS, MAGIC, PROTOCOL_VERSION, Kind, header_only
 from zmqfed.wire.limits import DEFAULT_LIMITS, Limits
 from zmqfed.wire.stream import DEFAULT_STREAM, ChunkLayout, StreamConfig
 from zmqfed.wire.tensors import EncodedTensors, encode_tensors
@@ -26,6 +26,7 @@ __all__ = [
     "ChunkLayout",
     "EncodedTensors",
     "Envelope",
+    "Kind",
     "Limits",
     "StreamAnnounce",
     "StreamConfig",

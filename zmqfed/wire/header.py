@@ -11,6 +11,7 @@ within ``max_message_bytes`` and every frame within ``max_frame_bytes``.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_RANK",
     "MAX_STREAM_ID_CHARS",
     "PROTOCOL_VERSION",
+    "Kind",
     "frame_view",
     "header_only",
     "parse_header",
@@ -40,22 +42,31 @@ __all__ = [
 MAGIC = b"ZMQFED"
 #: The byte after ``MAGIC``; a peer with another value is refused with a clear error.
 PROTOCOL_VERSION = 1
-#: Message kinds (DESIGN.md "Pipes and groups").
-KINDS = (
-    "HELLO",
-    "WELCOME",
-    "PULL",
-    "DATA",
-    "PUSH",
-    "ACK",
-    "WAIT",
-    "ERROR",
-    "BYE",
-    "PING",
-    "PONG",
-    "CHUNK",
-    "CREDIT",
-)
+
+
+class Kind(str, enum.Enum):
+    """Message kinds; each compares equal to its wire string (``Kind.PUSH == "PUSH"``)."""
+
+    HELLO = "HELLO"  # collaborator -> aggregator: handshake, frame bound, session
+    WELCOME = "WELCOME"  # the handshake's answer: incarnation, frame bound
+    PULL = "PULL"  # collaborator asks for the model of a version
+    DATA = "DATA"  # the model, answering a PULL
+    PUSH = "PUSH"  # collaborator uploads its update
+    ACK = "ACK"  # the upload was accepted
+    WAIT = "WAIT"  # the request is parked until the aggregator can answer it
+    ERROR = "ERROR"  # the request was refused (meta: code, reason)
+    BYE = "BYE"  # leaving (meta ``final``: the federation is over)
+    PING = "PING"  # liveness probe
+    PONG = "PONG"
+    CHUNK = "CHUNK"  # a part of a streamed PUSH or DATA
+    CREDIT = "CREDIT"  # the receiver of a stream allows more bytes in flight
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Message kinds as sent on the wire.
+KINDS = tuple(kind.value for kind in Kind)
 #: Longest stream id in a streamed message's header (see :mod:`zmqfed.wire.stream`).
 MAX_STREAM_ID_CHARS = 64
 #: The dtype allow-list: wire name -> torch dtype.

@@ -1,13 +1,11 @@
-"""Streams on sockets: send chunks under credit, land them with ``recv_into``.
+"""Chunked transfers: the two ends of one stream of a large message.
 
 The wire side (announce header, CHUNK/CREDIT meta, chunk layout) lives in
 :mod:`zmqfed.wire.stream`.  Here :class:`OutStream` sends a message's raw
 tensor bytes as CHUNK messages while the receiver's credit lasts, zero-copy
 from the tensors' own memory; :class:`InStream` preallocates the tensors (or
-borrows the receiver's own, see ``destination``) and receives each payload
-straight into them; :func:`recv_message` reads one multipart message and hands
-a CHUNK payload to ``recv_into`` before libzmq's frame is ever turned into a
-Python object.
+borrows the receiver's own, see ``destination``) and says where each payload
+lands.  Reading and sending on a port is :mod:`zmqfed.federated.protocol`'s.
 """
 
 from __future__ import annotations
@@ -20,22 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import zmq
 
 from zmqfed.errors import ProtocolError
-from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, encode
+from zmqfed.federated.ports import Tracker, WouldBlock
+from zmqfed.federated.protocol import stamp
+from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, Kind, encode
 from zmqfed.wire.codec import tensor_bytes
 from zmqfed.wire.header import DTYPES, TensorDesc
-from zmqfed.wire.stream import CHUNK_PREFIX, chunk_meta
+from zmqfed.wire.stream import chunk_meta
 
-__all__ = [
-    "InStream",
-    "OutStream",
-    "discard_rest",
-    "land_payload",
-    "new_stream_id",
-    "recv_message",
-]
+__all__ = ["ChunkSender", "Destination", "InStream", "OutStream", "new_stream_id"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +35,8 @@ log = logging.getLogger(__name__)
 #: shape to receive into (e.g. the receiver's own parameter), or None.
 Destination = Callable[[TensorDesc], "torch.Tensor | None"]
 #: Sends one CHUNK message's frames; returns a tracker for zero-copy frames,
-#: None when the frames were copied, or raises ``zmq.Again`` at the HWM.
-ChunkSender = Callable[[list[Any]], "zmq.MessageTracker | None"]
+#: None when the frames were copied, or raises ``WouldBlock`` at the HWM.
+ChunkSender = Callable[[list[Any]], "Tracker | None"]
 
 
 def new_stream_id() -> str:
@@ -101,7 +93,7 @@ class OutStream:
         self.total = self._layout.total
         self.credit = 0
         self.sent = 0
-        self._trackers: list[zmq.MessageTracker] = []
+        self._trackers: list[Tracker] = []
 
     @property
     def done(self) -> bool:
@@ -132,18 +124,18 @@ class OutStream:
             assert self._next is not None
             offset, nbytes = self._next
             header = encode(
-                Envelope(
-                    kind="CHUNK",
-                    sender=self.sender,
-                    version=self.version,
+                stamp(
+                    Kind.CHUNK,
+                    self.sender,
                     seq=self.seq,
                     incarnation=self.incarnation,
+                    version=self.version,
                     meta=chunk_meta(self.id, offset, nbytes),
                 )
             )[0]
             try:
                 tracker = send([header, self._payload(offset, nbytes)])
-            except zmq.Again:
+            except WouldBlock:
                 break  # at the high-water mark: pumped again on the next credit or poll
             if tracker is not None:
                 self._trackers.append(tracker)
@@ -160,9 +152,7 @@ class OutStream:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            try:
-                tracker.wait(left)
-            except zmq.NotDone:
+            if not tracker.wait(left):
                 return False
         self._trackers.clear()
         return True
@@ -276,58 +266,3 @@ class InStream:
             meta=env.meta,
             tensors=self.tensors,
         )
-
-
-def recv_message(
-    sock: zmq.Socket, *, routed: bool, land: Callable[[list[zmq.Frame]], bool]
-) -> list[zmq.Frame] | None:
-    """Receive one waiting message (``zmq.Again`` if none).
-
-    For a CHUNK (``[routing id,] header, payload``), ``land(frames so far)``
-    is asked first; when it returns True it consumed the rest of the message
-    (normally with ``recv_into``) and None is returned.  Otherwise all frames
-    are returned, as ``recv_multipart(copy=False)`` would.
-    """
-    frames = [sock.recv(flags=zmq.NOBLOCK, copy=False)]
-    if routed and frames[-1].more:
-        frames.append(sock.recv(copy=False))
-    header = frames[-1]
-    if (
-        header.more
-        and len(header.buffer) > len(CHUNK_PREFIX)
-        and header.buffer[: len(CHUNK_PREFIX)] == CHUNK_PREFIX
-        and land(frames)
-    ):
-        return None
-    while frames[-1].more:
-        frames.append(sock.recv(copy=False))
-    return frames
-
-
-def land_payload(sock: zmq.Socket, stream: InStream, offset: int, nbytes: int) -> None:
-    """Receive a CHUNK's payload frame into ``stream``; ``ProtocolError`` if it is not exactly that.
-
-    The rest of the message is always consumed, also on error.
-    """
-    try:
-        target = stream.target(offset, nbytes)
-    except ProtocolError:
-        discard_rest(sock)
-        raise
-    got = sock.recv_into(target)
-    extra = discard_rest(sock)  # a CHUNK has exactly one payload
-    if got != nbytes or extra:
-        raise ProtocolError(
-            f"stream {stream.id}: chunk payload of {got} bytes in {1 + extra} frames, "
-            f"header says {nbytes} bytes in 1"
-        )
-    stream.landed(offset, nbytes)
-
-
-def discard_rest(sock: zmq.Socket) -> int:
-    """Receive and drop the remaining frames of the current message; returns how many."""
-    n = 0
-    while sock.get(zmq.RCVMORE):
-        sock.recv_into(bytearray())
-        n += 1
-    return n

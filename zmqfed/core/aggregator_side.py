@@ -1,0 +1,251 @@
+"""``AggregatorSide``: an aggregator's ``step()`` -- events in, hook verdicts, actions out.
+
+No sleeps and no busy waiting: the loop blocks on the transport until a
+message arrives, a hook asked to be woken (``Maintainer.wake_at``), the idle
+interval passes (so idle and time-based hooks run) or the step's deadline
+expires.  Each event (a peer joined, a request is pending, a peer left)
+makes the loop run the step points of that peer
+(:mod:`zmqfed.core.step_points`); the verdicts become the transport's
+actions: serve, accept, park, refuse.  Requests the hooks park are looked at
+again whenever state changes -- at the next message, the next step, or a
+version change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from zmqfed.core import step_points as points
+from zmqfed.core.contracts import StepResult
+from zmqfed.errors import PeerTimeout, ProtocolError
+from zmqfed.federated import AggregatorPipe, AggregatorTransport, PeerEvent, PeerEventKind
+from zmqfed.federated.protocol import ErrorCode, requested_version
+from zmqfed.meta import Meta
+
+if TYPE_CHECKING:
+    from zmqfed.core.maintainer import Maintainer
+    from zmqfed.federated import Pipe
+
+__all__ = ["AggregatorSide"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a streamed download may go without progress before it is aborted.
+STREAM_STALL = 30.0
+
+
+class AggregatorSide:
+    """Runs ``Maintainer.step()`` on an aggregator, over an :class:`AggregatorTransport`."""
+
+    def __init__(
+        self, maintainer: Maintainer, transport: AggregatorTransport, *, idle_interval: float
+    ) -> None:
+        self.m = maintainer
+        self.transport = transport
+        self.idle_interval = idle_interval
+        self.stopped = False
+        self._wake = math.inf
+        self._uploads = 0
+        self._downloads = 0
+
+    # -- what the Maintainer asks ------------------------------------------------
+    def pipes(self) -> list[Pipe]:
+        return list(self.transport.roster.values())
+
+    def version_changed(self) -> None:
+        self.transport.version = max(self.m.version, 0)
+        self.transport.model_changed()
+
+    def model_changed(self) -> None:
+        self.transport.model_changed()
+
+    def manual_stop(self) -> None:
+        self.stopped = True
+
+    def wake_at(self, when: float) -> None:
+        self._wake = min(self._wake, when)
+
+    def discard(self, pipe: Pipe | None, reason: str) -> None:
+        if not isinstance(pipe, AggregatorPipe) or pipe.request is None:
+            return
+        log.info(
+            "%s: discarded %s from %s: %s",
+            self.m.nick_name,
+            pipe.request.kind,
+            pipe.nick_name,
+            reason,
+        )
+        self.transport.refuse(pipe, ErrorCode.DISCARDED, reason)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.transport.stats
+        return {
+            "messages_in": stats.messages_in,
+            "errors": stats.errors,
+            "parked": stats.parked,
+            "encodes": self.transport.served.encodes,
+            "refused": dict(stats.refused),
+            "chunks_in": stats.chunks_in,
+            "chunks_out": stats.chunks_out,
+        }
+
+    def close(self, *, final: bool) -> None:
+        self.transport.close(final=final)
+
+    # -- the loop ------------------------------------------------------------------
+    def step(self, timeout: float | None) -> StepResult:
+        m, t = self.m, self.transport
+        self.stopped = False
+        self._uploads = self._downloads = 0
+        parked = t.stats.parked
+        t.model_changed()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._run(points.step_started, None)
+        # This step's view: whoever is online now; requests that waited come first.
+        for pipe in t.online():
+            if pipe not in m.pipes:
+                m.pipes.append(pipe)
+        self._cycle_pending()
+        next_idle = time.monotonic() + self.idle_interval
+        while not self.stopped:
+            until = min(deadline, next_idle, self._wake, t.next_timer)
+            wait_ms = max(0, math.ceil((until - time.monotonic()) * 1000))
+            for event in t.events(wait_ms):
+                self._on(event)
+                if self.stopped:
+                    break
+            now = time.monotonic()
+            if not self.stopped and (now >= next_idle or now >= self._wake):
+                self._wake = math.inf
+                t.streams.pump_all()
+                for member in list(m.pipes):
+                    if self.stopped:
+                        break
+                    assert isinstance(member, AggregatorPipe)
+                    self._cycle(member)
+                if not m.pipes:  # nobody joined yet: time-based policies still decide
+                    self._run(points.after_peer, None)
+                next_idle = time.monotonic() + self.idle_interval
+            if not self.stopped and time.monotonic() >= deadline:
+                t.streams.quiesce()
+                self._timed_out(timeout or 0.0)
+        self._finish_downloads(deadline)
+        t.streams.quiesce()
+        return StepResult(
+            uploads=self._uploads, downloads=self._downloads, parked=t.stats.parked - parked
+        )
+
+    def _on(self, event: PeerEvent) -> None:
+        pipe = event.pipe
+        if event.kind is not PeerEventKind.LEFT and pipe.online and pipe not in self.m.pipes:
+            self.m.pipes.append(pipe)
+        if pipe in self.m.pipes:  # (a peer that left unseen by this step is no news)
+            self._cycle(pipe)  # a peer that left: the destroy points run
+            self._cycle_pending(exclude=pipe)
+
+    def _finish_downloads(self, deadline: float) -> None:
+        """Let streamed downloads that were started finish before ``step()`` returns.
+
+        Only credit is served here; requests that arrive meanwhile wait on
+        their peers for the next step.  A download that makes no progress for
+        ``STREAM_STALL`` seconds (or outlives the step's deadline) is aborted.
+        """
+        streams = self.transport.streams
+        progress, last = -1, time.monotonic()
+        while streams.sending():
+            now = time.monotonic()
+            sent = streams.progress()
+            if sent != progress:
+                progress, last = sent, now
+            until = min(deadline, last + STREAM_STALL)
+            if now >= until:
+                log.warning("%s: a streamed download stalled; aborting it", self.m.nick_name)
+                return
+            for _ in self.transport.events(max(1, math.ceil(min(until - now, 0.5) * 1000))):
+                pass  # the transport keeps what arrived on the peers
+            streams.pump_all()
+
+    def _cycle_pending(self, exclude: AggregatorPipe | None = None) -> None:
+        for pipe in list(self.m.pipes):
+            if self.stopped:
+                return
+            if pipe is not exclude and isinstance(pipe, AggregatorPipe) and pipe.request:
+                self._cycle(pipe)
+
+    def _run(self, point: str, pipe: Pipe | None, flag: bool | None = None) -> bool | None:
+        return self.m.run_step_point(point, pipe, flag)
+
+    def _cycle(self, pipe: AggregatorPipe) -> None:
+        """One peer's points: ``before_peer``, the branch of its state, ``after_peer``."""
+        self._run(points.before_peer, pipe)
+        if pipe.is_offline:
+            self._run(points.peer_leaving, pipe)
+            if pipe in self.m.pipes:
+                self.m.pipes.remove(pipe)
+            self._run(points.peer_left, pipe, True)
+        elif pipe.is_zombie:
+            self._run(points.peer_idle, pipe)
+        elif pipe.is_pushing:
+            if self._run(points.upload_received, pipe) is not False:
+                self._run(points.upload_handled, pipe, self._receive_upload(pipe))
+            else:
+                self.transport.park(pipe)
+                self._run(points.request_parked, pipe)
+        elif pipe.is_pulling:
+            verdict = self._run(points.download_requested, pipe)
+            if verdict is None:  # no hook decided: serve versions already reached
+                verdict = requested_version(pipe.meta) <= self.m.version
+            if verdict:
+                self._run(points.download_served, pipe, self._serve(pipe))
+            else:
+                self.transport.park(pipe)
+                self._run(points.request_parked, pipe)
+        else:
+            self._run(points.peer_invalid, pipe)
+        self._run(points.after_peer, pipe)
+
+    def _receive_upload(self, pipe: AggregatorPipe) -> bool:
+        """Validate ``pipe``'s pending upload; count and ACK it, or refuse it."""
+        m, request = self.m, pipe.request
+        if request is None:  # a hook discarded it meanwhile
+            return False
+        try:
+            data = m.receive(request.tensors, pipe.nick_name)
+        except ProtocolError as exc:
+            log.warning("%s: refused an upload: %s", m.nick_name, exc)
+            self.transport.refuse(pipe, ErrorCode.BAD_UPLOAD, str(exc))
+            return False
+        m.record_upload(data, Meta(request.meta))
+        self.transport.accept_upload(pipe)
+        self._uploads += 1
+        log.debug(
+            "%s: received upload %d from %s (%d bytes)",
+            m.nick_name,
+            request.seq,
+            pipe.nick_name,
+            request.nbytes,
+        )
+        return True
+
+    def _serve(self, pipe: AggregatorPipe) -> bool:
+        meta = pipe.take_out_meta()
+        if meta is None:
+            meta = Meta(self.m.meta)
+            meta["version"] = self.m.version
+        ok = self.transport.serve(pipe, meta)
+        self._downloads += ok
+        return ok
+
+    def _timed_out(self, timeout: float) -> None:
+        m = self.m
+        online = sorted(p.nick_name for p in m.pipes)
+        missing = sorted(set(m.fed_props.collaborators) - set(online))
+        raise PeerTimeout(
+            ", ".join(missing) or m.nick_name,
+            timeout,
+            f"let {m.nick_name} finish its step ({len(m.meta_list)} uploads received; "
+            f"online: {online}; never joined or left: {missing})",
+        )

@@ -1,0 +1,287 @@
+"""What an aggregator sends and receives in bulk: the served model and chunked streams.
+
+:class:`ServedModel` encodes the model once per state and decides, per
+peer, whether it goes as one message or in chunks.  :class:`StreamDesk`
+runs the chunked streams of every peer: uploads are admitted within
+``StreamConfig.receive_budget`` and granted credit as they land; downloads
+are sent while the peer's credit lasts.  Both belong to one
+:class:`~zmqfed.federated.aggregator_transport.AggregatorTransport`, which
+is the only caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from zmqfed.errors import ProtocolError
+from zmqfed.federated.chunked import InStream, OutStream, new_stream_id
+from zmqfed.federated.pipe import AggregatorPipe
+from zmqfed.federated.ports import Unreachable
+from zmqfed.federated.protocol import ErrorCode, land_chunk, pump
+from zmqfed.wire import EncodedTensors, Envelope, Kind, Limits, StreamConfig, encode_tensors
+from zmqfed.wire.stream import credit_meta
+
+if TYPE_CHECKING:
+    from zmqfed.federated.aggregator_transport import AggregatorTransport
+
+__all__ = ["ServedModel", "StreamDesk"]
+
+log = logging.getLogger(__name__)
+
+#: ``{tensor name: {field: tensor}}``, after the package hooks.
+Packaged = Mapping[str, Mapping[str, torch.Tensor]]
+
+
+class ServedModel:
+    """The model served to every downloading peer, encoded once per state.
+
+    Parameters
+    ----------
+    source:
+        Returns what to serve (after the package hooks); called once per
+        state, i.e. after each :meth:`changed`.
+    """
+
+    def __init__(
+        self, source: Callable[[], Packaged], *, codec: str, limits: Limits, stream: StreamConfig
+    ) -> None:
+        self._source = source
+        self.codec = codec
+        self.limits = limits
+        self.stream = stream
+        self._data: Packaged | None = None
+        self._whole: EncodedTensors | None = None  # a snapshot, shared by every DATA
+        self._streamed: EncodedTensors | None = None  # live views, sent in chunks
+        #: Times the served model was encoded.
+        self.encodes = 0
+
+    def changed(self) -> None:
+        """The served state changed: encode again on the next download."""
+        self._data = self._whole = self._streamed = None
+
+    def frames_for(self, peer: Limits) -> tuple[EncodedTensors, bool]:
+        """The frames to serve a peer with limits ``peer``, and whether to stream them.
+
+        Streamed when the model is above the stream threshold or a tensor is
+        above what the peer accepts in one frame (its HELLO said).
+        """
+        if self._data is None:
+            with torch.no_grad():
+                self._data = self._source()
+        if self.stream.should_stream(self._data, peer):
+            if self._streamed is None:
+                # Chunks are sent from the live tensors (no second copy of a huge
+                # model); before anyone may change them, StreamDesk.quiesce waits
+                # until the port is done with them.
+                self.encodes += 1
+                self._streamed = encode_tensors(
+                    self._data, codec="raw", limits=self.limits, streamed=True
+                )
+            return self._streamed, True
+        if self._whole is None:
+            # A snapshot: the port reads the buffers after send() returned,
+            # while the user may already be averaging into the live tensors.
+            self.encodes += 1
+            self._whole = encode_tensors(
+                self._data, codec=self.codec, limits=self.limits, snapshot=True
+            )
+        return self._whole, False
+
+
+class StreamDesk:
+    """The chunked streams of an aggregator's peers, both directions."""
+
+    def __init__(self, transport: AggregatorTransport, config: StreamConfig) -> None:
+        self.t = transport
+        self.config = config
+        #: Bytes allocated for streamed uploads being received now, and the most ever.
+        self.in_bytes = 0
+        self.in_bytes_peak = 0
+        #: Peers whose announced upload waits for room in the receive budget.
+        self._admission: deque[AggregatorPipe] = deque()
+        #: Finished downloads whose zero-copy chunks the port may still be reading.
+        self._sent: list[OutStream] = []
+
+    # -- uploads -------------------------------------------------------------
+    def announce(self, pipe: AggregatorPipe, env: Envelope) -> AggregatorPipe | None:
+        """Admit an announced upload now, or queue it until the budget has room.
+
+        Returns ``pipe`` when the upload is already complete (no bytes to wait for).
+        """
+        assert env.stream is not None
+        self.drop(pipe)  # a re-sent announce replaces the unfinished stream
+        pipe.announced = env
+        if not self._fits(env.stream.nbytes):
+            log.info(
+                "%s: %s's upload of %d bytes waits for the receive budget",
+                self.t.name,
+                pipe.nick_name,
+                env.stream.nbytes,
+            )
+            self._admission.append(pipe)
+            return None
+        return self._admit(pipe)
+
+    def _admit(self, pipe: AggregatorPipe) -> AggregatorPipe | None:
+        env = pipe.announced
+        assert env is not None and env.stream is not None
+        pipe.announced = None
+        stream = InStream(env, self.config.window_bytes)
+        self.in_bytes += stream.total
+        self.in_bytes_peak = max(self.in_bytes_peak, self.in_bytes)
+        pipe.in_stream = stream
+        if stream.done:  # nothing to wait for (a stream of empty tensors)
+            return self._finish(pipe, stream)
+        self._grant(pipe, stream)
+        return None
+
+    def land(
+        self, pipe: AggregatorPipe, seq: int, sid: str, offset: int, nbytes: int
+    ) -> AggregatorPipe | None:
+        """Land the payload of a CHUNK from ``pipe``; returns ``pipe`` when its upload completed."""
+        stream = pipe.in_stream
+        if stream is None or sid != stream.id:
+            self.t.discard_message()
+            log.debug("%s: dropped a chunk of a finished stream from %s", self.t.name, pipe.nick_name)
+            return None
+        try:
+            land_chunk(self.t.port, stream, offset, nbytes)
+        except ProtocolError as exc:
+            log.warning("%s: broken stream from %s: %s", self.t.name, pipe.nick_name, exc)
+            self.t.refuse_message(pipe.routing_id, seq, ErrorCode.STREAM, str(exc))
+            self.drop(pipe)
+            return None
+        self.t.stats.chunks_in += 1
+        if stream.done:
+            return self._finish(pipe, stream)
+        self._grant(pipe, stream)
+        return None
+
+    def _grant(self, pipe: AggregatorPipe, stream: InStream) -> None:
+        credit = stream.credit()
+        if credit:
+            self.t.send(pipe, Kind.CREDIT, seq=stream.env.seq, meta=credit_meta(stream.id, credit))
+
+    def _finish(self, pipe: AggregatorPipe, stream: InStream) -> AggregatorPipe:
+        env = stream.envelope()
+        self._release(pipe)
+        self.t.request_arrived(pipe, env)
+        return pipe
+
+    def _release(self, pipe: AggregatorPipe) -> None:
+        """Forget ``pipe``'s incoming stream and admit waiting uploads that now fit."""
+        if pipe.in_stream is not None:
+            self.in_bytes -= pipe.in_stream.total
+            pipe.in_stream = None
+        while self._admission:
+            nxt = self._admission[0]  # drop() takes a pipe out when it withdraws
+            assert nxt.announced is not None and nxt.announced.stream is not None
+            if not self._fits(nxt.announced.stream.nbytes):
+                break
+            self._admission.popleft()
+            done = self._admit(nxt)
+            if done is not None:
+                self.t.completed.append(done)
+
+    def _fits(self, nbytes: int) -> bool:
+        """A streamed upload of ``nbytes`` may be allocated now (always, if none is)."""
+        return not self.in_bytes or self.in_bytes + nbytes <= self.config.receive_budget
+
+    def drop(self, pipe: AggregatorPipe) -> None:
+        """Abandon ``pipe``'s streams in both directions (it left, or started over)."""
+        if pipe.announced is not None:
+            pipe.announced = None
+            with contextlib.suppress(ValueError):
+                self._admission.remove(pipe)
+        if pipe.in_stream is not None:
+            self._release(pipe)
+        pipe.out_stream = None  # the peer discards what is still queued for it
+
+    # -- downloads -------------------------------------------------------------
+    def start(
+        self, pipe: AggregatorPipe, seq: int, meta: dict[str, Any], encoded: EncodedTensors
+    ) -> bool:
+        """Answer ``pipe``'s request ``seq`` with the model in chunks: announce, then pump."""
+        chunk = self.config.chunk_within(self.t.peer_limits(pipe))
+        stream = OutStream(
+            new_stream_id(),
+            seq,
+            encoded,
+            chunk,
+            sender=self.t.name,
+            incarnation=self.t.incarnation,
+            version=self.t.version,
+        )
+        pipe.out_stream = stream
+        if not self.t.send(
+            pipe, Kind.DATA, seq=seq, meta=meta, encoded=encoded, stream=(stream.id, chunk)
+        ):
+            pipe.out_stream = None
+            return False
+        return True
+
+    def credit(self, pipe: AggregatorPipe, sid: str, nbytes: int) -> None:
+        """The peer granted ``nbytes`` more for its download ``sid``."""
+        stream = pipe.out_stream
+        if stream is None or stream.id != sid:
+            log.debug("%s: credit for a finished stream from %s", self.t.name, pipe.nick_name)
+            return
+        stream.grant(nbytes)
+        self._pump(pipe, stream)
+
+    def _pump(self, pipe: AggregatorPipe, stream: OutStream) -> None:
+        before = stream.sent
+        try:
+            self.t.stats.chunks_out += pump(self.t.port, stream, [pipe.routing_id])
+        except Unreachable:
+            log.info("%s: stream to %s broke; pipe offline", self.t.name, pipe.nick_name)
+            self.t.left(pipe)
+            return
+        finally:
+            pipe.bytes_out += stream.sent - before
+        if stream.done:
+            self._end(pipe)
+
+    def _end(self, pipe: AggregatorPipe) -> OutStream | None:
+        """Forget ``pipe``'s download; the port may still read its chunks (see quiesce)."""
+        stream, pipe.out_stream = pipe.out_stream, None
+        if stream is not None:
+            self._sent.append(stream)
+        return stream
+
+    def sending(self) -> bool:
+        """A streamed download is in progress."""
+        return any(p.out_stream is not None for p in self.t.roster.values())
+
+    def progress(self) -> int:
+        """Bytes sent so far by the downloads in progress (a progress marker)."""
+        return sum(p.out_stream.sent for p in self.t.roster.values() if p.out_stream is not None)
+
+    def pump_all(self) -> None:
+        """Send what credit allows on every download (after a full send queue)."""
+        for pipe in self.t.roster.values():
+            if pipe.out_stream is not None and pipe.out_stream.ready:
+                self._pump(pipe, pipe.out_stream)
+
+    def quiesce(self, timeout: float = 30.0) -> None:
+        """Before the served tensors may change: end unfinished downloads, wait for the port.
+
+        Collaborators whose download was cut are told ``stream-aborted`` and
+        ask again; zero-copy chunks already handed to the port are waited for.
+        """
+        for pipe in self.t.roster.values():
+            stream = self._end(pipe)
+            if stream is not None:
+                self.t.refuse_message(
+                    pipe.routing_id, stream.seq, ErrorCode.STREAM_ABORTED, "the served model changed"
+                )
+        for stream in self._sent:
+            if not stream.wait_sent(timeout):
+                log.warning("%s: chunks still unsent after %.0f s", self.t.name, timeout)
+        self._sent.clear()

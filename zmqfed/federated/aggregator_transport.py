@@ -1,0 +1,533 @@
+"""``AggregatorTransport``: the aggregator's side of one group -- its port, its peers, the protocol.
+
+The transport owns everything the protocol changes: each peer's record
+(:class:`~zmqfed.federated.pipe.AggregatorPipe`: online, session, pending
+request, uploads already counted, streams), the served model's encoding and
+the chunked streams.  It checks every message before anyone sees it: the
+routing id must be on the roster and equal the message's sender (and, with
+CURVE, the key's name), the handshake must have happened in this
+incarnation, malformed frames are answered with ERROR instead of crashing the
+node, and a retried upload is acknowledged again rather than counted twice.
+
+What it reports, as :class:`PeerEvent` from :meth:`events`: a peer joined,
+a request (an upload or a download) is pending on a peer, a peer left.  What
+it is asked to do: :meth:`serve`, :meth:`accept_upload`, :meth:`park`,
+:meth:`refuse`.  The aggregator's step loop
+(:mod:`zmqfed.core.aggregator_side`) turns events into hook verdicts and
+verdicts into these actions, and never writes a peer's fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from zmqfed.errors import ProtocolError
+from zmqfed.federated.aggregator_streams import Packaged, ServedModel, StreamDesk
+from zmqfed.federated.pipe import AggregatorPipe
+from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, WouldBlock
+from zmqfed.federated.protocol import (
+    ErrorCode,
+    discard_rest,
+    error_meta,
+    peer_frame_bound,
+    recv_message,
+    stamp,
+    welcome_meta,
+)
+from zmqfed.federated.security import Curve
+from zmqfed.federated.sockets import SocketOptions
+from zmqfed.meta import Meta
+from zmqfed.props import FederatedProperties
+from zmqfed.wire import (
+    DEFAULT_STREAM,
+    PROTOCOL_VERSION,
+    EncodedTensors,
+    Envelope,
+    Kind,
+    Limits,
+    StreamConfig,
+    decode,
+    encode,
+)
+from zmqfed.wire.header import parse_header
+from zmqfed.wire.stream import parse_chunk_meta, parse_credit_meta
+
+__all__ = ["AggregatorTransport", "PeerEvent", "PeerEventKind", "TransportStats"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds after a disconnect at which online peers are probed again.
+REPROBE_DELAYS = (0.25, 1.0, 3.0)
+#: Seconds between log lines about refused messages of one kind.
+REFUSAL_LOG_INTERVAL = 10.0
+#: Messages handled per :meth:`AggregatorTransport.events` call: a flood must not starve timers.
+DRAIN_BATCH = 512
+#: Accepted uploads remembered per peer for idempotent retries.
+KEEP_ACCEPTED = 64
+
+
+class PeerEventKind(enum.Enum):
+    """What happened to a peer."""
+
+    JOINED = "joined"  # said HELLO in this incarnation
+    REQUEST = "request"  # an upload or a download request is now pending
+    LEFT = "left"  # said BYE, or cannot be reached any more
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """One thing the transport reports to the step loop."""
+
+    kind: PeerEventKind
+    pipe: AggregatorPipe
+
+
+@dataclass
+class TransportStats:
+    """Counters of one transport (all monotonic)."""
+
+    messages_in: int = 0
+    errors: int = 0  # ERROR replies sent
+    parked: int = 0  # requests answered with WAIT
+    chunks_in: int = 0
+    chunks_out: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # by error code
+
+    def count_refusal(self, code: ErrorCode) -> None:
+        self.errors += 1
+        self.refused[code.value] = self.refused.get(code.value, 0) + 1
+
+
+class AggregatorTransport:
+    """One federated group seen from its aggregator: a ROUTER port and one pipe per member.
+
+    Parameters
+    ----------
+    props:
+        The group (this node is its aggregator).
+    network:
+        Makes the ROUTER port (real sockets, or an in-memory network in tests).
+    served:
+        Returns the model to serve, after the package hooks (see :class:`ServedModel`).
+    """
+
+    def __init__(
+        self,
+        props: FederatedProperties,
+        *,
+        network: Network,
+        served: Callable[[], Packaged],
+        limits: Limits,
+        options: SocketOptions | None = None,
+        codec: str = "raw",
+        curve: Curve | None = None,
+        stream: StreamConfig = DEFAULT_STREAM,
+    ) -> None:
+        assert props.address.endpoint is not None
+        self.props = props
+        self.name = props.nick_name
+        self.endpoint = props.address.endpoint
+        self.limits = limits
+        self.codec = codec
+        self.curve = curve
+        #: Random per process start; requests addressed to another one are stale.
+        self.incarnation = uuid.uuid4().hex[:16]
+        #: The version stamped on every message (the Maintainer's).
+        self.version = 0
+        self.stats = TransportStats()
+        security = None
+        if curve is not None:
+            security = curve.server(self.name, props.group_name, props.collaborators)
+        self.port = network.router(
+            self.endpoint, options=options, limits=limits, security=security
+        )
+        self.roster: dict[str, AggregatorPipe] = {
+            name: AggregatorPipe(name) for name in props.collaborators
+        }
+        self.served = ServedModel(served, codec=codec, limits=limits, stream=stream)
+        self.streams = StreamDesk(self, stream)
+        #: Peers whose streamed upload completed outside a message of theirs.
+        self.completed: list[AggregatorPipe] = []
+        self._refusal_log: dict[str, tuple[float, int]] = {}
+        self._reprobe: list[float] = []
+        self._closed = False
+
+    # -- what the loop reads ---------------------------------------------------
+    @property
+    def next_timer(self) -> float:
+        """When :meth:`events` wants to run without input (``math.inf``: never)."""
+        return self._reprobe[0] if self._reprobe else math.inf
+
+    def online(self) -> list[AggregatorPipe]:
+        """Peers that said HELLO in this incarnation and have not left."""
+        return [p for p in self.roster.values() if p.online]
+
+    def peer_limits(self, pipe: AggregatorPipe) -> Limits:
+        """Limits for messages to ``pipe``: ours, within the frame bound its HELLO announced."""
+        return self.limits.within_frame_bound(pipe.peer_frame_bytes)
+
+    # -- events ------------------------------------------------------------------
+    def events(self, wait_ms: int) -> Iterator[PeerEvent]:
+        """Wait up to ``wait_ms`` for input, then report what happened, one event at a time.
+
+        Handles at most ``DRAIN_BATCH`` messages; the caller may stop
+        iterating at any event (the rest stays queued on the port).
+        """
+        ready = self.port.wait(wait_ms)
+        yield from self._liveness(probe=ready)
+        while self.completed:
+            yield PeerEvent(PeerEventKind.REQUEST, self.completed.pop(0))
+        if not ready:
+            return
+        for _ in range(DRAIN_BATCH):
+            try:
+                event = self._receive()
+            except WouldBlock:
+                return
+            if event is not None:
+                yield event
+            while self.completed:
+                yield PeerEvent(PeerEventKind.REQUEST, self.completed.pop(0))
+
+    def _liveness(self, *, probe: bool) -> Iterator[PeerEvent]:
+        """Peers found gone: after a disconnect a send to a departed id fails at once.
+
+        The port may report the disconnect before it has dropped the routing
+        id, and then the probe still succeeds; so a disconnect also schedules
+        probes a little later (``next_timer``).
+        """
+        now = time.monotonic()
+        disconnected = probe and any(
+            e.kind is LinkEventKind.DISCONNECTED for e in self.port.link_events()
+        )
+        if disconnected:
+            self._reprobe = [now + delay for delay in REPROBE_DELAYS]
+        elif self._reprobe and now >= self._reprobe[0]:
+            self._reprobe = [t for t in self._reprobe if t > now]
+        else:
+            return
+        for pipe in self.online():
+            if not self.send(pipe, Kind.PING, seq=0, meta={}):
+                yield PeerEvent(PeerEventKind.LEFT, pipe)
+
+    def _receive(self) -> PeerEvent | None:
+        """Handle one waiting message; the event it caused, if any."""
+        frames = recv_message(self.port, self._land)
+        self.stats.messages_in += 1
+        if frames is None:  # a chunk of a streamed upload, landed in place
+            return None
+        rid = frames[0].bytes
+        name = rid.decode("utf-8", "replace")
+        pipe = self.roster.get(name)
+        if pipe is None:
+            self._log_refusal(
+                ErrorCode.UNKNOWN_PEER,
+                f"dropped a message from {name[:64]!r}, not a member of the group",
+            )
+            # the roster is not told to whoever asks
+            self.refuse_message(
+                rid, 0, ErrorCode.UNKNOWN_PEER, f"{name!r} is not a collaborator of {self.name!r}"
+            )
+            return None
+        if not self._authentic(pipe, frames):
+            return None
+        try:
+            env = decode(frames[1:], limits=self.limits)
+        except ProtocolError as exc:
+            self._log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
+            self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
+            return None
+        if env.sender != name:
+            self.refuse_message(
+                rid,
+                env.seq,
+                ErrorCode.IDENTITY,
+                f"routing id {name!r} does not match sender {env.sender!r}",
+            )
+            return None
+        pipe.last_seen = time.monotonic()
+        return self._dispatch(pipe, env)
+
+    def _authentic(self, pipe: AggregatorPipe, frames: list[Frame]) -> bool:
+        """With CURVE, the key's name must be the routing id (a key cannot speak for another)."""
+        if self.curve is None or len(frames) < 2:
+            return True
+        claimed_by = self.port.user_id(frames[1])
+        if claimed_by == pipe.nick_name:
+            return True
+        self._log_refusal(
+            ErrorCode.IDENTITY,
+            f"dropped a message claiming to be {pipe.nick_name!r} from key of {claimed_by!r}",
+        )
+        self.refuse_message(
+            pipe.routing_id,
+            0,
+            ErrorCode.IDENTITY,
+            f"this connection authenticated as {claimed_by!r}, not {pipe.nick_name!r}",
+        )
+        return False
+
+    def _land(self, frames: list[Frame]) -> bool:
+        """Receive a CHUNK of a streamed upload into its tensors (True: consumed).
+
+        Anything that is not a well-formed chunk from the peer it names is
+        left to the ordinary path to refuse.
+        """
+        pipe = self.roster.get(frames[0].bytes.decode("utf-8", "replace"))
+        if pipe is None:
+            return False
+        if self.curve is not None and self.port.user_id(frames[1]) != pipe.nick_name:
+            return False
+        try:
+            head = parse_header(frames[1], self.limits)
+            sid, offset, nbytes = parse_chunk_meta(head.meta)
+        except ProtocolError:
+            return False
+        if head.sender != pipe.nick_name or head.tensors:
+            return False
+        pipe.last_seen = time.monotonic()
+        done = self.streams.land(pipe, head.seq, sid, offset, nbytes)
+        if done is not None:
+            self.completed.append(done)
+        return True
+
+    def discard_message(self) -> None:
+        """Drop the rest of the message being read."""
+        discard_rest(self.port)
+
+    def _dispatch(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
+        kind = env.kind
+        if kind == Kind.CREDIT:
+            try:
+                sid, nbytes = parse_credit_meta(env.meta)
+            except ProtocolError as exc:
+                self.refuse_message(pipe.routing_id, env.seq, ErrorCode.PROTOCOL, str(exc))
+                return None
+            self.streams.credit(pipe, sid, nbytes)
+            return None
+        if kind == Kind.CHUNK:
+            log.debug("%s: dropped a chunk of an abandoned stream from %s", self.name, pipe.nick_name)
+            return None
+        if kind == Kind.HELLO:
+            return self._hello(pipe, env)
+        if kind == Kind.BYE:
+            log.info("%s: %s said BYE", self.name, pipe.nick_name)
+            return self.left(pipe)
+        if kind == Kind.PING:
+            self.send(pipe, Kind.PONG, seq=env.seq, meta={})
+            return None
+        if kind not in (Kind.PUSH, Kind.PULL):
+            self.refuse_message(
+                pipe.routing_id,
+                env.seq,
+                ErrorCode.UNEXPECTED,
+                f"an aggregator does not accept {kind} messages",
+            )
+            return None
+        if not pipe.online:
+            self.refuse_message(
+                pipe.routing_id, env.seq, ErrorCode.HELLO_FIRST, f"say HELLO before {kind}"
+            )
+            return None
+        if env.incarnation != self.incarnation:
+            self.refuse_message(
+                pipe.routing_id,
+                env.seq,
+                ErrorCode.STALE_INCARNATION,
+                f"request addressed to incarnation {env.incarnation!r}, "
+                f"this is {self.incarnation!r}",
+            )
+            return None
+        if kind == Kind.PUSH and (pipe.session, env.seq) in pipe.accepted:
+            log.debug(
+                "%s: duplicate upload %d from %s acknowledged again",
+                self.name,
+                env.seq,
+                pipe.nick_name,
+            )
+            self.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
+            return None
+        if env.stream is not None:
+            done = self.streams.announce(pipe, env)
+            return None if done is None else PeerEvent(PeerEventKind.REQUEST, done)
+        self.request_arrived(pipe, env)
+        return PeerEvent(PeerEventKind.REQUEST, pipe)
+
+    def request_arrived(self, pipe: AggregatorPipe, env: Envelope) -> None:
+        """``env`` (a whole PUSH or PULL, or a completed stream) now waits on ``pipe``."""
+        pipe.bytes_in += env.nbytes
+        pipe.request = env
+        pipe.told_to_wait = False
+        pipe.meta = Meta(env.meta)
+
+    def _hello(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
+        protocol = env.meta.get("protocol")
+        if protocol != PROTOCOL_VERSION:
+            self.refuse_message(
+                pipe.routing_id,
+                env.seq,
+                ErrorCode.PROTOCOL,
+                f"peer speaks protocol {protocol!r}, {self.name} speaks {PROTOCOL_VERSION}",
+            )
+            return None
+        fingerprint = env.meta.get("fingerprint")
+        if fingerprint != self.props.fingerprint:
+            self.refuse_message(
+                pipe.routing_id,
+                env.seq,
+                ErrorCode.FINGERPRINT,
+                f"group fingerprint {fingerprint!r} differs from {self.name}'s "
+                f"{self.props.fingerprint!r}: the aggregator's topology has endpoint "
+                f"{self.endpoint} and collaborators {list(self.props.collaborators)}",
+            )
+            return None
+        pipe.peer_frame_bytes = peer_frame_bound(env.meta)
+        session = str(env.meta.get("session", ""))
+        if session != pipe.session:
+            # A new collaborator process: whatever the old one asked for is void.
+            pipe.request = None
+            self.streams.drop(pipe)
+            pipe.session = session
+        joined = not pipe.online
+        pipe.online = True
+        self.send(
+            pipe,
+            Kind.WELCOME,
+            seq=env.seq,
+            meta=welcome_meta(incarnation=self.incarnation, limits=self.limits),
+        )
+        if not joined:
+            return None
+        log.info("%s: %s joined", self.name, pipe.nick_name)
+        return PeerEvent(PeerEventKind.JOINED, pipe)
+
+    def left(self, pipe: AggregatorPipe) -> PeerEvent:
+        """``pipe``'s peer is gone: its pending request and streams are dropped."""
+        pipe.online = False
+        pipe.request = None
+        self.streams.drop(pipe)
+        return PeerEvent(PeerEventKind.LEFT, pipe)
+
+    # -- actions -------------------------------------------------------------------
+    def serve(self, pipe: AggregatorPipe, meta: Meta) -> bool:
+        """Answer ``pipe``'s download request with the served model (whole or in chunks)."""
+        request = pipe.request
+        assert request is not None and request.kind == Kind.PULL
+        pipe.request = None
+        encoded, streamed = self.served.frames_for(self.peer_limits(pipe))
+        if streamed:
+            return self.streams.start(pipe, request.seq, meta.to_json_dict(), encoded)
+        return self.send(pipe, Kind.DATA, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded)
+
+    def accept_upload(self, pipe: AggregatorPipe) -> bool:
+        """Count ``pipe``'s upload: ACK it, and ACK (not count) any retry of it."""
+        request = pipe.request
+        assert request is not None and request.kind == Kind.PUSH
+        pipe.request = None
+        pipe.accepted[(pipe.session, request.seq)] = None
+        while len(pipe.accepted) > KEEP_ACCEPTED:
+            del pipe.accepted[next(iter(pipe.accepted))]
+        return self.send(pipe, Kind.ACK, seq=request.seq, meta={"version": self.version})
+
+    def park(self, pipe: AggregatorPipe) -> None:
+        """Keep ``pipe``'s request for later; tell the collaborator to wait (once)."""
+        if pipe.request is None or pipe.told_to_wait:
+            return
+        pipe.told_to_wait = True
+        self.stats.parked += 1
+        self.send(pipe, Kind.WAIT, seq=pipe.request.seq, meta={"version": self.version})
+
+    def refuse(self, pipe: AggregatorPipe, code: ErrorCode, reason: str) -> None:
+        """Refuse ``pipe``'s pending request for good, telling the collaborator why."""
+        request = pipe.request
+        if request is None:
+            return
+        pipe.request = None
+        pipe.take_out_meta()
+        self.refuse_message(pipe.routing_id, request.seq, code, reason)
+
+    def model_changed(self) -> None:
+        """The served state changed: encode it again, and stop serving the old one."""
+        self.served.changed()
+        self.streams.quiesce()
+
+    def send(
+        self,
+        pipe: AggregatorPipe,
+        kind: Kind,
+        *,
+        seq: int,
+        meta: dict[str, Any],
+        encoded: EncodedTensors | None = None,
+        stream: tuple[str, int] | None = None,
+    ) -> bool:
+        """Send ``kind`` to ``pipe``; False (and the peer gone) if it cannot be reached."""
+        env = stamp(
+            kind, self.name, seq=seq, incarnation=self.incarnation, version=self.version, meta=meta
+        )
+        frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded, stream=stream)
+        try:
+            self.port.send([pipe.routing_id, *frames])
+        except Unreachable:
+            log.info("%s: %s is unreachable; pipe offline", self.name, pipe.nick_name)
+            self.left(pipe)
+            return False
+        except WouldBlock:
+            log.warning("%s: %s's queue is full; %s not sent", self.name, pipe.nick_name, kind)
+            return False
+        if encoded is not None and stream is None:
+            pipe.bytes_out += encoded.nbytes
+        return True
+
+    def refuse_message(self, rid: bytes, seq: int, code: ErrorCode, reason: str) -> None:
+        """Answer a message from routing id ``rid`` with ERROR ``code`` (best effort)."""
+        self.stats.count_refusal(code)
+        env = stamp(
+            Kind.ERROR,
+            self.name,
+            seq=seq,
+            incarnation=self.incarnation,
+            version=self.version,
+            meta=error_meta(code, reason),
+        )
+        try:
+            self.port.send([rid, *encode(env, limits=self.limits)])
+        except (Unreachable, WouldBlock):
+            pass  # the offender is gone or not reading: nothing to tell
+
+    def _log_refusal(self, code: ErrorCode, message: str) -> None:
+        """Log a refused message, at most once per ``REFUSAL_LOG_INTERVAL`` for each code.
+
+        A flooding peer would otherwise turn into a log flood: the others of
+        an interval are counted and reported with the next line.
+        """
+        now = time.monotonic()
+        last, suppressed = self._refusal_log.get(code.value, (-math.inf, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusal_log[code.value] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more {code} refusals since the last report)" if suppressed else ""
+        log.warning("%s: %s%s", self.name, message, more)
+        self._refusal_log[code.value] = (now, 0)
+
+    # -- shutdown ----------------------------------------------------------------
+    def close(self, *, final: bool = False) -> None:
+        """Say BYE to every online collaborator and close the port.
+
+        ``final`` tells them the federation is over, so they stop instead of
+        waiting for this aggregator to come back.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.streams.quiesce(timeout=5.0)
+        for pipe in self.online():
+            self.send(pipe, Kind.BYE, seq=0, meta={"final": final})
+        self.port.close()

@@ -1,0 +1,208 @@
+"""The protocol both ends speak: kinds, error codes, envelopes, handshake, chunk I/O.
+
+Everything here is shared by the aggregator's and the collaborator's
+transport, so each rule of the protocol is written once:
+
+* :class:`Kind` and :class:`ErrorCode` -- what a message is, why a request
+  was refused;
+* :func:`stamp` -- the one function that builds an outgoing envelope
+  (sender, incarnation, version, seq);
+* :func:`hello_meta` / :func:`welcome_meta` and :func:`peer_frame_bound` --
+  the handshake and the frame bound each side announces (a frame above the
+  receiver's MAXMSGSIZE would be dropped without a word, docs/zeromq.md §17);
+* :func:`requested_version` -- the version a request asks for;
+* :func:`recv_message`, :func:`land_chunk`, :func:`discard_rest` and
+  :func:`pump` -- chunked streams on a port: a CHUNK's payload lands in
+  its tensors with ``recv_into``, and chunks go out while credit lasts.
+
+The message flow itself is described in ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from zmqfed.errors import ProtocolError
+from zmqfed.federated.ports import Frame, Port, Tracker
+from zmqfed.wire import PROTOCOL_VERSION, Envelope, Kind, Limits
+from zmqfed.wire.limits import announced_frame_bound
+from zmqfed.wire.stream import CHUNK_PREFIX
+
+if TYPE_CHECKING:
+    from zmqfed.federated.chunked import InStream, OutStream
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "REHELLO_ERRORS",
+    "ErrorCode",
+    "Kind",
+    "discard_rest",
+    "error_meta",
+    "hello_meta",
+    "land_chunk",
+    "peer_frame_bound",
+    "pump",
+    "recv_message",
+    "requested_version",
+    "stamp",
+    "welcome_meta",
+]
+
+
+class ErrorCode(str, enum.Enum):
+    """Why an aggregator refused a message (ERROR ``meta['code']``)."""
+
+    PROTOCOL = "protocol"  # malformed, or another protocol version
+    UNKNOWN_PEER = "unknown-peer"  # the routing id is not a member of the group
+    IDENTITY = "identity"  # routing id, sender and CURVE key disagree
+    FINGERPRINT = "fingerprint"  # the peer's topology describes another group
+    HELLO_FIRST = "hello-first"  # a request before the handshake
+    STALE_INCARNATION = "stale-incarnation"  # addressed to an earlier aggregator process
+    UNEXPECTED = "unexpected"  # a kind an aggregator does not accept
+    BAD_UPLOAD = "bad-upload"  # the upload does not fit the model
+    DISCARDED = "discarded"  # a step hook refused the request for good
+    STREAM = "stream"  # a chunk broke the stream's rules
+    STREAM_ABORTED = "stream-aborted"  # the served model changed while it streamed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Errors about the connection itself, sent with seq 0 when the request could
+#: not be read: they answer whatever request is pending.
+CONNECTION_ERRORS = frozenset({ErrorCode.IDENTITY, ErrorCode.UNKNOWN_PEER, ErrorCode.PROTOCOL})
+#: Errors after which a collaborator says HELLO again and sends its request again.
+REHELLO_ERRORS = frozenset({ErrorCode.HELLO_FIRST, ErrorCode.STALE_INCARNATION})
+
+
+def stamp(
+    kind: Kind,
+    sender: str,
+    *,
+    seq: int,
+    incarnation: str = "",
+    version: int = 0,
+    meta: Mapping[str, Any] | None = None,
+    tensors: dict[str, Any] | None = None,
+) -> Envelope:
+    """The envelope of an outgoing message: every header field in one place."""
+    return Envelope(
+        kind=kind.value,
+        sender=sender,
+        version=max(version, 0),
+        seq=seq,
+        incarnation=incarnation,
+        meta=dict(meta) if meta is not None else {},
+        tensors=tensors or {},
+    )
+
+
+def error_meta(code: ErrorCode, reason: str) -> dict[str, Any]:
+    """The meta of an ERROR message."""
+    return {"code": code.value, "reason": reason}
+
+
+def hello_meta(
+    *, fingerprint: str, session: str, aggregator: str, endpoint: str, limits: Limits
+) -> dict[str, Any]:
+    """What a collaborator announces in HELLO: who it is and the largest frame it accepts."""
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "fingerprint": fingerprint,
+        "session": session,
+        "aggregator": aggregator,
+        "endpoint": endpoint,
+        "max_frame_bytes": limits.max_frame_bytes,
+    }
+
+
+def welcome_meta(*, incarnation: str, limits: Limits) -> dict[str, Any]:
+    """What an aggregator answers in WELCOME: its incarnation and largest frame."""
+    return {"incarnation": incarnation, "max_frame_bytes": limits.max_frame_bytes}
+
+
+def peer_frame_bound(meta: Mapping[str, Any]) -> int | None:
+    """The frame bound a HELLO or WELCOME announced (None: none, or nonsense)."""
+    return announced_frame_bound(meta.get("max_frame_bytes"))
+
+
+def requested_version(meta: Mapping[str, Any]) -> int:
+    """The version a request's meta asks for; -1 when it names none (or not an int)."""
+    version = meta.get("version", -1)
+    if isinstance(version, int) and not isinstance(version, bool):
+        return version
+    return -1
+
+
+# -- chunked streams on a port --------------------------------------------------
+
+
+def recv_message(port: Port, land: Callable[[list[Frame]], bool]) -> list[Frame] | None:
+    """Receive one waiting message (:class:`~zmqfed.federated.ports.WouldBlock` if none).
+
+    For a CHUNK (``[routing id,] header, payload``), ``land(frames so far)``
+    is asked first; when it returns True it consumed the rest of the message
+    (normally with ``recv_into``) and None is returned.  Otherwise every
+    frame is returned.  A CHUNK is recognised by its header's first bytes,
+    before any Python object is made of its payload.
+    """
+    frames = [port.recv_frame()]
+    if port.routed and frames[-1].more:
+        frames.append(port.recv_frame())
+    header = frames[-1]
+    if (
+        header.more
+        and len(header.buffer) > len(CHUNK_PREFIX)
+        and header.buffer[: len(CHUNK_PREFIX)] == CHUNK_PREFIX
+        and land(frames)
+    ):
+        return None
+    while frames[-1].more:
+        frames.append(port.recv_frame())
+    return frames
+
+
+def land_chunk(port: Port, stream: InStream, offset: int, nbytes: int) -> None:
+    """Receive a CHUNK's payload frame into ``stream``; ``ProtocolError`` if it is not exactly that.
+
+    The rest of the message is always consumed, also on error.
+    """
+    try:
+        target = stream.target(offset, nbytes)
+    except ProtocolError:
+        discard_rest(port)
+        raise
+    got = port.recv_into(target)
+    extra = discard_rest(port)  # a CHUNK has exactly one payload
+    if got != nbytes or extra:
+        raise ProtocolError(
+            f"stream {stream.id}: chunk payload of {got} bytes in {1 + extra} frames, "
+            f"header says {nbytes} bytes in 1"
+        )
+    stream.landed(offset, nbytes)
+
+
+def discard_rest(port: Port) -> int:
+    """Receive and drop the remaining frames of the current message; returns how many."""
+    n = 0
+    while port.has_more():
+        port.recv_into(memoryview(bytearray()))
+        n += 1
+    return n
+
+
+def pump(port: Port, stream: OutStream, route: list[bytes] | None = None) -> int:
+    """Send ``stream``'s chunks on ``port`` while its credit lasts; returns how many.
+
+    ``route`` is the routing id frame a ROUTER port needs.  Stops at the
+    high-water mark; raises :class:`~zmqfed.federated.ports.Unreachable`
+    when the peer is gone.
+    """
+    prefix = route or []
+
+    def send(frames: list[Any]) -> Tracker | None:
+        return port.send([*prefix, *frames], track=True)
+
+    return stream.pump(send)
