@@ -40,7 +40,7 @@ __all__ = [
 MAGIC = b"ZMQFED"
 #: The byte after ``MAGIC``; a peer with another value is refused with a clear error.
 PROTOCOL_VERSION = 1
-#: Message kinds (DESIGN.md "Pipes and groups").
+#: Message kinds (docs/protocol.md §4).
 KINDS = (
     "HELLO",
     "WELCOME",
