@@ -1,4 +1,4 @@
-"""Chunked streaming under byte credit over real sockets (DESIGN.md "Wire format").
+"""Chunked streaming under byte credit over real sockets (docs/protocol.md §6).
 
 The stream settings are shrunk (KiB instead of MiB) so that small models take
 every path a multi-GiB one does: tensors larger than a frame may be, small

@@ -5,7 +5,7 @@ receiving side, wraps the frame in a tensor without copying.  The lz4 codecs
 use the *block* format without a stored size: the decompressed size always
 comes from the (already validated) header, never from the stream, so a forged
 stream cannot make the receiver allocate more than the header announced
-(256 MiB of zeros compresses to about 1 MB, ZMQ-NOTES.md item 16).
+(256 MiB of zeros compresses to about 1 MB, docs/zeromq.md §17).
 
 Measured on this project's machines, lz4 gains nothing on dense float weights
 and runs slower than loopback, so ``auto`` probes a sample and falls back to
@@ -50,7 +50,7 @@ LZ4_MAX_BYTES = 0x7E000000
 # tensors whose first rows are special, e.g. embeddings with a padding row).
 _PROBE_WINDOW = 64 * 1024  # a multiple of every itemsize, so windows hold whole elements
 _PROBE_WINDOWS = 4
-# Thresholds from ZMQ-NOTES.md item 16: lz4 must save 25 % to be worth its CPU time
+# Thresholds (docs/zeromq.md §17): lz4 must save 25 % to be worth its CPU time
 # against a fast link; shuffle-lz4 (0.83 on bf16, 0.92 on fp32) must save 15 %.
 _LZ4_RATIO = 0.75
 _SHUFFLE_RATIO = 0.85

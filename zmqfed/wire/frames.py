@@ -9,7 +9,7 @@ One message is ``[header, tensor frame ..., (object frame)]``:
   rpc), and ``object`` is ``null`` or ``{nbytes}``;
 - one frame per tensor, zero-copy for the ``raw`` codec in both directions;
 - an optional cloudpickled object frame, produced and accepted only when
-  ``Limits.allow_pickle`` is set (ZMQ-NOTES.md item 25).
+  ``Limits.allow_pickle`` is set (docs/zeromq.md §21).
 
 The version byte comes right after the magic so that a peer speaking another
 protocol fails with a clear error instead of a JSON puzzle.  ``decode`` checks
@@ -210,7 +210,7 @@ def encode(
     snapshot : bool
         Copy ``raw`` tensor bytes that alias the caller's tensors, so the
         caller may mutate them while libzmq is still sending.  Without it,
-        do not touch the tensors until the send completed (ZMQ-NOTES item 13).
+        do not touch the tensors until the send completed (docs/zeromq.md §14).
     encoded : EncodedTensors, optional
         Frames made earlier by :func:`encode_tensors`, sent instead of
         ``env.tensors`` (which must then be empty).  Lets one encoding of a

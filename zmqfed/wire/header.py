@@ -45,7 +45,7 @@ PROTOCOL_VERSION = 1
 
 
 class Kind(str, enum.Enum):
-    """Message kinds; each compares equal to its wire string (``Kind.PUSH == "PUSH"``)."""
+    """Message kinds (docs/protocol.md §4); each equals its wire string (``Kind.PUSH == "PUSH"``)."""
 
     HELLO = "HELLO"  # collaborator -> aggregator: handshake, frame bound, session
     WELCOME = "WELCOME"  # the handshake's answer: incarnation, frame bound

@@ -5,7 +5,7 @@ allocates anything, so a forged header or an lz4 bomb cannot make a receiver
 allocate more than ``max_message_bytes`` (plus, for ``shuffle-lz4``, one
 scratch copy of the largest tensor).  The sender checks the same numbers and
 fails loudly, because ZeroMQ's MAXMSGSIZE backstop fails silently (the peer is
-just disconnected, ZMQ-NOTES.md item 17).
+just disconnected, docs/zeromq.md §13).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Limits:
         """These limits, with frames no larger than ``bound`` (what a peer accepts).
 
         A frame above the receiver's MAXMSGSIZE is dropped without a word
-        (ZMQ-NOTES item 17); a sender checking these limits streams a tensor
+        (docs/zeromq.md §13); a sender checking these limits streams a tensor
         that large instead.
         """
         if bound is None or bound >= self.max_frame_bytes:

@@ -10,11 +10,11 @@ messages; the sender never has more than the granted bytes in flight and sends
 CHUNK messages ``[header, payload]`` whose payload is the byte range
 ``[offset, offset + nbytes)`` of the tensors' concatenated raw bytes, in order.
 The receiver lands each payload in the tensors' own storage with
-``Socket.recv_into`` (ZMQ-NOTES.md items 14-15), so neither side ever holds
+``Socket.recv_into`` (docs/zeromq.md §15-16), so neither side ever holds
 more than the model plus the window, and no frame is larger than a chunk.
 
 Streams carry the ``raw`` codec only: compression pays on slow links and
-sparse updates (ZMQ-NOTES.md item 16), which are not the multi-GiB case.
+sparse updates (docs/zeromq.md §17), which are not the multi-GiB case.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class StreamConfig:
         Messages with more raw tensor bytes than this are streamed; smaller
         ones go as one multipart message (faster: no credit round trips).
     chunk_bytes : int
-        Payload bytes per CHUNK message (ZMQ-NOTES.md item 15: 4-16 MiB).
+        Payload bytes per CHUNK message (docs/zeromq.md §16: a few MiB).
     window_bytes : int
         Credit a receiver grants one stream: the bytes in flight, and so the
         memory beyond the model each side needs for it.

@@ -124,7 +124,7 @@ def encode_tensors(
         loudly (MAXMSGSIZE would silently drop an oversized frame).
     snapshot : bool
         Copy raw buffers that alias the caller's tensors, so the caller may
-        mutate them while libzmq still reads the frames (ZMQ-NOTES item 13).
+        mutate them while libzmq still reads the frames (docs/zeromq.md §14).
         Compressed frames and copies made for non-contiguous tensors are
         already private and are not copied again.
     streamed : bool
