@@ -26,8 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from zmqfed.core import Maintainer, steps
+from zmqfed.core import Maintainer, StepContext, step_points
+from zmqfed.core.contracts import as_context
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
+from zmqfed.federated.protocol import ErrorCode, meta_version
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -49,16 +51,20 @@ class RoundRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def stale_check(maintainer: Maintainer) -> bool | None:
-    """``before_download`` hook: refuse uploads tagged older than the version being served."""
-    pipe = maintainer.pipe
+def stale_check(ctx: StepContext | Maintainer) -> bool | None:
+    """``upload_received`` hook: refuse uploads tagged older than the version being served.
+
+    Registers with ``Maintainer.on`` or, OpenFed-style, ``register_step_hook``.
+    """
+    ctx = as_context(ctx)
+    m, pipe = ctx.maintainer, ctx.pipe
     if pipe is None:
         return None
-    version = pipe.meta.get("version", -1)
-    if isinstance(version, int) and version <= maintainer.version:
-        maintainer.discard(
+    version = meta_version(pipe.meta)
+    if version <= m.version:
+        m.discard(
             f"stale upload: version {version} answers an older model; "
-            f"the aggregator serves version {maintainer.version}"
+            f"the aggregator serves version {m.version}"
         )
         return False
     return None
@@ -142,7 +148,7 @@ class API(threading.Thread):
         #: The latest rounds (``keep_records`` of them; ``record_path`` has them all).
         self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
-        maintainer.register_step_hook(40, stale_check, steps.before_download)
+        maintainer.on(step_points.upload_received, stale_check, nice=40)
 
     def run(self) -> None:
         """Run every round (in this thread, or in a new one with ``start()``)."""
@@ -314,7 +320,7 @@ def run_collaborator(
         try:
             maintainer.step(download=False, timeout=timeout)
         except RemoteError as exc:
-            if exc.code != "discarded":
+            if exc.code != ErrorCode.DISCARDED:
                 raise
             log.warning("%s: upload refused: %s", maintainer.nick_name, exc.reason)
         for optim in optims:

@@ -23,20 +23,14 @@ from typing import Any
 
 import torch
 
-from zmqfed.api import (
-    API,
-    RoundRecord,
-    aggregate_and_step,
-    is_last_round,
-    run_collaborator,
-    stale_check,
-)
+from zmqfed.api import API, RoundRecord, aggregate_and_step, run_collaborator, stale_check
 from zmqfed.app import App, NodeContext
 from zmqfed.checkpoint import load_checkpoint, save_checkpoint
-from zmqfed.core import Maintainer, steps
-from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline
+from zmqfed.core import Maintainer, step_points
+from zmqfed.errors import ConfigError
 from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
+from zmqfed.meta import Meta
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
@@ -270,45 +264,34 @@ class NodeRunner:
         )
 
     def _run_edge(self, below: FederatedProperties, above: FederatedProperties) -> None:
-        """Relay: the model comes from above, the leaves train it, their aggregate goes up."""
+        """Relay: the model comes from above, the leaves train it, their aggregate goes up.
+
+        Toward the aggregator above, the edge is an ordinary collaborator
+        (:func:`~zmqfed.api.run_collaborator`) whose "local training" is one
+        step of its own group: serve the model below, collect the leaves'
+        uploads, aggregate them into the shared model.
+        """
         up = self._maintainer(above)
         down = self._maintainer(below)
         self._step_policy(down, below)
-        down.register_step_hook(40, stale_check, steps.before_download)
+        down.on(step_points.upload_received, stale_check, nice=40)
         server = self._server_optim()
-        wanted = 0
-        while True:
-            up.update_version(wanted)
-            try:
-                up.step(upload=False)
-            except PeerOffline as exc:  # the aggregator above finished the federation
-                log.info("%s: %s", self.name, exc)
-                return
-            except AggregatorRewound as exc:  # it restarted from an older checkpoint
-                log.warning("%s: %s; relaying that round again", self.name, exc)
-                wanted = exc.version
-                continue
-            served = int(up.meta.get("version", wanted))
-            up.unpackage()
+
+        def relay(meta: Meta) -> dict[str, Any]:
             for key in ("round", "rounds", "mode"):
-                if key in up.meta:
-                    down.meta[key] = up.meta[key]
+                if key in meta:
+                    down.meta[key] = meta[key]
             down.package()
             down.step()
-            instances = sum(int(meta.get("instances", 1)) for meta in down.meta_list)
+            instances = sum(int(m.get("instances", 1)) for m in down.meta_list)
             metrics = meta_reduce(down.meta_list, self.app.reduce_keys) if down.meta_list else {}
             if down.data_list:
                 agg = self.app.agg_func or naive_aggregation
                 aggregate_and_step(down, [server], agg, **self.app.agg_kwargs)
             down.clear()
             down.update_version()
-            up.update_version(served + 1)
-            up.meta.update(metrics)
-            up.meta["instances"] = instances
-            up.package()
-            up.step(download=False)
             self.round += 1
             self.write_status("running")
-            wanted = served + 1
-            if is_last_round(up.meta):
-                return
+            return {**metrics, "instances": instances}
+
+        run_collaborator(up, relay, test=relay)

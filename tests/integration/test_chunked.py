@@ -18,7 +18,7 @@ import zmq
 import zmqfed.topo as topo
 from tests.integration._helpers import node_results
 from tests.integration.test_protocol_faults import _ask, _dealer, _hello, _star
-from zmqfed.core import Maintainer, loop, steps
+from zmqfed.core import Maintainer, aggregator_side, steps
 from zmqfed.functional import count_step
 from zmqfed.wire import Envelope, Limits, StreamConfig, decode, encode, encode_tensors
 from zmqfed.wire.stream import chunk_meta, parse_credit_meta
@@ -136,8 +136,7 @@ class StreamingAggregator(threading.Thread):
         try:
 
             def watch(m: Maintainer) -> None:
-                assert m._loop is not None
-                self.peak_stream_bytes = m._loop.group.stream_bytes_peak
+                self.peak_stream_bytes = m.stats["stream_bytes_peak"]
                 if self.stop.is_set() or (self.count and len(m.meta_list) >= self.count):
                     m.manual_stop()
 
@@ -315,7 +314,7 @@ def test_a_stalled_download_is_aborted_when_the_step_ends(
     The served tensors may change after ``step()`` returns, so no chunk of
     them may still be sent by then.
     """
-    monkeypatch.setattr(loop, "STREAM_STALL", 1.0)
+    monkeypatch.setattr(aggregator_side, "STREAM_STALL", 1.0)
     agg = streaming_aggregator
     with _dealer(zmq_ctx, agg.endpoint, "alpha") as sock:
         welcome = _hello(sock, agg.fingerprint)

@@ -1,9 +1,9 @@
 """Lossy compression hooks: error bounds, pass-through rules, validation, bytes.
 
-Each test builds a real aggregator and collaborator Maintainer (ipc, no
-message is sent) and runs their package/unpackage hooks and received-data
-checks exactly as ``step()`` does (``Maintainer.receive``: names, the
-unpackage hooks, then shapes).
+Each test builds an aggregator and a collaborator Maintainer on an in-memory
+network (no sockets) and runs their package/unpackage hooks and
+received-data checks exactly as ``step()`` does (``Maintainer.receive``:
+names, the unpackage hooks, then shapes).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import zmqfed.topo as topo
 from zmqfed.core import Maintainer
 from zmqfed.errors import ConfigError, ProtocolError
+from zmqfed.federated import MemoryNetwork
 from zmqfed.functional import (
     CompressionStats,
     device_alignment,
@@ -38,14 +39,15 @@ def _state(seed: int = 0, n: int = 4096) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def nodes(ipc_endpoint):
+def nodes():
     """``make(agg_state, col_state) -> (aggregator, collaborator)`` Maintainers."""
     made: list[Maintainer] = []
+    network = MemoryNetwork()
 
     def make(agg_state, col_state):
-        star = topo.star(1, ipc_endpoint)
-        agg = Maintainer(topo.analysis(star, "aggregator")[0], agg_state)
-        col = Maintainer(topo.analysis(star, "client0")[0], col_state)
+        star = topo.star(1, f"ipc:///memory/compress-{len(made)}")
+        agg = Maintainer(topo.analysis(star, "aggregator")[0], agg_state, network=network)
+        col = Maintainer(topo.analysis(star, "client0")[0], col_state, network=network)
         made.extend((agg, col))
         return agg, col
 

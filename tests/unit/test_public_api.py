@@ -80,6 +80,7 @@ def test_functional_all_is_pinned():
             "StreamingFedAvg",
             "after_destroy",
             "after_download",
+            "after_peer",
             "after_upload",
             "at_failed",
             "at_first",
@@ -90,11 +91,14 @@ def test_functional_all_is_pinned():
             "average_aggregation",
             "before_destroy",
             "before_download",
+            "before_peer",
             "before_upload",
             "count_step",
             "deadline_step",
             "device_alignment",
             "dispatch_step",
+            "download_requested",
+            "download_served",
             "elastic_aggregation",
             "half_precision",
             "int8_quantization",
@@ -104,16 +108,83 @@ def test_functional_all_is_pinned():
             "median_aggregation",
             "meta_reduce",
             "naive_aggregation",
+            "peer_idle",
+            "peer_invalid",
+            "peer_leaving",
+            "peer_left",
             "period_step",
+            "request_parked",
             "sign_gradient_clip",
+            "step_started",
             "streaming_fedavg",
             "topk_sparsification",
             "trimmed_mean_aggregation",
+            "upload_handled",
+            "upload_received",
             "version_check",
         ]
     )
     for name in f.__all__:
         assert hasattr(f, name), name
+
+
+def test_step_point_names_keep_openfeds_as_aliases():
+    points = zmqfed.core.step_points
+    assert zmqfed.core.steps is points
+    for openfed, ours in points.OPENFED_NAMES.items():
+        assert getattr(points, openfed) == ours == getattr(zmqfed.functional, openfed)
+        assert points.canonical(openfed) == ours
+        assert ours in points.STEP_NAMES
+    assert points.before_download == points.upload_received
+    assert points.before_upload == points.download_requested
+    assert points.canonical("nonsense") is None
+
+
+def test_core_and_federated_all_are_pinned():
+    assert sorted(zmqfed.core.__all__) == [
+        "Maintainer",
+        "StepContext",
+        "StepResult",
+        "current_maintainer",
+        "step_points",
+        "steps",
+    ]
+    assert sorted(zmqfed.federated.__all__) == sorted(
+        [
+            "AGGREGATOR",
+            "COLLABORATOR",
+            "OFFLINE",
+            "PULLING",
+            "PUSHING",
+            "ZOMBIE",
+            "AggregatorPipe",
+            "AggregatorTransport",
+            "CollaboratorPipe",
+            "CollaboratorTransport",
+            "Curve",
+            "ErrorCode",
+            "FederatedProperties",
+            "Kind",
+            "MemoryNetwork",
+            "Network",
+            "PeerEvent",
+            "PeerEventKind",
+            "Pipe",
+            "Port",
+            "SocketOptions",
+            "TransportStats",
+            "ZmqNetwork",
+            "context",
+            "create_keys",
+            "default_network",
+            "init_federated_group",
+            "make_dealer",
+            "make_router",
+        ]
+    )
+    for module in (zmqfed.core, zmqfed.federated):
+        for name in module.__all__:
+            assert hasattr(module, name), name
 
 
 def test_addresses():

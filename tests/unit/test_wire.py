@@ -284,6 +284,7 @@ def test_public_api_is_pinned() -> None:
             "DEFAULT_LIMITS",
             "DEFAULT_STREAM",
             "KINDS",
+            "Kind",
             "MAGIC",
             "PROTOCOL_VERSION",
             "EncodedTensors",

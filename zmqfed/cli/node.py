@@ -189,9 +189,9 @@ def _exit_now(code: int) -> None:
     (tens of seconds on a loaded host) collecting garbage; a daemon stopped by
     SIGTERM should be gone at once. Everything that matters is done first.
     """
-    from zmqfed.core.maintainer import _close_all
+    from zmqfed.federated.sockets import shutdown
 
-    _close_all()
+    shutdown()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,9 +1,18 @@
-"""Core layer: the ``Maintainer`` and the names of its step points."""
+"""Core layer: the ``Maintainer``, its step points and the hook contracts."""
 
 from __future__ import annotations
 
-from zmqfed.core import steps
+from zmqfed.core import step_points
+from zmqfed.core import step_points as steps  # the module's earlier name
 from zmqfed.core.context import current_maintainer
+from zmqfed.core.contracts import StepContext, StepResult
 from zmqfed.core.maintainer import Maintainer
 
-__all__ = ["Maintainer", "current_maintainer", "steps"]
+__all__ = [
+    "Maintainer",
+    "StepContext",
+    "StepResult",
+    "current_maintainer",
+    "step_points",
+    "steps",
+]

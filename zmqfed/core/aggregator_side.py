@@ -22,7 +22,7 @@ from zmqfed.core import step_points as points
 from zmqfed.core.contracts import StepResult
 from zmqfed.errors import PeerTimeout, ProtocolError
 from zmqfed.federated import AggregatorPipe, AggregatorTransport, PeerEvent, PeerEventKind
-from zmqfed.federated.protocol import ErrorCode, requested_version
+from zmqfed.federated.protocol import ErrorCode, meta_version
 from zmqfed.meta import Meta
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class AggregatorSide:
             "refused": dict(stats.refused),
             "chunks_in": stats.chunks_in,
             "chunks_out": stats.chunks_out,
+            "stream_bytes_peak": self.transport.streams.in_bytes_peak,
         }
 
     def close(self, *, final: bool) -> None:
@@ -197,7 +198,7 @@ class AggregatorSide:
         elif pipe.is_pulling:
             verdict = self._run(points.download_requested, pipe)
             if verdict is None:  # no hook decided: serve versions already reached
-                verdict = requested_version(pipe.meta) <= self.m.version
+                verdict = meta_version(pipe.meta) <= self.m.version
             if verdict:
                 self._run(points.download_served, pipe, self._serve(pipe))
             else:

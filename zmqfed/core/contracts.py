@@ -28,20 +28,27 @@ __all__ = [
     "StepContext",
     "StepHook",
     "StepResult",
+    "as_context",
     "as_optim_list",
     "takes_name",
 ]
 
 
-class PackageHook(Protocol):
-    """``hook(state, p[, name=...]) -> state``: transform one tensor's fields.
-
-    ``state`` maps field names (``'param'``, optimizer state keys) to tensors;
-    ``p`` is the node's own tensor of that name.  A hook with a ``name``
-    parameter also receives the tensor's name in the state dict.
-    """
-
+class _PlainPackageHook(Protocol):
     def __call__(self, state: dict[str, Tensor], p: Tensor, /) -> dict[str, Tensor]: ...
+
+
+class _NamedPackageHook(Protocol):
+    def __call__(
+        self, state: dict[str, Tensor], p: Tensor, /, *, name: str
+    ) -> dict[str, Tensor]: ...
+
+
+#: ``hook(state, p[, name=...]) -> state``: transform one tensor's fields.
+#: ``state`` maps field names (``'param'``, optimizer state keys) to tensors;
+#: ``p`` is the node's own tensor of that name; a hook with a ``name``
+#: parameter also receives the tensor's name in the state dict.
+PackageHook = _PlainPackageHook | _NamedPackageHook
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,18 @@ class StepResult:
 
     def __bool__(self) -> bool:
         return True
+
+
+def as_context(arg: StepContext | Maintainer) -> StepContext:
+    """A step hook's argument as a :class:`StepContext`.
+
+    Lets one hook serve both registrations: ``Maintainer.on`` passes the
+    context, OpenFed's ``register_step_hook`` the Maintainer (whose ``pipe``
+    and ``current_step`` name the peer and the point being run).
+    """
+    if isinstance(arg, StepContext):
+        return arg
+    return StepContext(arg, arg.current_step or "", arg.pipe)
 
 
 def takes_name(hook: Callable[..., Any]) -> bool:

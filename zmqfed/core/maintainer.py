@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zmqfed.core import step_points
 from zmqfed.core.aggregator_side import AggregatorSide
 from zmqfed.core.collaborator_side import CollaboratorSide
 from zmqfed.core.context import pop_maintainer, push_maintainer
@@ -203,9 +202,7 @@ class Maintainer:
         """Transform received data: ``hook(state, p[, name=]) -> state`` per tensor, lower ``nice`` first."""
         self._hooks.add_unpackage(nice, unpackage_hook)
 
-    def register_step_hook(
-        self, nice: int, step_hook: Any, step_name: str | None = None
-    ) -> None:
+    def register_step_hook(self, nice: int, step_hook: Any, step_name: str | None = None) -> None:
         """Run OpenFed-style ``step_hook(maintainer[, flag])`` at step point ``step_name``.
 
         The hook reads the peer from ``maintainer.pipe``; ``flag`` is passed
@@ -220,19 +217,23 @@ class Maintainer:
 
         def openfed_shape(ctx: StepContext) -> bool | None:
             if ctx.flag is None:
-                return step_hook(ctx.maintainer)  # type: ignore[no-any-return]
-            return step_hook(ctx.maintainer, ctx.flag)  # type: ignore[no-any-return]
+                return step_hook(ctx.maintainer)
+            return step_hook(ctx.maintainer, ctx.flag)
 
         self._hooks.add_step(step_name, openfed_shape, nice)  # type: ignore[arg-type]
 
     def on(self, point: str, hook: StepHook, nice: int = 50) -> None:
         """Run ``hook(ctx)`` at step point ``point``; ``ctx`` is a :class:`StepContext`.
 
-        >>> maintainer.on(step_points.upload_handled, lambda ctx: print(ctx.pipe.nick_name))  # doctest: +SKIP
+        >>> maintainer.on(
+        ...     step_points.upload_handled, lambda ctx: print(ctx.pipe.nick_name)
+        ... )  # doctest: +SKIP
         """
         self._hooks.add_step(point, hook, nice)
 
-    def run_step_point(self, point: str, pipe: Pipe | None, flag: bool | None = None) -> bool | None:
+    def run_step_point(
+        self, point: str, pipe: Pipe | None, flag: bool | None = None
+    ) -> bool | None:
         """Run the hooks of ``point`` about ``pipe``: False if any refused, True if any accepted."""
         self.current_step = point
         self.pipe = pipe

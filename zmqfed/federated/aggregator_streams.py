@@ -148,7 +148,9 @@ class StreamDesk:
         stream = pipe.in_stream
         if stream is None or sid != stream.id:
             self.t.discard_message()
-            log.debug("%s: dropped a chunk of a finished stream from %s", self.t.name, pipe.nick_name)
+            log.debug(
+                "%s: dropped a chunk of a finished stream from %s", self.t.name, pipe.nick_name
+            )
             return None
         try:
             land_chunk(self.t.port, stream, offset, nbytes)
@@ -279,7 +281,10 @@ class StreamDesk:
             stream = self._end(pipe)
             if stream is not None:
                 self.t.refuse_message(
-                    pipe.routing_id, stream.seq, ErrorCode.STREAM_ABORTED, "the served model changed"
+                    pipe.routing_id,
+                    stream.seq,
+                    ErrorCode.STREAM_ABORTED,
+                    "the served model changed",
                 )
         for stream in self._sent:
             if not stream.wait_sent(timeout):

@@ -19,6 +19,7 @@ verdicts into these actions, and never writes a peer's fields.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -145,9 +146,7 @@ class AggregatorTransport:
         security = None
         if curve is not None:
             security = curve.server(self.name, props.group_name, props.collaborators)
-        self.port = network.router(
-            self.endpoint, options=options, limits=limits, security=security
-        )
+        self.port = network.router(self.endpoint, options=options, limits=limits, security=security)
         self.roster: dict[str, AggregatorPipe] = {
             name: AggregatorPipe(name) for name in props.collaborators
         }
@@ -313,7 +312,9 @@ class AggregatorTransport:
             self.streams.credit(pipe, sid, nbytes)
             return None
         if kind == Kind.CHUNK:
-            log.debug("%s: dropped a chunk of an abandoned stream from %s", self.name, pipe.nick_name)
+            log.debug(
+                "%s: dropped a chunk of an abandoned stream from %s", self.name, pipe.nick_name
+            )
             return None
         if kind == Kind.HELLO:
             return self._hello(pipe, env)
@@ -424,7 +425,9 @@ class AggregatorTransport:
         encoded, streamed = self.served.frames_for(self.peer_limits(pipe))
         if streamed:
             return self.streams.start(pipe, request.seq, meta.to_json_dict(), encoded)
-        return self.send(pipe, Kind.DATA, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded)
+        return self.send(
+            pipe, Kind.DATA, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded
+        )
 
     def accept_upload(self, pipe: AggregatorPipe) -> bool:
         """Count ``pipe``'s upload: ACK it, and ACK (not count) any retry of it."""
@@ -497,10 +500,8 @@ class AggregatorTransport:
             version=self.version,
             meta=error_meta(code, reason),
         )
-        try:
+        with contextlib.suppress(Unreachable, WouldBlock):  # the offender is gone: nothing to tell
             self.port.send([rid, *encode(env, limits=self.limits)])
-        except (Unreachable, WouldBlock):
-            pass  # the offender is gone or not reading: nothing to tell
 
     def _log_refusal(self, code: ErrorCode, message: str) -> None:
         """Log a refused message, at most once per ``REFUSAL_LOG_INTERVAL`` for each code.

@@ -12,6 +12,7 @@ few seconds, so a HELLO swallowed by a dying aggregator cannot stall it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -35,10 +36,10 @@ from zmqfed.federated.protocol import (
     discard_rest,
     hello_meta,
     land_chunk,
+    meta_version,
     peer_frame_bound,
     pump,
     recv_message,
-    requested_version,
     stamp,
 )
 from zmqfed.federated.security import Curve
@@ -112,7 +113,8 @@ class CollaboratorTransport:
         self.closed = False
         self._seq = 0
         self._restarted = False  # a new aggregator incarnation answered HELLO
-        self._relinked = False  # the link came back since the last HELLO
+        self._lost = False  # the link dropped since the last HELLO was sent
+        self._relinked = False  # ... and came back: that HELLO may be lost
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -174,7 +176,9 @@ class CollaboratorTransport:
                     incarnation=self.incarnation,
                     version=version,
                 )
-                frames = encode(env, limits=limits, encoded=encoded, stream=(out.id, out.chunk_bytes))
+                frames = encode(
+                    env, limits=limits, encoded=encoded, stream=(out.id, out.chunk_bytes)
+                )
             else:
                 env.tensors = tensors or {}
                 frames = encode(env, codec=self.codec, limits=limits)
@@ -203,7 +207,7 @@ class CollaboratorTransport:
             raise RemoteError(self.aggregator_name, code, str(reply.meta.get("reason", "")))
 
     def _check_rewound(self, kind: Kind, meta: dict[str, Any]) -> None:
-        wanted, known = requested_version(meta), self.aggregator_version
+        wanted, known = meta_version(meta), self.aggregator_version
         if kind == Kind.PULL and known is not None and wanted > known:
             raise AggregatorRewound(self.aggregator_name, known, wanted)
 
@@ -259,7 +263,7 @@ class CollaboratorTransport:
                     limits=self.limits,
                 ),
             )
-            self._relinked = False
+            self._lost = self._relinked = False
             self._send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
             resend_at = time.monotonic() + HELLO_RESEND
             reply = self._wait_reply(
@@ -297,7 +301,7 @@ class CollaboratorTransport:
             if event.kind is LinkEventKind.CONNECTED:
                 log.debug("%s: connected to %s", self.nick_name, self.endpoint)
                 self.connected = True
-                self._relinked = True
+                self._relinked = self._lost
             elif event.kind is LinkEventKind.AUTH_FAILED:
                 raise SecurityError(
                     f"aggregator {self.aggregator_name!r} at {self.endpoint} refused this "
@@ -312,6 +316,7 @@ class CollaboratorTransport:
                 )
                 self.connected = False
                 self.welcomed = False
+                self._lost = True
 
     def _send(
         self,
@@ -397,14 +402,20 @@ class CollaboratorTransport:
                 continue
             if env.seq == seq and env.kind != Kind.WAIT:
                 return env
-            if env.kind == Kind.ERROR and env.seq == 0 and env.meta.get("code") in CONNECTION_ERRORS:
+            if (
+                env.kind == Kind.ERROR
+                and env.seq == 0
+                and env.meta.get("code") in CONNECTION_ERRORS
+            ):
                 return env  # refused before the aggregator could read our seq
             if env.kind == Kind.BYE:
                 log.info("%s: aggregator %s said BYE", self.nick_name, self.aggregator_name)
                 self.welcomed = False
                 if env.meta.get("final") is True:
                     self.finished = True
-                    raise PeerOffline(f"aggregator {self.aggregator_name!r} finished the federation")
+                    raise PeerOffline(
+                        f"aggregator {self.aggregator_name!r} finished the federation"
+                    )
                 return _RESEND
             if env.kind == Kind.WAIT and env.seq == seq:
                 log.debug("%s: request %d parked by %s", self.nick_name, seq, self.aggregator_name)
@@ -506,11 +517,11 @@ class CollaboratorTransport:
             return
         self.closed = True
         if self.welcomed:
-            bye = stamp(Kind.BYE, self.nick_name, seq=self._next_seq(), incarnation=self.incarnation)
-            try:
+            bye = stamp(
+                Kind.BYE, self.nick_name, seq=self._next_seq(), incarnation=self.incarnation
+            )
+            with contextlib.suppress(WouldBlock):
                 self.port.send(encode(bye, limits=self.limits))
-            except WouldBlock:
-                pass
         self.port.close()
 
 
@@ -521,4 +532,3 @@ def _remaining_ms(deadline: float | None) -> int:
     if left <= 0:
         return 0
     return max(1, min(POLL_MS, int(left * 1000)))
-

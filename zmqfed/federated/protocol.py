@@ -9,8 +9,8 @@ transport, so each rule of the protocol is written once:
   (sender, incarnation, version, seq);
 * :func:`hello_meta` / :func:`welcome_meta` and :func:`peer_frame_bound` --
   the handshake and the frame bound each side announces (a frame above the
-  receiver's MAXMSGSIZE would be dropped without a word, docs/zeromq.md §17);
-* :func:`requested_version` -- the version a request asks for;
+  receiver's MAXMSGSIZE would be dropped without a word, docs/zeromq.md §13);
+* :func:`meta_version` -- the version a message's meta names;
 * :func:`recv_message`, :func:`land_chunk`, :func:`discard_rest` and
   :func:`pump` -- chunked streams on a port: a CHUNK's payload lands in
   its tensors with ``recv_into``, and chunks go out while credit lasts.
@@ -42,10 +42,10 @@ __all__ = [
     "error_meta",
     "hello_meta",
     "land_chunk",
+    "meta_version",
     "peer_frame_bound",
     "pump",
     "recv_message",
-    "requested_version",
     "stamp",
     "welcome_meta",
 ]
@@ -128,8 +128,11 @@ def peer_frame_bound(meta: Mapping[str, Any]) -> int | None:
     return announced_frame_bound(meta.get("max_frame_bytes"))
 
 
-def requested_version(meta: Mapping[str, Any]) -> int:
-    """The version a request's meta asks for; -1 when it names none (or not an int)."""
+def meta_version(meta: Mapping[str, Any]) -> int:
+    """The version a message's meta names (what a PULL asks for, what a PUSH answers).
+
+    -1 when it names none, or something that is not an int.
+    """
     version = meta.get("version", -1)
     if isinstance(version, int) and not isinstance(version, bool):
         return version

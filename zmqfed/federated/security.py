@@ -6,7 +6,7 @@ aggregator is a CURVE server; its ZAP handler admits exactly the public keys of
 its group's collaborators (ZAP_ENFORCE_DOMAIN=1: no handler, no entry) and
 reports the node name as each message's ``User-Id``. ZAP never sees routing
 ids, so the group compares ``User-Id`` with the routing id on every message:
-a peer holding alpha's key cannot speak as beta (ZMQ-NOTES items 19-23).
+a peer holding alpha's key cannot speak as beta (docs/zeromq.md §18-20).
 """
 
 from __future__ import annotations

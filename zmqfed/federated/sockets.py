@@ -2,7 +2,7 @@
 
 Every option is applied *before* ``bind``/``connect``: libzmq silently ignores
 most options set afterwards (heartbeats and MAXMSGSIZE among them). The values
-and the reasons behind them are ZMQ-NOTES.md section 0.
+and the reasons behind them are in docs/zeromq.md §1.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class SocketOptions:
         Base reconnect interval; ``None`` picks a random base per process in
         [200, 1000) ms so restarted aggregators are not hit in lock-step.
     reconnect_ivl_max_ms:
-        Cap of libzmq's exponential reconnect backoff. 8 s rather than the 30 s
-        of ZMQ-NOTES: collaborators usually start before a slow-starting
+        Cap of libzmq's exponential reconnect backoff. 8 s rather than a common 30 s
+        (docs/zeromq.md §11): collaborators usually start before a slow-starting
         aggregator (torch imports take seconds), and with doubling intervals a
         30 s cap left them idle for up to half a minute after it came up; the
         random base still spreads reconnects after an aggregator restart.
@@ -136,7 +136,7 @@ def tune_malloc(
     libzmq mallocs one buffer per received frame. With glibc's defaults,
     frames of a few MiB and more are fresh ``mmap``s (or heap the allocator
     trimmed), so every 4 KiB page of every received tensor faults on first
-    write: that halves receive throughput (PERF-NOTES.md). Raising the mmap
+    write: that halves receive throughput (docs/performance-notes.md). Raising the mmap
     threshold to 32 MiB and the trim threshold to 2 GiB lets frames up to
     32 MiB reuse heap pages already mapped by earlier messages; measured on
     a 128 MiB state dict, download went from ~0.4x to ~1x the raw-socket limit.
@@ -210,7 +210,7 @@ def shutdown() -> None:
     final ACKs and BYEs are queued), then the context is destroyed: each
     socket's LINGER bounds the wait, so queued replies are flushed instead of
     dying with the process (libzmq only honours LINGER when the context is
-    terminated; docs/zeromq.md §33).  Runs at interpreter exit.
+    terminated; docs/zeromq.md §24).  Runs at interpreter exit.
     """
     global _ctx
     for obj in list(_closables):
@@ -299,7 +299,7 @@ def make_dealer(
         # The aggregator drops this link when our traffic (heartbeats included)
         # stops for this long; libzmq sends the TTL in deciseconds, at most 6553.5 s.
         sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout_ms, 6_553_500))
-        # IMMEDIATE stays 0 (a deviation from ZMQ-NOTES item 5): with 1, libzmq
+        # IMMEDIATE stays 0 (docs/zeromq.md §5, docs/design-notes.md): with 1, libzmq
         # terminates the pipe without delay on a disconnect and discards replies
         # that arrived but were not read yet, so the final ACK of an aggregator
         # that answers and exits is lost. Messages queued toward an absent or

@@ -27,7 +27,7 @@ __all__ = ["ZmqNetwork", "ZmqPort", "default_network"]
 
 log = logging.getLogger(__name__)
 
-_EVENTS = {
+_EVENTS: dict[int, LinkEventKind] = {
     zmq.EVENT_HANDSHAKE_SUCCEEDED: LinkEventKind.CONNECTED,
     zmq.EVENT_DISCONNECTED: LinkEventKind.DISCONNECTED,
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: LinkEventKind.AUTH_FAILED,
@@ -61,7 +61,7 @@ class ZmqPort:
 
     def __init__(self, sock: zmq.Socket, events: int) -> None:
         self.sock = sock
-        self.routed = sock.socket_type == zmq.ROUTER
+        self.routed = sock.type == zmq.ROUTER
         self.monitor = sock.get_monitor_socket(events)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -73,16 +73,14 @@ class ZmqPort:
 
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
         try:
-            tracker = self.sock.send_multipart(
-                frames, flags=zmq.DONTWAIT, copy=False, track=track
-            )
+            tracker = self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False, track=track)
         except zmq.Again as exc:
             raise WouldBlock from exc
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 raise Unreachable from exc
             raise
-        return _ZmqTracker(tracker) if track else None
+        return _ZmqTracker(tracker) if track and tracker is not None else None
 
     def recv_frame(self) -> zmq.Frame:
         flags = 0 if self.sock.get(zmq.RCVMORE) else zmq.NOBLOCK
@@ -117,13 +115,13 @@ class ZmqPort:
         self._send_poller.poll(timeout_ms)
 
     def link_events(self) -> list[LinkEvent]:
-        out = []
+        out: list[LinkEvent] = []
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return out
-            kind = _EVENTS.get(event["event"])
+            kind = _EVENTS.get(int(event["event"]))
             if kind is not None:
                 out.append(LinkEvent(kind, int(event["value"])))
 
@@ -160,7 +158,7 @@ class ZmqNetwork:
             group_authenticator(self.ctx, security.domain, security.allowed)
             curve = security.socket_options()
         sock = make_router(endpoint, options=options, limits=limits, ctx=self._ctx, curve=curve)
-        # A ROUTER's monitor names fds, never peers (docs/zeromq.md §11): a
+        # A ROUTER's monitor names fds, never peers (docs/zeromq.md §12): a
         # disconnect only tells the transport to probe its peers.
         return ZmqPort(sock, zmq.EVENT_DISCONNECTED)
 

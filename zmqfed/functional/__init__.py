@@ -6,9 +6,10 @@ Functions that register hooks act on the Maintainer of the enclosing
 
 from __future__ import annotations
 
-from zmqfed.core.steps import (
+from zmqfed.core.step_points import (
     after_destroy,
     after_download,
+    after_peer,
     after_upload,
     at_failed,
     at_first,
@@ -18,7 +19,18 @@ from zmqfed.core.steps import (
     at_zombie,
     before_destroy,
     before_download,
+    before_peer,
     before_upload,
+    download_requested,
+    download_served,
+    peer_idle,
+    peer_invalid,
+    peer_leaving,
+    peer_left,
+    request_parked,
+    step_started,
+    upload_handled,
+    upload_received,
 )
 from zmqfed.functional.aggregate import (
     StreamingFedAvg,
@@ -38,14 +50,14 @@ from zmqfed.functional.compress import (
     topk_sparsification,
 )
 from zmqfed.functional.hooks import device_alignment, sign_gradient_clip, streaming_fedavg
-from zmqfed.functional.reduce import AutoReducer, meta_reduce
-from zmqfed.functional.steps import (
+from zmqfed.functional.policies import (
     count_step,
     deadline_step,
     dispatch_step,
     period_step,
     version_check,
 )
+from zmqfed.functional.reduce import AutoReducer, meta_reduce
 
 __all__ = [
     "AutoReducer",
@@ -53,6 +65,7 @@ __all__ = [
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
+    "after_peer",
     "after_upload",
     "at_failed",
     "at_first",
@@ -63,11 +76,14 @@ __all__ = [
     "average_aggregation",
     "before_destroy",
     "before_download",
+    "before_peer",
     "before_upload",
     "count_step",
     "deadline_step",
     "device_alignment",
     "dispatch_step",
+    "download_requested",
+    "download_served",
     "elastic_aggregation",
     "half_precision",
     "int8_quantization",
@@ -77,10 +93,18 @@ __all__ = [
     "median_aggregation",
     "meta_reduce",
     "naive_aggregation",
+    "peer_idle",
+    "peer_invalid",
+    "peer_leaving",
+    "peer_left",
     "period_step",
+    "request_parked",
     "sign_gradient_clip",
+    "step_started",
     "streaming_fedavg",
     "topk_sparsification",
     "trimmed_mean_aggregation",
+    "upload_handled",
+    "upload_received",
     "version_check",
 ]

@@ -44,13 +44,10 @@ def sign_gradient_clip(epsilon: float = 0.001) -> None:
         maintainer.register_unpackage_hook(nice=80, unpackage_hook=unpackage)
         return
 
-    names = {id(p): n for n, p in maintainer.state_dict.items()}
-
-    def package(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def package(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         reference = state.get("original_param")
         if reference is None:
-            received = maintainer.data.get(names.get(id(p), ""), {})
-            reference = received.get("param")
+            reference = maintainer.data.get(name, {}).get("param")
         if reference is None:
             raise RuntimeError("sign_gradient_clip: download the global model before uploading")
         state["param"] = (state["param"].detach() - reference.to(p)).sign()

@@ -1,7 +1,9 @@
 """Step policies: hooks that decide when an aggregator's ``step()`` ends.
 
 Each registers on the default Maintainer (``with maintainer:``) and does
-nothing on collaborators, as in OpenFed.
+nothing on collaborators, as in OpenFed.  The hooks receive the
+:class:`~zmqfed.core.StepContext` of the point they run at, so they act on
+the peer it names.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from zmqfed.core import current_maintainer, steps
-from zmqfed.core.maintainer import Maintainer
+from zmqfed.core import Maintainer, StepContext, current_maintainer
+from zmqfed.core import step_points as points
+from zmqfed.core.contracts import as_context
 from zmqfed.errors import ConfigError
+from zmqfed.federated.protocol import meta_version
 
 __all__ = ["count_step", "deadline_step", "dispatch_step", "period_step", "version_check"]
 
@@ -25,30 +29,31 @@ def _counts(counts: int | Sequence[int]) -> list[int]:
     return items
 
 
-def version_check(maintainer: Maintainer) -> bool:
-    """``before_upload`` hook: serve a download only once this version is reached.
+def version_check(ctx: StepContext | Maintainer) -> bool:
+    """``download_requested`` hook: serve a download only once this version is reached.
 
     A collaborator that asks for a newer version is parked until
-    ``update_version`` gets the aggregator there.
+    ``update_version`` gets the aggregator there.  Registers with
+    ``Maintainer.on`` or, OpenFed-style, with ``register_step_hook``.
     """
-    requested = maintainer.pipe.meta.get("version", -1) if maintainer.pipe else -1
-    if isinstance(requested, int) and requested > maintainer.version:
+    ctx = as_context(ctx)
+    m, pipe = ctx.maintainer, ctx.pipe
+    if pipe is None or meta_version(pipe.meta) > m.version:
         return False
-    maintainer.meta["version"] = maintainer.version
-    assert maintainer.pipe is not None
-    maintainer.pipe.set_meta(maintainer.meta)
+    m.meta["version"] = m.version
+    pipe.set_meta(m.meta)
     return True
 
 
-def _accept(maintainer: Maintainer) -> bool:
+def _accept(ctx: StepContext) -> bool:
     return True
 
 
 def _register_common(maintainer: Maintainer, *, serve: bool = True) -> None:
     if serve:
-        maintainer.register_step_hook(50, version_check, steps.before_upload)
-    maintainer.register_step_hook(50, _accept, steps.before_destroy)
-    maintainer.register_step_hook(50, _accept, steps.before_download)
+        maintainer.on(points.download_requested, version_check)
+    maintainer.on(points.peer_leaving, _accept)
+    maintainer.on(points.upload_received, _accept)
 
 
 class _StepClock:
@@ -57,11 +62,11 @@ class _StepClock:
     def __init__(self, maintainer: Maintainer, seconds: float) -> None:
         self.seconds = seconds
         self.tic = time.monotonic()
-        maintainer.register_step_hook(50, self._start, steps.at_new_episode)
+        maintainer.on(points.step_started, self._start)
 
-    def _start(self, m: Maintainer) -> None:
+    def _start(self, ctx: StepContext) -> None:
         self.tic = time.monotonic()
-        m.wake_at(self.tic + self.seconds)
+        ctx.maintainer.wake_at(self.tic + self.seconds)
 
     @property
     def expired(self) -> bool:
@@ -83,13 +88,14 @@ def count_step(counts: int | Sequence[int]) -> None:
     _register_common(maintainer)
     idx = 0
 
-    def at_last(m: Maintainer) -> None:
+    def after_peer(ctx: StepContext) -> None:
         nonlocal idx
+        m = ctx.maintainer
         if len(m.meta_list) >= items[idx]:
             m.manual_stop()
             idx = (idx + 1) % len(items)
 
-    maintainer.register_step_hook(50, at_last, steps.at_last)
+    maintainer.on(points.after_peer, after_peer)
 
 
 def period_step(period: float) -> None:
@@ -102,11 +108,11 @@ def period_step(period: float) -> None:
     _register_common(maintainer)
     clock = _StepClock(maintainer, period)
 
-    def at_last(m: Maintainer) -> None:
+    def after_peer(ctx: StepContext) -> None:
         if clock.expired:
-            m.manual_stop()
+            ctx.maintainer.manual_stop()
 
-    maintainer.register_step_hook(50, at_last, steps.at_last)
+    maintainer.on(points.after_peer, after_peer)
 
 
 def deadline_step(counts: int, seconds: float, min_count: int = 1) -> None:
@@ -127,7 +133,8 @@ def deadline_step(counts: int, seconds: float, min_count: int = 1) -> None:
     _register_common(maintainer)
     clock = _StepClock(maintainer, seconds)
 
-    def at_last(m: Maintainer) -> None:
+    def after_peer(ctx: StepContext) -> None:
+        m = ctx.maintainer
         received = len(m.meta_list)
         late = clock.expired
         if received >= counts or (late and received >= min_count):
@@ -135,7 +142,7 @@ def deadline_step(counts: int, seconds: float, min_count: int = 1) -> None:
         elif late:
             m.wake_at(time.monotonic() + 0.5)
 
-    maintainer.register_step_hook(50, at_last, steps.at_last)
+    maintainer.on(points.after_peer, after_peer)
 
 
 def dispatch_step(
@@ -165,24 +172,25 @@ def dispatch_step(
     idx = 0
     pending = rng.sample(values[0], items[0])
 
-    def before_upload(m: Maintainer) -> bool:
-        if not pending:
+    def download_requested(ctx: StepContext) -> bool:
+        if not pending or ctx.pipe is None:
             return False  # every part of this step is out: wait for the next step
+        m = ctx.maintainer
         m.meta["version"] = m.version
         m.meta["part_id"] = pending.pop()
         m.meta["mode"] = modes[idx % len(modes)]
-        assert m.pipe is not None
-        m.pipe.set_meta(m.meta)
+        ctx.pipe.set_meta(m.meta)
         return True
 
-    def at_last(m: Maintainer) -> None:
+    def after_peer(ctx: StepContext) -> None:
         nonlocal idx, pending
+        m = ctx.maintainer
         if len(m.meta_list) >= items[idx % len(items)]:
             m.manual_stop()
             idx += 1
             k = idx % len(modes)
             pending = rng.sample(values[k], items[idx % len(items)])
 
-    maintainer.register_step_hook(50, before_upload, steps.before_upload)
-    maintainer.register_step_hook(50, at_last, steps.at_last)
+    maintainer.on(points.download_requested, download_requested)
+    maintainer.on(points.after_peer, after_peer)
     _register_common(maintainer, serve=False)
