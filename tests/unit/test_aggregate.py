@@ -14,6 +14,7 @@ from zmqfed.functional.aggregate import (
     StreamingFedAvg,
     average_aggregation,
     elastic_aggregation,
+    install_aggregate,
     krum_aggregation,
     krum_select,
     load_param_states,
@@ -75,6 +76,9 @@ def test_mean_rules_match_numpy(weighted):
     weights = instances if weighted else [1, 1, 1, 1]
     rule = naive_aggregation if weighted else average_aggregation
     states = rule(updates, metas)
+    for name, p in tensors(net).items():  # computing the aggregate writes nothing
+        torch.testing.assert_close(p.detach(), before[name])
+    install_aggregate(states)  # buffers into the model
 
     for name, p in tensors(net).items():
         st = states[p]
@@ -231,6 +235,102 @@ def test_elastic_needs_importance_and_survives_zero_importance():
     torch.testing.assert_close(st[p]["grad"], torch.full((3,), 1.5))
 
 
+# ------------------------------------------------- computing vs installing (purity)
+
+ALL_RULES = [
+    pytest.param(average_aggregation, {}, id="average"),
+    pytest.param(naive_aggregation, {}, id="naive"),
+    pytest.param(elastic_aggregation, {"quantile": 0.3}, id="elastic"),
+    pytest.param(median_aggregation, {}, id="median"),
+    pytest.param(trimmed_mean_aggregation, {"beta": 0.2}, id="trimmed_mean"),
+    pytest.param(krum_aggregation, {"f": 1, "m": 2}, id="krum"),
+]
+
+
+def rekeyed(updates, source: nn.Module, target: nn.Module):
+    """The same updates keyed by ``target``'s tensors instead of ``source``'s."""
+    names = {p: n for n, p in tensors(source).items()}
+    sd = tensors(target)
+    return [{sd[names[p]]: dict(s) for p, s in u.items()} for u in updates]
+
+
+def server(net: nn.Module) -> FederatedOptimizer:
+    return FederatedOptimizer(
+        torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9), role=AGGREGATOR
+    )
+
+
+@pytest.mark.parametrize("rule, kwargs", ALL_RULES)
+def test_rules_without_optim_list_write_nothing_and_install_gives_the_same(rule, kwargs):
+    net = make_net()
+    updates = make_updates(net, 5, keys=("exp_avg", "importance"))
+    for u in updates:
+        for state in u.values():
+            if "importance" in state:
+                state["importance"] = state["importance"].abs()
+    metas = [{"instances": k} for k in (1, 2, 3, 4, 5)]
+    opt = server(net)
+    for p in net.parameters():  # gradients and state left over from earlier
+        p.grad = torch.full_like(p, 7.0)
+        opt.state[p]["exp_avg"] = torch.full_like(p, 3.0)
+    model = {n: t.detach().clone() for n, t in tensors(net).items()}
+    grads = {p: p.grad for p in net.parameters()}
+    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
+
+    pure = rule(updates, metas, **kwargs)
+
+    for n, t in tensors(net).items():  # parameters and buffers alike
+        torch.testing.assert_close(t.detach(), model[n], rtol=0, atol=0)
+    for p in net.parameters():
+        assert p.grad is grads[p] and bool((p.grad == 7.0).all())
+        assert opt.state[p].keys() == state[p].keys()
+        for k, v in state[p].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0)
+
+    # installing the pure result is what the rule does when given the optimizers
+    twin = make_net()
+    twin_opt = server(twin)
+    given = rule(rekeyed(updates, net, twin), metas, optim_list=twin_opt, **kwargs)
+    opt.zero_grad()
+    install_aggregate(pure, opt)
+    opt.step()
+    twin_opt.step()
+    twin_sd = tensors(twin)
+    for n, t in tensors(net).items():
+        got, expected = pure.get(t), given.get(twin_sd[n])
+        assert (got is None) == (expected is None), n
+        if got is not None:
+            assert got.keys() == expected.keys(), n
+            for k in got:
+                torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+        torch.testing.assert_close(t.detach(), twin_sd[n].detach(), rtol=0, atol=0)
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        assert opt.state[p].keys() == twin_opt.state[q].keys()
+        for k in opt.state[p]:
+            torch.testing.assert_close(opt.state[p][k], twin_opt.state[q][k], rtol=0, atol=0)
+    assert any(not torch.equal(t.detach(), model[n]) for n, t in tensors(net).items())
+
+
+def test_optim_list_none_computes_an_empty_list_installs_buffers():
+    net = make_net()
+    bn = net[1]
+    before = bn.running_mean.clone()
+    updates = make_updates(net, 2)
+    metas = [{"instances": 1}, {"instances": 1}]
+    naive_aggregation(updates, metas, optim_list=None)
+    torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+    states = naive_aggregation(updates, metas, optim_list=[])
+    torch.testing.assert_close(bn.running_mean, states[bn.running_mean]["param"])
+    assert int(bn.num_batches_tracked) == 20
+    assert all(p.grad is None for p in net.parameters())  # no optimizer, no p.grad
+
+
+def test_install_aggregate_needs_tensor_keys():
+    with pytest.raises(ConfigError, match="keyed by name"):
+        install_aggregate({"w": {"param": torch.ones(2)}})
+    install_aggregate({"w": {"exp_avg": torch.ones(2)}})  # nothing to write: fine
+
+
 # --------------------------------------------------------------------- robust rules
 
 
@@ -331,6 +431,7 @@ def test_streaming_equals_list_form_and_numpy():
     named_updates = [{names[p]: s for p, s in u.items()} for u in updates]
 
     ref = naive_aggregation(list_updates, [{"instances": w} for w in weights])
+    install_aggregate(ref)  # apply() installs too: buffers into the model
     acc = StreamingFedAvg(sd_stream)
     for u, w in zip(named_updates, weights, strict=True):
         acc.add(u, weight=w)

@@ -97,6 +97,7 @@ def test_functional_all_is_pinned():
             "dispatch_step",
             "elastic_aggregation",
             "half_precision",
+            "install_aggregate",
             "int8_quantization",
             "krum_aggregation",
             "krum_select",

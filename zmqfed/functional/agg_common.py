@@ -1,4 +1,4 @@
-"""Shared plumbing of the aggregation rules: data format, dtypes, finalizing.
+"""Shared plumbing of the aggregation rules: data format, dtypes, installing.
 
 The data format is OpenFed's. ``data_list`` holds one dict per received
 update, keyed by the aggregator's own tensors (the values of
@@ -7,20 +7,25 @@ update, keyed by the aggregator's own tensors (the values of
 every (tensor, key) pair over the updates that carry it and returns
 ``param_states``: the same shape of dict, one entry per tensor.
 
-:func:`finalize` then turns the aggregate into something an optimizer can use:
+Computing and installing an aggregate are two steps:
 
-* a tensor with ``requires_grad`` gets ``state['grad'] = p - state['param']``,
-  the *pseudo-gradient*, so ``FederatedOptimizer(SGD(lr=1.0)).step()`` moves
-  ``p`` onto the aggregate and any other server optimizer (Adam, Yogi,
-  momentum SGD) acts on the averaged client update;
-* a buffer (``requires_grad`` False: BatchNorm running stats,
-  ``num_batches_tracked``) is copied into ``p`` directly and never becomes a
-  gradient.
+* :func:`add_pseudo_gradients` (pure, part of computing): a tensor with
+  ``requires_grad`` gets ``state['grad'] = p - state['param']``, the
+  *pseudo-gradient*, so ``FederatedOptimizer(SGD(lr=1.0)).step()`` moves ``p``
+  onto the aggregate and any other server optimizer (Adam, Yogi, momentum
+  SGD) acts on the averaged client update. A buffer (``requires_grad`` False:
+  BatchNorm running stats, ``num_batches_tracked``) never becomes a gradient.
+* :func:`install_aggregate` (the one step that writes): copies each buffer's
+  aggregate into the aggregator's tensor and loads ``p.grad`` and the other
+  aggregated keys into every optimizer (:func:`load_param_states`).
 
-:func:`load_param_states` installs ``p.grad`` and the *other* aggregated keys
-into ``optim.state[p]``. Unlike OpenFed it leaves ``'param'`` and ``'grad'``
-out of the optimizer state, so a later ``package(optim)`` cannot serve last
-round's average instead of the stepped weights.
+A rule called without ``optim_list`` only computes: it changes no tensor of
+the model and no optimizer. Given ``optim_list`` (OpenFed's contract: the rule
+loads its result into the optimizers it is given) it also installs.
+
+:func:`load_param_states` leaves ``'param'`` and ``'grad'`` out of the
+optimizer state (unlike OpenFed), so a later ``package(optim)`` cannot serve
+last round's average instead of the stepped weights.
 
 Integer and boolean tensors (``num_batches_tracked``) are never averaged into
 floats: the mean rules take their elementwise maximum, the robust rules their
@@ -45,12 +50,13 @@ __all__ = [
     "ParamStates",
     "Update",
     "accumulate_dtype",
-    "apply_to_optimizers",
+    "add_pseudo_gradients",
     "as_state_tensor",
     "check_weight",
     "describe",
-    "finalize",
     "gather",
+    "install_aggregate",
+    "install_if_given",
     "instances_weights",
     "is_integral",
     "iter_update",
@@ -210,26 +216,50 @@ def optim_as_list(optim_list: Any) -> list[Any]:
 GradFn = Callable[[Tensor, dict[str, Tensor]], Tensor]
 
 
-@torch.no_grad()
-def finalize(param_states: ParamStates, grad_fn: GradFn | None = None) -> None:
-    """Turn aggregates into pseudo-gradients (parameters) or copy them in (buffers).
+def _tensor_key(key: Hashable) -> Tensor:
+    if not isinstance(key, Tensor):
+        raise ConfigError(
+            f"cannot apply the aggregate of {key!r}: updates are keyed by name; "
+            "key them by the aggregator's tensors or give StreamingFedAvg the state_dict"
+        )
+    return key
 
-    ``grad_fn(p, state)`` overrides the pseudo-gradient ``p - state['param']``.
-    Entries without ``'param'`` (only optimizer state was uploaded) are left alone.
+
+@torch.no_grad()
+def add_pseudo_gradients(param_states: ParamStates, grad_fn: GradFn | None = None) -> ParamStates:
+    """Add ``state['grad'] = p - state['param']`` for every tensor with ``requires_grad``.
+
+    Pure: reads the aggregator's tensors, writes only into ``param_states``.
+    Buffers get no ``'grad'``; entries without ``'param'`` (only optimizer
+    state was uploaded) are left alone.
+
+    Parameters
+    ----------
+    param_states:
+        A rule's aggregate, keyed by the aggregator's tensors.
+    grad_fn:
+        ``grad_fn(p, state)`` replaces the pseudo-gradient ``p - state['param']``
+        (elastic aggregation scales it).
+
+    Returns
+    -------
+    dict
+        ``param_states`` itself.
+
+    Raises
+    ------
+    ConfigError
+        If an entry with ``'param'`` is keyed by name: there is no tensor to
+        take the difference with.
     """
     for key, state in param_states.items():
         if PARAM not in state:
             continue
-        if not isinstance(key, Tensor):
-            raise ConfigError(
-                f"cannot apply the aggregate of {key!r}: updates are keyed by name; "
-                "key them by the aggregator's tensors or give StreamingFedAvg the state_dict"
-            )
-        if key.requires_grad:
-            grad = grad_fn(key, state) if grad_fn is not None else key.detach() - state[PARAM]
-            state[GRAD] = grad.to(dtype=key.dtype)
-        else:
-            key.copy_(state[PARAM])
+        p = _tensor_key(key)
+        if p.requires_grad:
+            grad = grad_fn(p, state) if grad_fn is not None else p.detach() - state[PARAM]
+            state[GRAD] = grad.to(dtype=p.dtype)
+    return param_states
 
 
 def load_param_states(optim: Any, param_states: ParamStates) -> int:
@@ -256,7 +286,48 @@ def load_param_states(optim: Any, param_states: ParamStates) -> int:
     return loaded
 
 
-def apply_to_optimizers(param_states: ParamStates, optim_list: Any) -> None:
-    """:func:`load_param_states` into every optimizer of ``optim_list``."""
+@torch.no_grad()
+def install_aggregate(param_states: ParamStates, optim_list: Any = None) -> None:
+    """Install a computed aggregate: buffers into the model, the rest into the optimizers.
+
+    The one step of aggregation that writes. Every buffer (a tensor without
+    ``requires_grad``) with an aggregated ``'param'`` is overwritten with it;
+    then every optimizer of ``optim_list`` gets ``p.grad`` (the
+    pseudo-gradient) and the aggregated optimizer state
+    (:func:`load_param_states`). Parameters themselves move only when the
+    optimizers step.
+
+    Parameters
+    ----------
+    param_states:
+        What a rule returned (with its pseudo-gradients), keyed by the
+        aggregator's tensors. Install it before the parameters change: the
+        pseudo-gradients were taken against their current values.
+    optim_list:
+        ``None``, one optimizer, or a list/tuple of them. With ``None`` only
+        the buffers are written.
+
+    Raises
+    ------
+    ConfigError
+        If an entry with ``'param'`` is keyed by name (nothing to write into).
+    """
+    for key, state in param_states.items():
+        if PARAM not in state:
+            continue
+        p = _tensor_key(key)
+        if not p.requires_grad:
+            p.copy_(state[PARAM])
     for optim in optim_as_list(optim_list):
         load_param_states(optim, param_states)
+
+
+def install_if_given(param_states: ParamStates, optim_list: Any) -> ParamStates:
+    """A rule's last step: install the aggregate when ``optim_list`` is not None.
+
+    ``None`` keeps the rule pure; anything else, even an empty list, installs
+    (buffers included). Returns ``param_states``.
+    """
+    if optim_list is not None:
+        install_aggregate(param_states, optim_list)
+    return param_states

@@ -9,7 +9,7 @@ the model and the optimizers).
 
 from __future__ import annotations
 
-from zmqfed.functional.agg_common import load_param_states
+from zmqfed.functional.agg_common import install_aggregate, load_param_states
 from zmqfed.functional.agg_mean import average_aggregation, elastic_aggregation, naive_aggregation
 from zmqfed.functional.agg_robust import (
     krum_aggregation,
@@ -23,6 +23,7 @@ __all__ = [
     "StreamingFedAvg",
     "average_aggregation",
     "elastic_aggregation",
+    "install_aggregate",
     "krum_aggregation",
     "krum_select",
     "load_param_states",

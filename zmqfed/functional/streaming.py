@@ -34,10 +34,10 @@ from zmqfed.functional.agg_common import (
     ParamStates,
     Update,
     accumulate_dtype,
-    apply_to_optimizers,
+    add_pseudo_gradients,
     check_weight,
     describe,
-    finalize,
+    install_aggregate,
     is_integral,
     iter_update,
     result_dtype,
@@ -189,17 +189,18 @@ class StreamingFedAvg:
         return out
 
     def apply(self, optim_list: Any = None) -> ParamStates:
-        """Finalize the means into the model and the optimizers, like ``naive_aggregation``.
+        """Install the means into the model and the optimizers, like ``naive_aggregation``.
 
         Parameters with ``requires_grad`` get ``state['grad'] = p - mean`` and
         ``p.grad`` in every optimizer of ``optim_list``; buffers are copied into
-        the tensors. The means are computed in place (``result(in_place=True)``),
-        so the accumulator is consumed: :meth:`reset` before the next round.
-        Returns the param states.
+        the tensors, also when ``optim_list`` is None
+        (:func:`~zmqfed.functional.agg_common.install_aggregate`). The means
+        are computed in place (``result(in_place=True)``), so the accumulator
+        is consumed: :meth:`reset` before the next round. Returns the param
+        states. :meth:`result` is the pure counterpart.
         """
-        param_states = self.result(in_place=True)
-        finalize(param_states)
-        apply_to_optimizers(param_states, optim_list)
+        param_states = add_pseudo_gradients(self.result(in_place=True))
+        install_aggregate(param_states, optim_list)
         return param_states
 
     def reset(self, keep_buffers: bool = True) -> None:
