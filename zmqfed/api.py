@@ -28,6 +28,7 @@ from typing import Any
 
 from zmqfed.core import Maintainer, steps
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
+from zmqfed.functional.agg_common import AggregationRule, call_rule
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -76,7 +77,14 @@ class API(threading.Thread):
     rounds:
         Training rounds to run.
     agg_func:
-        ``agg_func(data_list, meta_list, optim_list, **agg_func_kwargs)``.
+        The aggregation rule (an
+        :class:`~zmqfed.functional.agg_common.AggregationRule`, or an
+        OpenFed-style ``agg(data_list, meta_list, optim_list)``), called through
+        :func:`~zmqfed.functional.agg_common.call_rule` with the server
+        optimizers and ``agg_func_kwargs``: ``elastic_aggregation`` with
+        ``dict(quantile=0.3)`` gets both where they belong.
+    agg_func_kwargs:
+        The rule's own keyword arguments.
     reduce_func:
         ``reduce_func(meta_list, **reduce_func_kwargs) -> dict`` of metrics.
     with_test_round:
@@ -103,7 +111,7 @@ class API(threading.Thread):
         maintainer: Maintainer,
         fed_optim: Any,
         rounds: int,
-        agg_func: Callable[..., Any],
+        agg_func: AggregationRule | Callable[..., Any],
         agg_func_kwargs: dict[str, Any] | None = None,
         reduce_func: Callable[..., Any] | None = None,
         reduce_func_kwargs: dict[str, Any] | None = None,
@@ -223,15 +231,24 @@ class API(threading.Thread):
 
 
 def aggregate_and_step(
-    m: Maintainer, optim_list: Sequence[Any], agg_func: Callable[..., Any], **agg_kwargs: Any
+    m: Maintainer,
+    optim_list: Sequence[Any],
+    agg_func: AggregationRule | Callable[..., Any],
+    **agg_kwargs: Any,
 ) -> None:
-    """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers."""
+    """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers.
+
+    The rule is called through :func:`~zmqfed.functional.agg_common.call_rule`
+    with ``optim_list`` and ``agg_kwargs``, so it installs its result (buffers
+    into the model, pseudo-gradients and optimizer state into the optimizers)
+    before they step.
+    """
     # An aggregation rule sets p.grad only for tensors some upload carries:
     # without this, a tensor missing from this round's uploads would be
     # stepped again with last round's pseudo-gradient.
     for optim in optim_list:
         optim.zero_grad()
-    agg_func(m.data_list, m.meta_list, optim_list, **agg_kwargs)
+    call_rule(agg_func, m.data_list, m.meta_list, optim_list, **agg_kwargs)
     for optim in optim_list:
         optim.step()
         if hasattr(optim, "round"):

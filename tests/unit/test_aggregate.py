@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from zmqfed.api import aggregate_and_step
 from zmqfed.errors import ConfigError
 from zmqfed.functional.aggregate import (
     StreamingFedAvg,
     average_aggregation,
+    call_rule,
     elastic_aggregation,
     install_aggregate,
     krum_aggregation,
@@ -329,6 +333,124 @@ def test_install_aggregate_needs_tensor_keys():
     with pytest.raises(ConfigError, match="keyed by name"):
         install_aggregate({"w": {"param": torch.ones(2)}})
     install_aggregate({"w": {"exp_avg": torch.ones(2)}})  # nothing to write: fine
+
+
+# ------------------------------------------------------- the rule contract: call_rule
+
+
+def elastic_case():
+    """An aggregator tensor, two updates with importance, metas, and a server optimizer."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    x = [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 0.0, 1.0])]
+    imp = [torch.tensor([0.1, 0.0, 0.4, 0.2]), torch.tensor([0.3, 0.2, 0.0, 0.2])]
+    ups = [{p: {"param": x[i], "importance": imp[i]}} for i in range(2)]
+    metas = [{"instances": 1}, {"instances": 3}]
+    return p, ups, metas, FederatedOptimizer(torch.optim.SGD([p], lr=1.0), role=AGGREGATOR)
+
+
+def test_call_rule_gives_elastic_the_optimizers_by_keyword_and_its_quantile():
+    p, ups, metas, fed = elastic_case()
+    _, ups2, _, _ = elastic_case()
+    direct = elastic_aggregation(ups2, metas, 0.3)  # OpenFed's positional shape, pure
+    st = call_rule(elastic_aggregation, ups, metas, fed, quantile=0.3)
+    torch.testing.assert_close(st[p]["grad"], direct[next(iter(direct))]["grad"])
+    assert p.grad is st[p]["grad"]  # installed into the optimizer it was given
+    other = call_rule(elastic_aggregation, ups, metas, None, quantile=0.9)
+    assert not torch.allclose(other[p]["grad"], st[p]["grad"])  # quantile reached the rule
+    assert p.grad is st[p]["grad"]  # ... and without optimizers nothing was installed
+    partial_rule = partial(elastic_aggregation, quantile=0.3)
+    torch.testing.assert_close(call_rule(partial_rule, ups, metas, fed)[p]["grad"], p.grad)
+
+
+def test_aggregate_and_step_runs_elastic_with_kwargs():
+    p, ups, metas, fed = elastic_case()
+    expected = p.detach() - elastic_aggregation(ups, metas, quantile=0.3)[p]["grad"]
+    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    aggregate_and_step(m, [fed], elastic_aggregation, quantile=0.3)  # type: ignore[arg-type]
+    torch.testing.assert_close(p.detach(), expected)
+
+
+OPTS = [object()]  # stands for the server optimizers
+
+
+def openfed_rule(data_list, meta_list, optim_list):
+    return optim_list
+
+
+def renamed_third(d, m, optims):  # OpenFed-style custom rule, another name
+    return optims
+
+
+def renamed_third_default(d, m, optims=None):
+    return optims
+
+
+def keyword_only(data_list, meta_list, *, optim_list=None, beta=0.1):
+    return optim_list, beta
+
+
+def var_kwargs(d, m, **kw):
+    return kw
+
+
+def third_and_var_kwargs(d, m, optims, **kw):
+    return optims, kw
+
+
+def var_args(d, m, *args, beta=0.1):
+    return args, beta
+
+
+class RuleObject:
+    def __call__(self, data_list, meta_list, quantile=0.5, optim_list=None):
+        return optim_list, quantile
+
+
+@pytest.mark.parametrize(
+    "rule, kwargs, received",
+    [
+        pytest.param(openfed_rule, {}, OPTS, id="openfed"),
+        pytest.param(renamed_third, {}, OPTS, id="third-positional"),
+        pytest.param(renamed_third_default, {}, OPTS, id="third-positional-None"),
+        pytest.param(keyword_only, {"beta": 0.2}, (OPTS, 0.2), id="keyword-only"),
+        pytest.param(var_kwargs, {"beta": 0.2}, {"optim_list": OPTS, "beta": 0.2}, id="**kw"),
+        pytest.param(third_and_var_kwargs, {"b": 2}, (OPTS, {"b": 2}), id="third-and-**kw"),
+        pytest.param(var_args, {"beta": 0.2}, ((OPTS,), 0.2), id="*args"),
+        pytest.param(RuleObject(), {"quantile": 0.7}, (OPTS, 0.7), id="quantile-first"),
+        pytest.param(partial(keyword_only, beta=0.3), {}, (OPTS, 0.3), id="partial"),
+    ],
+)
+def test_call_rule_passes_optimizers_to_every_rule_shape(rule, kwargs, received):
+    assert call_rule(rule, [], [], OPTS, **kwargs) == received
+
+
+def test_call_rule_installs_for_a_rule_that_takes_no_optimizers():
+    net = make_net()
+    updates = make_updates(net, 3)
+    seen = []
+
+    def pure(data_list, meta_list, beta=0.1):  # third parameter: a hyperparameter
+        seen.append(beta)
+        return average_aggregation(data_list)
+
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    states = call_rule(pure, updates, [{}] * 3, opt, beta=0.3)
+    assert seen == [0.3]
+    for p in net.parameters():
+        assert p.grad is states[p]["grad"]
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, states[bn.running_mean]["param"])
+    before = bn.running_var.clone()
+    call_rule(pure, make_updates(net, 2, seed=5), [{}] * 2)  # no optimizers: nothing installed
+    torch.testing.assert_close(bn.running_var, before, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="returned NoneType"):
+        call_rule(lambda d, m: None, updates, [], opt)
+
+    def scaled(d, m, scale=None):  # a None default, but the caller sets it: not the optimizers
+        seen.append(scale)
+        return {}
+
+    assert call_rule(scaled, updates, [], opt, scale=2.0) == {} and seen[-1] == 2.0
 
 
 # --------------------------------------------------------------------- robust rules

@@ -75,6 +75,7 @@ def test_functional_all_is_pinned():
     f = zmqfed.functional
     assert sorted(f.__all__) == sorted(
         [
+            "AggregationRule",
             "AutoReducer",
             "CompressionStats",
             "StreamingFedAvg",
@@ -91,6 +92,7 @@ def test_functional_all_is_pinned():
             "before_destroy",
             "before_download",
             "before_upload",
+            "call_rule",
             "count_step",
             "deadline_step",
             "device_alignment",

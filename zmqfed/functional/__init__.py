@@ -21,8 +21,10 @@ from zmqfed.core.steps import (
     before_upload,
 )
 from zmqfed.functional.aggregate import (
+    AggregationRule,
     StreamingFedAvg,
     average_aggregation,
+    call_rule,
     elastic_aggregation,
     install_aggregate,
     krum_aggregation,
@@ -49,6 +51,7 @@ from zmqfed.functional.steps import (
 )
 
 __all__ = [
+    "AggregationRule",
     "AutoReducer",
     "CompressionStats",
     "StreamingFedAvg",
@@ -65,6 +68,7 @@ __all__ = [
     "before_destroy",
     "before_download",
     "before_upload",
+    "call_rule",
     "count_step",
     "deadline_step",
     "device_alignment",

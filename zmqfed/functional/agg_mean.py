@@ -108,7 +108,9 @@ def elastic_aggregation(
 
     OpenFed's parameter order: ``quantile`` comes before ``optim_list``, so
     ``elastic_aggregation(data_list, meta_list, 0.3, optim)`` works
-    positionally. ``optim_list`` and the return value are those of
+    positionally; code that calls rules it does not know (``API``) goes
+    through :func:`~zmqfed.functional.agg_common.call_rule`, which passes the
+    optimizers by keyword. ``optim_list`` and the return value are those of
     :func:`average_aggregation`.
 
     Raises
