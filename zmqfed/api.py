@@ -22,13 +22,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zmqfed.core import Maintainer, steps
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
-from zmqfed.functional.agg_common import AggregationRule, call_rule
+from zmqfed.functional.agg_common import AggregationRule, call_rule, optim_as_list
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -73,7 +73,8 @@ class API(threading.Thread):
     maintainer:
         The aggregator's Maintainer, with a step policy registered.
     fed_optim:
-        Server optimizer(s), e.g. ``FederatedOptimizer(SGD(lr=1.0), role)``.
+        Server optimizer(s), e.g. ``FederatedOptimizer(SGD(lr=1.0), role)``:
+        one, or a list or tuple of them.
     rounds:
         Training rounds to run.
     agg_func:
@@ -132,7 +133,12 @@ class API(threading.Thread):
             raise ConfigError(f"rounds must be positive, got {rounds!r}")
         self.maintainer = maintainer
         self.fed_optim = fed_optim
-        self.optim_list = fed_optim if isinstance(fed_optim, (list, tuple)) else [fed_optim]
+        self.optim_list = optim_as_list(fed_optim)
+        if not self.optim_list:
+            raise ConfigError(
+                "API needs a server optimizer (fed_optim), e.g. "
+                "FederatedOptimizer(torch.optim.SGD(params, lr=1.0), 'aggregator')"
+            )
         self.rounds = rounds
         self.agg_func = agg_func
         self.agg_func_kwargs = agg_func_kwargs or {}
@@ -232,24 +238,26 @@ class API(threading.Thread):
 
 def aggregate_and_step(
     m: Maintainer,
-    optim_list: Sequence[Any],
+    optim_list: Any,
     agg_func: AggregationRule | Callable[..., Any],
     **agg_kwargs: Any,
 ) -> None:
     """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers.
 
-    The rule is called through :func:`~zmqfed.functional.agg_common.call_rule`
-    with ``optim_list`` and ``agg_kwargs``, so it installs its result (buffers
-    into the model, pseudo-gradients and optimizer state into the optimizers)
-    before they step.
+    ``optim_list`` is one optimizer or a list of them. The rule is called
+    through :func:`~zmqfed.functional.agg_common.call_rule` with the
+    optimizers and ``agg_kwargs``, so it installs its result (buffers into the
+    model, pseudo-gradients and optimizer state into the optimizers) before
+    they step.
     """
+    optims = optim_as_list(optim_list)
     # An aggregation rule sets p.grad only for tensors some upload carries:
     # without this, a tensor missing from this round's uploads would be
     # stepped again with last round's pseudo-gradient.
-    for optim in optim_list:
+    for optim in optims:
         optim.zero_grad()
-    call_rule(agg_func, m.data_list, m.meta_list, optim_list, **agg_kwargs)
-    for optim in optim_list:
+    call_rule(agg_func, m.data_list, m.meta_list, optims, **agg_kwargs)
+    for optim in optims:
         optim.step()
         if hasattr(optim, "round"):
             optim.round()
@@ -294,13 +302,7 @@ def run_collaborator(
     """
     if not maintainer.collaborator:
         raise ConfigError("run_collaborator runs on a collaborator")
-    optims = (
-        []
-        if fed_optim is None
-        else list(fed_optim)
-        if isinstance(fed_optim, (list, tuple))
-        else [fed_optim]
-    )
+    optims = optim_as_list(fed_optim)
     answered = 0
     wanted = 0
     while rounds is None or answered < rounds:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from zmqfed.api import aggregate_and_step
+from zmqfed.api import API, aggregate_and_step
 from zmqfed.errors import ConfigError
+from zmqfed.functional.agg_common import optim_as_list
 from zmqfed.functional.aggregate import (
     StreamingFedAvg,
     average_aggregation,
@@ -368,6 +369,22 @@ def test_aggregate_and_step_runs_elastic_with_kwargs():
     m = SimpleNamespace(data_list=ups, meta_list=metas)
     aggregate_and_step(m, [fed], elastic_aggregation, quantile=0.3)  # type: ignore[arg-type]
     torch.testing.assert_close(p.detach(), expected)
+
+
+def test_optimizers_as_a_list_one_way_everywhere():
+    opt = object()
+    assert optim_as_list(None) == [] and optim_as_list(opt) == [opt]
+    assert optim_as_list((opt, opt)) == [opt, opt]
+    # aggregate_and_step takes one optimizer as well as a list
+    p, ups, metas, fed = elastic_case()
+    expected = p.detach() - naive_aggregation(ups, metas)[p]["grad"]
+    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    aggregate_and_step(m, fed, naive_aggregation)  # type: ignore[arg-type]
+    torch.testing.assert_close(p.detach(), expected)
+    aggregator = SimpleNamespace(aggregator=True, nick_name="agg")
+    for none in (None, [], ()):
+        with pytest.raises(ConfigError, match="server optimizer"):
+            API(aggregator, none, 1, naive_aggregation)  # type: ignore[arg-type]
 
 
 OPTS = [object()]  # stands for the server optimizers
