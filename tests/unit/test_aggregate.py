@@ -1,4 +1,4 @@
-"""Aggregation rules against numpy references: mean, FedAvg, elastic, robust, streaming, reduce."""
+"""Aggregation rules against numpy references: mean, FedAvg, elastic, robust, running mean, reduce."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from zmqfed.api import API, aggregate_and_step
 from zmqfed.errors import ConfigError
 from zmqfed.functional.agg_common import optim_as_list
 from zmqfed.functional.aggregate import (
-    StreamingFedAvg,
+    RunningFedAvg,
     average_aggregation,
     call_rule,
     elastic_aggregation,
@@ -555,15 +555,15 @@ def test_robust_rules_resist_one_poisoned_update():
     assert st[nbt]["param"].dtype == torch.int64  # integer buffers: lower median, still int
 
 
-# ------------------------------------------------------------------------ streaming
+# --------------------------------------------------------------------- running mean
 
 
-def test_streaming_equals_list_form_and_numpy():
+def test_running_equals_list_form_and_numpy():
     net = make_net()
     updates = make_updates(net, 6, seed=4)
     weights = [3, 1, 4, 1, 5, 9]
-    list_net, stream_net = make_net(), make_net()
-    sd_list, sd_stream = tensors(list_net), tensors(stream_net)
+    list_net, running_net = make_net(), make_net()
+    sd_list, sd_running = tensors(list_net), tensors(running_net)
     # the same updates, keyed by each net's own tensors / by name
     names = {p: n for n, p in tensors(net).items()}
     list_updates = [{sd_list[names[p]]: s for p, s in u.items()} for u in updates]
@@ -571,23 +571,23 @@ def test_streaming_equals_list_form_and_numpy():
 
     ref = naive_aggregation(list_updates, [{"instances": w} for w in weights])
     install_aggregate(ref)  # apply() installs too: buffers into the model
-    acc = StreamingFedAvg(sd_stream)
+    acc = RunningFedAvg(sd_running)
     for u, w in zip(named_updates, weights, strict=True):
         acc.add(u, weight=w)
     got = acc.apply()
     assert acc.count == 6 and len(acc) == 6
     for name in sd_list:
         for k, v in ref[sd_list[name]].items():
-            torch.testing.assert_close(got[sd_stream[name]][k], v, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(sd_stream[name].detach(), sd_list[name].detach())
+            torch.testing.assert_close(got[sd_running[name]][k], v, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sd_running[name].detach(), sd_list[name].detach())
     assert acc.total_weight("0.weight") == sum(weights)
 
 
-def test_streaming_memory_is_independent_of_n():
+def test_running_memory_is_independent_of_n():
     net = make_net()
     sizes = []
     for n in (1, 40):
-        acc = StreamingFedAvg()
+        acc = RunningFedAvg()
         for u in make_updates(net, n):
             acc.add(u, 1.0)
         sizes.append((acc.num_tensors, acc.nbytes))
@@ -597,11 +597,11 @@ def test_streaming_memory_is_independent_of_n():
     assert sizes[0][1] < 3 * per_model + 64
 
 
-def test_streaming_leaves_updates_alone_and_rejects_bad_updates_atomically():
+def test_running_leaves_updates_alone_and_rejects_bad_updates_atomically():
     p = nn.Parameter(torch.zeros(3))
     q = nn.Parameter(torch.zeros(2))
     u = {p: {"param": torch.ones(3)}, q: {"param": torch.ones(2), "m": torch.ones(2)}}
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     acc.add(u, 2.0)
     torch.testing.assert_close(u[p]["param"], torch.ones(3))  # the upload is not modified
     bad = {p: {"param": torch.full((3,), 5.0)}, q: {"param": torch.ones(2), "m": torch.ones(5)}}
@@ -610,18 +610,18 @@ def test_streaming_leaves_updates_alone_and_rejects_bad_updates_atomically():
     assert acc.count == 1
     torch.testing.assert_close(acc.result()[p]["param"], torch.ones(3))  # p was not folded in
     with pytest.raises(ConfigError, match="not in the aggregator"):
-        StreamingFedAvg({"w": p}).add({"nope": torch.ones(3)})
+        RunningFedAvg({"w": p}).add({"nope": torch.ones(3)})
     with pytest.raises(ConfigError, match="shape"):
-        StreamingFedAvg({"w": p}).add({"w": torch.ones(1, 3)})
+        RunningFedAvg({"w": p}).add({"w": torch.ones(1, 3)})
     with pytest.raises(ConfigError, match=">= 0"):
         acc.add(u, float("nan"))
     acc.reset()
     assert acc.count == 0 and acc.num_tensors == 0 and acc.result() == {}
 
 
-def test_streaming_reuses_its_buffers_across_rounds_without_aliasing_results():
+def test_running_reuses_its_buffers_across_rounds_without_aliasing_results():
     p = nn.Parameter(torch.zeros(1000))
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     acc.add({p: {"param": torch.ones(1000), "exp_avg": torch.ones(1000)}}, 1.0)
     first = acc.result()
     held = acc.nbytes
@@ -636,8 +636,8 @@ def test_streaming_reuses_its_buffers_across_rounds_without_aliasing_results():
     assert acc.nbytes == 0
 
 
-def test_streaming_name_keyed_without_state_dict_cannot_apply():
-    acc = StreamingFedAvg()
+def test_running_name_keyed_without_state_dict_cannot_apply():
+    acc = RunningFedAvg()
     acc.add({"w": torch.ones(3)})
     acc.add({"w": torch.zeros(3)}, 3.0)
     torch.testing.assert_close(acc.result()["w"]["param"], torch.full((3,), 0.25))
@@ -676,13 +676,10 @@ def test_auto_reducer(tmp_path):
         r.reduce()
 
 
-def test_streaming_result_in_place_matches_and_consumes():
-    from zmqfed.errors import ConfigError
-    from zmqfed.functional.streaming import StreamingFedAvg
-
+def test_running_result_in_place_matches_and_consumes():
     p = torch.zeros(3, requires_grad=True)
     updates = [({p: {"param": torch.full((3,), float(v))}}, w) for v, w in ((1, 1), (4, 2))]
-    fresh, in_place = StreamingFedAvg(), StreamingFedAvg()
+    fresh, in_place = RunningFedAvg(), RunningFedAvg()
     for acc in (fresh, in_place):
         for update, w in updates:
             acc.add(update, weight=w)

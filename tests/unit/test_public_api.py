@@ -78,6 +78,7 @@ def test_functional_all_is_pinned():
             "AggregationRule",
             "AutoReducer",
             "CompressionStats",
+            "RunningFedAvg",
             "StreamingFedAvg",
             "after_destroy",
             "after_download",
@@ -108,6 +109,7 @@ def test_functional_all_is_pinned():
             "meta_reduce",
             "naive_aggregation",
             "period_step",
+            "running_fedavg",
             "sign_gradient_clip",
             "streaming_fedavg",
             "topk_sparsification",
@@ -117,6 +119,15 @@ def test_functional_all_is_pinned():
     )
     for name in f.__all__:
         assert hasattr(f, name), name
+
+
+def test_running_mean_keeps_its_earlier_names_as_aliases():
+    from zmqfed.functional import aggregate, hooks, running_mean
+
+    f = zmqfed.functional
+    assert f.StreamingFedAvg is f.RunningFedAvg is running_mean.RunningFedAvg
+    assert aggregate.StreamingFedAvg is aggregate.RunningFedAvg is f.RunningFedAvg
+    assert f.streaming_fedavg is f.running_fedavg is hooks.running_fedavg
 
 
 def test_addresses():

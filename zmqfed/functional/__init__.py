@@ -22,6 +22,7 @@ from zmqfed.core.steps import (
 )
 from zmqfed.functional.aggregate import (
     AggregationRule,
+    RunningFedAvg,
     StreamingFedAvg,
     average_aggregation,
     call_rule,
@@ -40,7 +41,12 @@ from zmqfed.functional.compress import (
     int8_quantization,
     topk_sparsification,
 )
-from zmqfed.functional.hooks import device_alignment, sign_gradient_clip, streaming_fedavg
+from zmqfed.functional.hooks import (
+    device_alignment,
+    running_fedavg,
+    sign_gradient_clip,
+    streaming_fedavg,
+)
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 from zmqfed.functional.steps import (
     count_step,
@@ -54,6 +60,7 @@ __all__ = [
     "AggregationRule",
     "AutoReducer",
     "CompressionStats",
+    "RunningFedAvg",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
@@ -84,6 +91,7 @@ __all__ = [
     "meta_reduce",
     "naive_aggregation",
     "period_step",
+    "running_fedavg",
     "sign_gradient_clip",
     "streaming_fedavg",
     "topk_sparsification",

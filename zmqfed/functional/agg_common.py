@@ -304,7 +304,7 @@ def _tensor_key(key: Hashable) -> Tensor:
     if not isinstance(key, Tensor):
         raise ConfigError(
             f"cannot apply the aggregate of {key!r}: updates are keyed by name; "
-            "key them by the aggregator's tensors or give StreamingFedAvg the state_dict"
+            "key them by the aggregator's tensors or give RunningFedAvg the state_dict"
         )
     return key
 

@@ -2,7 +2,7 @@
 
 All three read OpenFed's ``data_list`` / ``meta_list`` format (see
 :mod:`zmqfed.functional.agg_common`), reduce every state key with an in-place
-running sum (:class:`~zmqfed.functional.streaming.StreamingFedAvg`), add the
+running sum (:class:`~zmqfed.functional.running_mean.RunningFedAvg`), add the
 pseudo-gradients and return the param states. Called without ``optim_list``
 they only compute (nothing of the model or of any optimizer changes); given
 ``optim_list`` they also install the result
@@ -32,7 +32,7 @@ from zmqfed.functional.agg_common import (
     install_if_given,
     instances_weights,
 )
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg
 
 __all__ = ["average_aggregation", "elastic_aggregation", "naive_aggregation"]
 
@@ -40,7 +40,7 @@ IMPORTANCE = "importance"
 
 
 def _weighted_mean(data_list: Sequence[Update], weights: Sequence[float]) -> ParamStates:
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     for update, w in zip(data_list, weights, strict=True):
         acc.add(update, w)
     return acc.result()
@@ -83,7 +83,7 @@ def naive_aggregation(
 
     Each tensor's (and each state key's) weights are normalised over the
     updates that carry it, so partial updates are averaged correctly. Equal to
-    :class:`StreamingFedAvg` fed the same updates with ``weight=instances``.
+    :class:`RunningFedAvg` fed the same updates with ``weight=instances``.
     ``optim_list`` and the return value are those of :func:`average_aggregation`.
     """
     weights = instances_weights(meta_list, len(data_list))

@@ -37,7 +37,7 @@ from zmqfed.functional.agg_common import (
     is_integral,
     result_dtype,
 )
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg
 
 __all__ = ["krum_aggregation", "krum_select", "median_aggregation", "trimmed_mean_aggregation"]
 
@@ -203,7 +203,7 @@ def krum_aggregation(
     if not data_list:
         return {}
     chosen = krum_select(data_list, f=f, m=m)
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     for i in chosen:
         acc.add(data_list[i], 1.0)
     return _finish(acc.result(), optim_list)

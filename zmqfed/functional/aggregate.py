@@ -2,7 +2,7 @@
 
 The rules live one family per module: :mod:`~zmqfed.functional.agg_mean`
 (average, FedAvg, elastic), :mod:`~zmqfed.functional.agg_robust` (median,
-trimmed mean, Krum), :mod:`~zmqfed.functional.streaming` (running FedAvg) and
+trimmed mean, Krum), :mod:`~zmqfed.functional.running_mean` (running FedAvg) and
 :mod:`~zmqfed.functional.agg_common` (the data format, the rule contract
 :class:`AggregationRule` with :func:`call_rule`, and how aggregates reach the
 model and the optimizers).
@@ -23,10 +23,11 @@ from zmqfed.functional.agg_robust import (
     median_aggregation,
     trimmed_mean_aggregation,
 )
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg, StreamingFedAvg
 
 __all__ = [
     "AggregationRule",
+    "RunningFedAvg",
     "StreamingFedAvg",
     "average_aggregation",
     "call_rule",

@@ -1,16 +1,16 @@
-"""``StreamingFedAvg``: fold updates into one running weighted sum as they arrive.
+"""``RunningFedAvg``: a running weighted mean, folding updates in as they arrive.
 
 The aggregator does not need to keep N uploads to compute FedAvg: each upload
 is added into one accumulator per (tensor, state key) with
 ``acc.add_(update, alpha=weight)`` and can be dropped right away, so memory is
 one model (plus one float per key), not N models, and every update is read
-once. :meth:`StreamingFedAvg.apply` then gives exactly what
+once. :meth:`RunningFedAvg.apply` then gives exactly what
 :func:`~zmqfed.functional.agg_mean.naive_aggregation` gives for the same
 updates and weights (the list-form rules are built on this class).
 
 Example, in a maintainer's ``after_download`` hook::
 
-    acc = StreamingFedAvg(network.state_dict(keep_vars=True))
+    acc = RunningFedAvg(network.state_dict(keep_vars=True))
     ...
     acc.add(maintainer.data, weight=maintainer.pipe.meta["instances"])  # per upload
     ...
@@ -18,6 +18,10 @@ Example, in a maintainer's ``after_download`` hook::
     acc.apply(fed_optim)  # p.grad = p - mean, buffers copied in
     fed_optim.step()
     acc.reset()
+
+Named for what it computes, a running mean: "stream" in zmqfed means chunked
+transfer of large messages (:mod:`zmqfed.wire.stream`). ``StreamingFedAvg``,
+the class's earlier name, remains as an alias.
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ from zmqfed.functional.agg_common import (
     result_dtype,
 )
 
-__all__ = ["StreamingFedAvg"]
+__all__ = ["RunningFedAvg", "StreamingFedAvg"]
 
 
-class StreamingFedAvg:
+class RunningFedAvg:
     """Weighted mean of updates, accumulated one update at a time.
 
     Parameters
@@ -250,4 +254,10 @@ class StreamingFedAvg:
         return self._count
 
     def __repr__(self) -> str:
-        return f"StreamingFedAvg(updates={self._count}, tensors={self.num_tensors}, nbytes={self.nbytes})"
+        return f"RunningFedAvg(updates={self._count}, tensors={self.num_tensors}, nbytes={self.nbytes})"
+
+
+#: Alias of :class:`RunningFedAvg`, the name it had before zmqfed kept "stream"
+#: for chunked transfer. Kept so existing code keeps working; new code should
+#: use ``RunningFedAvg``.
+StreamingFedAvg = RunningFedAvg
