@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from zmqfed.core import Maintainer, StepContext, step_points
 from zmqfed.core.contracts import as_context
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
 from zmqfed.federated.protocol import ErrorCode, meta_version
+from zmqfed.functional.agg_common import AggregationRule, call_rule, optim_as_list
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -78,11 +79,19 @@ class API(threading.Thread):
     maintainer:
         The aggregator's Maintainer, with a step policy registered.
     fed_optim:
-        Server optimizer(s), e.g. ``FederatedOptimizer(SGD(lr=1.0), role)``.
+        Server optimizer(s), e.g. ``FederatedOptimizer(SGD(lr=1.0), role)``:
+        one, or a list or tuple of them.
     rounds:
         Training rounds to run.
     agg_func:
-        ``agg_func(data_list, meta_list, optim_list, **agg_func_kwargs)``.
+        The aggregation rule (an
+        :class:`~zmqfed.functional.agg_common.AggregationRule`, or an
+        OpenFed-style ``agg(data_list, meta_list, optim_list)``), called through
+        :func:`~zmqfed.functional.agg_common.call_rule` with the server
+        optimizers and ``agg_func_kwargs``: ``elastic_aggregation`` with
+        ``dict(quantile=0.3)`` gets both where they belong.
+    agg_func_kwargs:
+        The rule's own keyword arguments.
     reduce_func:
         ``reduce_func(meta_list, **reduce_func_kwargs) -> dict`` of metrics.
     with_test_round:
@@ -109,7 +118,7 @@ class API(threading.Thread):
         maintainer: Maintainer,
         fed_optim: Any,
         rounds: int,
-        agg_func: Callable[..., Any],
+        agg_func: AggregationRule | Callable[..., Any],
         agg_func_kwargs: dict[str, Any] | None = None,
         reduce_func: Callable[..., Any] | None = None,
         reduce_func_kwargs: dict[str, Any] | None = None,
@@ -130,7 +139,12 @@ class API(threading.Thread):
             raise ConfigError(f"rounds must be positive, got {rounds!r}")
         self.maintainer = maintainer
         self.fed_optim = fed_optim
-        self.optim_list = fed_optim if isinstance(fed_optim, (list, tuple)) else [fed_optim]
+        self.optim_list = optim_as_list(fed_optim)
+        if not self.optim_list:
+            raise ConfigError(
+                "API needs a server optimizer (fed_optim), e.g. "
+                "FederatedOptimizer(torch.optim.SGD(params, lr=1.0), 'aggregator')"
+            )
         self.rounds = rounds
         self.agg_func = agg_func
         self.agg_func_kwargs = agg_func_kwargs or {}
@@ -229,16 +243,27 @@ class API(threading.Thread):
 
 
 def aggregate_and_step(
-    m: Maintainer, optim_list: Sequence[Any], agg_func: Callable[..., Any], **agg_kwargs: Any
+    m: Maintainer,
+    optim_list: Any,
+    agg_func: AggregationRule | Callable[..., Any],
+    **agg_kwargs: Any,
 ) -> None:
-    """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers."""
+    """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers.
+
+    ``optim_list`` is one optimizer or a list of them. The rule is called
+    through :func:`~zmqfed.functional.agg_common.call_rule` with the
+    optimizers and ``agg_kwargs``, so it installs its result (buffers into the
+    model, pseudo-gradients and optimizer state into the optimizers) before
+    they step.
+    """
+    optims = optim_as_list(optim_list)
     # An aggregation rule sets p.grad only for tensors some upload carries:
     # without this, a tensor missing from this round's uploads would be
     # stepped again with last round's pseudo-gradient.
-    for optim in optim_list:
+    for optim in optims:
         optim.zero_grad()
-    agg_func(m.data_list, m.meta_list, optim_list, **agg_kwargs)
-    for optim in optim_list:
+    call_rule(agg_func, m.data_list, m.meta_list, optims, **agg_kwargs)
+    for optim in optims:
         optim.step()
         if hasattr(optim, "round"):
             optim.round()
@@ -283,13 +308,7 @@ def run_collaborator(
     """
     if not maintainer.collaborator:
         raise ConfigError("run_collaborator runs on a collaborator")
-    optims = (
-        []
-        if fed_optim is None
-        else list(fed_optim)
-        if isinstance(fed_optim, (list, tuple))
-        else [fed_optim]
-    )
+    optims = optim_as_list(fed_optim)
     answered = 0
     wanted = 0
     while rounds is None or answered < rounds:

@@ -62,7 +62,7 @@ def test_codec_quick() -> None:
 def test_aggregate_quick() -> None:
     rows = _rows("aggregate")
     _check_rows(rows)
-    assert any("StreamingFedAvg" in r["name"] for r in rows)
+    assert any("RunningFedAvg" in r["name"] for r in rows)
 
 
 def test_overhead_quick() -> None:

@@ -1,19 +1,25 @@
-"""Aggregation rules against numpy references: mean, FedAvg, elastic, robust, streaming, reduce."""
+"""Aggregation rules against numpy references: mean, FedAvg, elastic, robust, running mean, reduce."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from zmqfed.api import API, aggregate_and_step
 from zmqfed.errors import ConfigError
+from zmqfed.functional.agg_common import optim_as_list
 from zmqfed.functional.aggregate import (
-    StreamingFedAvg,
+    RunningFedAvg,
     average_aggregation,
+    call_rule,
     elastic_aggregation,
+    install_aggregate,
     krum_aggregation,
     krum_select,
     load_param_states,
@@ -75,6 +81,9 @@ def test_mean_rules_match_numpy(weighted):
     weights = instances if weighted else [1, 1, 1, 1]
     rule = naive_aggregation if weighted else average_aggregation
     states = rule(updates, metas)
+    for name, p in tensors(net).items():  # computing the aggregate writes nothing
+        torch.testing.assert_close(p.detach(), before[name])
+    install_aggregate(states)  # buffers into the model
 
     for name, p in tensors(net).items():
         st = states[p]
@@ -231,6 +240,236 @@ def test_elastic_needs_importance_and_survives_zero_importance():
     torch.testing.assert_close(st[p]["grad"], torch.full((3,), 1.5))
 
 
+# ------------------------------------------------- computing vs installing (purity)
+
+ALL_RULES = [
+    pytest.param(average_aggregation, {}, id="average"),
+    pytest.param(naive_aggregation, {}, id="naive"),
+    pytest.param(elastic_aggregation, {"quantile": 0.3}, id="elastic"),
+    pytest.param(median_aggregation, {}, id="median"),
+    pytest.param(trimmed_mean_aggregation, {"beta": 0.2}, id="trimmed_mean"),
+    pytest.param(krum_aggregation, {"f": 1, "m": 2}, id="krum"),
+]
+
+
+def rekeyed(updates, source: nn.Module, target: nn.Module):
+    """The same updates keyed by ``target``'s tensors instead of ``source``'s."""
+    names = {p: n for n, p in tensors(source).items()}
+    sd = tensors(target)
+    return [{sd[names[p]]: dict(s) for p, s in u.items()} for u in updates]
+
+
+def server(net: nn.Module) -> FederatedOptimizer:
+    return FederatedOptimizer(
+        torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9), role=AGGREGATOR
+    )
+
+
+@pytest.mark.parametrize("rule, kwargs", ALL_RULES)
+def test_rules_without_optim_list_write_nothing_and_install_gives_the_same(rule, kwargs):
+    net = make_net()
+    updates = make_updates(net, 5, keys=("exp_avg", "importance"))
+    for u in updates:
+        for state in u.values():
+            if "importance" in state:
+                state["importance"] = state["importance"].abs()
+    metas = [{"instances": k} for k in (1, 2, 3, 4, 5)]
+    opt = server(net)
+    for p in net.parameters():  # gradients and state left over from earlier
+        p.grad = torch.full_like(p, 7.0)
+        opt.state[p]["exp_avg"] = torch.full_like(p, 3.0)
+    model = {n: t.detach().clone() for n, t in tensors(net).items()}
+    grads = {p: p.grad for p in net.parameters()}
+    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
+
+    pure = rule(updates, metas, **kwargs)
+
+    for n, t in tensors(net).items():  # parameters and buffers alike
+        torch.testing.assert_close(t.detach(), model[n], rtol=0, atol=0)
+    for p in net.parameters():
+        assert p.grad is grads[p] and bool((p.grad == 7.0).all())
+        assert opt.state[p].keys() == state[p].keys()
+        for k, v in state[p].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0)
+
+    # installing the pure result is what the rule does when given the optimizers
+    twin = make_net()
+    twin_opt = server(twin)
+    given = rule(rekeyed(updates, net, twin), metas, optim_list=twin_opt, **kwargs)
+    opt.zero_grad()
+    install_aggregate(pure, opt)
+    opt.step()
+    twin_opt.step()
+    twin_sd = tensors(twin)
+    for n, t in tensors(net).items():
+        got, expected = pure.get(t), given.get(twin_sd[n])
+        assert (got is None) == (expected is None), n
+        if got is not None:
+            assert got.keys() == expected.keys(), n
+            for k in got:
+                torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+        torch.testing.assert_close(t.detach(), twin_sd[n].detach(), rtol=0, atol=0)
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        assert opt.state[p].keys() == twin_opt.state[q].keys()
+        for k in opt.state[p]:
+            torch.testing.assert_close(opt.state[p][k], twin_opt.state[q][k], rtol=0, atol=0)
+    assert any(not torch.equal(t.detach(), model[n]) for n, t in tensors(net).items())
+
+
+def test_optim_list_none_computes_an_empty_list_installs_buffers():
+    net = make_net()
+    bn = net[1]
+    before = bn.running_mean.clone()
+    updates = make_updates(net, 2)
+    metas = [{"instances": 1}, {"instances": 1}]
+    naive_aggregation(updates, metas, optim_list=None)
+    torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+    states = naive_aggregation(updates, metas, optim_list=[])
+    torch.testing.assert_close(bn.running_mean, states[bn.running_mean]["param"])
+    assert int(bn.num_batches_tracked) == 20
+    assert all(p.grad is None for p in net.parameters())  # no optimizer, no p.grad
+
+
+def test_install_aggregate_needs_tensor_keys():
+    with pytest.raises(ConfigError, match="keyed by name"):
+        install_aggregate({"w": {"param": torch.ones(2)}})
+    install_aggregate({"w": {"exp_avg": torch.ones(2)}})  # nothing to write: fine
+
+
+# ------------------------------------------------------- the rule contract: call_rule
+
+
+def elastic_case():
+    """An aggregator tensor, two updates with importance, metas, and a server optimizer."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    x = [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 0.0, 1.0])]
+    imp = [torch.tensor([0.1, 0.0, 0.4, 0.2]), torch.tensor([0.3, 0.2, 0.0, 0.2])]
+    ups = [{p: {"param": x[i], "importance": imp[i]}} for i in range(2)]
+    metas = [{"instances": 1}, {"instances": 3}]
+    return p, ups, metas, FederatedOptimizer(torch.optim.SGD([p], lr=1.0), role=AGGREGATOR)
+
+
+def test_call_rule_gives_elastic_the_optimizers_by_keyword_and_its_quantile():
+    p, ups, metas, fed = elastic_case()
+    _, ups2, _, _ = elastic_case()
+    direct = elastic_aggregation(ups2, metas, 0.3)  # OpenFed's positional shape, pure
+    st = call_rule(elastic_aggregation, ups, metas, fed, quantile=0.3)
+    torch.testing.assert_close(st[p]["grad"], direct[next(iter(direct))]["grad"])
+    assert p.grad is st[p]["grad"]  # installed into the optimizer it was given
+    other = call_rule(elastic_aggregation, ups, metas, None, quantile=0.9)
+    assert not torch.allclose(other[p]["grad"], st[p]["grad"])  # quantile reached the rule
+    assert p.grad is st[p]["grad"]  # ... and without optimizers nothing was installed
+    partial_rule = partial(elastic_aggregation, quantile=0.3)
+    torch.testing.assert_close(call_rule(partial_rule, ups, metas, fed)[p]["grad"], p.grad)
+
+
+def test_aggregate_and_step_runs_elastic_with_kwargs():
+    p, ups, metas, fed = elastic_case()
+    expected = p.detach() - elastic_aggregation(ups, metas, quantile=0.3)[p]["grad"]
+    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    aggregate_and_step(m, [fed], elastic_aggregation, quantile=0.3)  # type: ignore[arg-type]
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_optimizers_as_a_list_one_way_everywhere():
+    opt = object()
+    assert optim_as_list(None) == [] and optim_as_list(opt) == [opt]
+    assert optim_as_list((opt, opt)) == [opt, opt]
+    # aggregate_and_step takes one optimizer as well as a list
+    p, ups, metas, fed = elastic_case()
+    expected = p.detach() - naive_aggregation(ups, metas)[p]["grad"]
+    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    aggregate_and_step(m, fed, naive_aggregation)  # type: ignore[arg-type]
+    torch.testing.assert_close(p.detach(), expected)
+    aggregator = SimpleNamespace(aggregator=True, nick_name="agg")
+    for none in (None, [], ()):
+        with pytest.raises(ConfigError, match="server optimizer"):
+            API(aggregator, none, 1, naive_aggregation)  # type: ignore[arg-type]
+
+
+OPTS = [object()]  # stands for the server optimizers
+
+
+def openfed_rule(data_list, meta_list, optim_list):
+    return optim_list
+
+
+def renamed_third(d, m, optims):  # OpenFed-style custom rule, another name
+    return optims
+
+
+def renamed_third_default(d, m, optims=None):
+    return optims
+
+
+def keyword_only(data_list, meta_list, *, optim_list=None, beta=0.1):
+    return optim_list, beta
+
+
+def var_kwargs(d, m, **kw):
+    return kw
+
+
+def third_and_var_kwargs(d, m, optims, **kw):
+    return optims, kw
+
+
+def var_args(d, m, *args, beta=0.1):
+    return args, beta
+
+
+class RuleObject:
+    def __call__(self, data_list, meta_list, quantile=0.5, optim_list=None):
+        return optim_list, quantile
+
+
+@pytest.mark.parametrize(
+    "rule, kwargs, received",
+    [
+        pytest.param(openfed_rule, {}, OPTS, id="openfed"),
+        pytest.param(renamed_third, {}, OPTS, id="third-positional"),
+        pytest.param(renamed_third_default, {}, OPTS, id="third-positional-None"),
+        pytest.param(keyword_only, {"beta": 0.2}, (OPTS, 0.2), id="keyword-only"),
+        pytest.param(var_kwargs, {"beta": 0.2}, {"optim_list": OPTS, "beta": 0.2}, id="**kw"),
+        pytest.param(third_and_var_kwargs, {"b": 2}, (OPTS, {"b": 2}), id="third-and-**kw"),
+        pytest.param(var_args, {"beta": 0.2}, ((OPTS,), 0.2), id="*args"),
+        pytest.param(RuleObject(), {"quantile": 0.7}, (OPTS, 0.7), id="quantile-first"),
+        pytest.param(partial(keyword_only, beta=0.3), {}, (OPTS, 0.3), id="partial"),
+    ],
+)
+def test_call_rule_passes_optimizers_to_every_rule_shape(rule, kwargs, received):
+    assert call_rule(rule, [], [], OPTS, **kwargs) == received
+
+
+def test_call_rule_installs_for_a_rule_that_takes_no_optimizers():
+    net = make_net()
+    updates = make_updates(net, 3)
+    seen = []
+
+    def pure(data_list, meta_list, beta=0.1):  # third parameter: a hyperparameter
+        seen.append(beta)
+        return average_aggregation(data_list)
+
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    states = call_rule(pure, updates, [{}] * 3, opt, beta=0.3)
+    assert seen == [0.3]
+    for p in net.parameters():
+        assert p.grad is states[p]["grad"]
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, states[bn.running_mean]["param"])
+    before = bn.running_var.clone()
+    call_rule(pure, make_updates(net, 2, seed=5), [{}] * 2)  # no optimizers: nothing installed
+    torch.testing.assert_close(bn.running_var, before, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="returned NoneType"):
+        call_rule(lambda d, m: None, updates, [], opt)
+
+    def scaled(d, m, scale=None):  # a None default, but the caller sets it: not the optimizers
+        seen.append(scale)
+        return {}
+
+    assert call_rule(scaled, updates, [], opt, scale=2.0) == {} and seen[-1] == 2.0
+
+
 # --------------------------------------------------------------------- robust rules
 
 
@@ -316,38 +555,39 @@ def test_robust_rules_resist_one_poisoned_update():
     assert st[nbt]["param"].dtype == torch.int64  # integer buffers: lower median, still int
 
 
-# ------------------------------------------------------------------------ streaming
+# --------------------------------------------------------------------- running mean
 
 
-def test_streaming_equals_list_form_and_numpy():
+def test_running_equals_list_form_and_numpy():
     net = make_net()
     updates = make_updates(net, 6, seed=4)
     weights = [3, 1, 4, 1, 5, 9]
-    list_net, stream_net = make_net(), make_net()
-    sd_list, sd_stream = tensors(list_net), tensors(stream_net)
+    list_net, running_net = make_net(), make_net()
+    sd_list, sd_running = tensors(list_net), tensors(running_net)
     # the same updates, keyed by each net's own tensors / by name
     names = {p: n for n, p in tensors(net).items()}
     list_updates = [{sd_list[names[p]]: s for p, s in u.items()} for u in updates]
     named_updates = [{names[p]: s for p, s in u.items()} for u in updates]
 
     ref = naive_aggregation(list_updates, [{"instances": w} for w in weights])
-    acc = StreamingFedAvg(sd_stream)
+    install_aggregate(ref)  # apply() installs too: buffers into the model
+    acc = RunningFedAvg(sd_running)
     for u, w in zip(named_updates, weights, strict=True):
         acc.add(u, weight=w)
     got = acc.apply()
     assert acc.count == 6 and len(acc) == 6
     for name in sd_list:
         for k, v in ref[sd_list[name]].items():
-            torch.testing.assert_close(got[sd_stream[name]][k], v, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(sd_stream[name].detach(), sd_list[name].detach())
+            torch.testing.assert_close(got[sd_running[name]][k], v, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sd_running[name].detach(), sd_list[name].detach())
     assert acc.total_weight("0.weight") == sum(weights)
 
 
-def test_streaming_memory_is_independent_of_n():
+def test_running_memory_is_independent_of_n():
     net = make_net()
     sizes = []
     for n in (1, 40):
-        acc = StreamingFedAvg()
+        acc = RunningFedAvg()
         for u in make_updates(net, n):
             acc.add(u, 1.0)
         sizes.append((acc.num_tensors, acc.nbytes))
@@ -357,11 +597,11 @@ def test_streaming_memory_is_independent_of_n():
     assert sizes[0][1] < 3 * per_model + 64
 
 
-def test_streaming_leaves_updates_alone_and_rejects_bad_updates_atomically():
+def test_running_leaves_updates_alone_and_rejects_bad_updates_atomically():
     p = nn.Parameter(torch.zeros(3))
     q = nn.Parameter(torch.zeros(2))
     u = {p: {"param": torch.ones(3)}, q: {"param": torch.ones(2), "m": torch.ones(2)}}
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     acc.add(u, 2.0)
     torch.testing.assert_close(u[p]["param"], torch.ones(3))  # the upload is not modified
     bad = {p: {"param": torch.full((3,), 5.0)}, q: {"param": torch.ones(2), "m": torch.ones(5)}}
@@ -370,18 +610,18 @@ def test_streaming_leaves_updates_alone_and_rejects_bad_updates_atomically():
     assert acc.count == 1
     torch.testing.assert_close(acc.result()[p]["param"], torch.ones(3))  # p was not folded in
     with pytest.raises(ConfigError, match="not in the aggregator"):
-        StreamingFedAvg({"w": p}).add({"nope": torch.ones(3)})
+        RunningFedAvg({"w": p}).add({"nope": torch.ones(3)})
     with pytest.raises(ConfigError, match="shape"):
-        StreamingFedAvg({"w": p}).add({"w": torch.ones(1, 3)})
+        RunningFedAvg({"w": p}).add({"w": torch.ones(1, 3)})
     with pytest.raises(ConfigError, match=">= 0"):
         acc.add(u, float("nan"))
     acc.reset()
     assert acc.count == 0 and acc.num_tensors == 0 and acc.result() == {}
 
 
-def test_streaming_reuses_its_buffers_across_rounds_without_aliasing_results():
+def test_running_reuses_its_buffers_across_rounds_without_aliasing_results():
     p = nn.Parameter(torch.zeros(1000))
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     acc.add({p: {"param": torch.ones(1000), "exp_avg": torch.ones(1000)}}, 1.0)
     first = acc.result()
     held = acc.nbytes
@@ -396,8 +636,8 @@ def test_streaming_reuses_its_buffers_across_rounds_without_aliasing_results():
     assert acc.nbytes == 0
 
 
-def test_streaming_name_keyed_without_state_dict_cannot_apply():
-    acc = StreamingFedAvg()
+def test_running_name_keyed_without_state_dict_cannot_apply():
+    acc = RunningFedAvg()
     acc.add({"w": torch.ones(3)})
     acc.add({"w": torch.zeros(3)}, 3.0)
     torch.testing.assert_close(acc.result()["w"]["param"], torch.full((3,), 0.25))
@@ -436,13 +676,10 @@ def test_auto_reducer(tmp_path):
         r.reduce()
 
 
-def test_streaming_result_in_place_matches_and_consumes():
-    from zmqfed.errors import ConfigError
-    from zmqfed.functional.streaming import StreamingFedAvg
-
+def test_running_result_in_place_matches_and_consumes():
     p = torch.zeros(3, requires_grad=True)
     updates = [({p: {"param": torch.full((3,), float(v))}}, w) for v, w in ((1, 1), (4, 2))]
-    fresh, in_place = StreamingFedAvg(), StreamingFedAvg()
+    fresh, in_place = RunningFedAvg(), RunningFedAvg()
     for acc in (fresh, in_place):
         for update, w in updates:
             acc.add(update, weight=w)

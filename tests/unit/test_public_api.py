@@ -75,8 +75,10 @@ def test_functional_all_is_pinned():
     f = zmqfed.functional
     assert sorted(f.__all__) == sorted(
         [
+            "AggregationRule",
             "AutoReducer",
             "CompressionStats",
+            "RunningFedAvg",
             "StreamingFedAvg",
             "after_destroy",
             "after_download",
@@ -93,6 +95,7 @@ def test_functional_all_is_pinned():
             "before_download",
             "before_peer",
             "before_upload",
+            "call_rule",
             "count_step",
             "deadline_step",
             "device_alignment",
@@ -101,6 +104,7 @@ def test_functional_all_is_pinned():
             "download_served",
             "elastic_aggregation",
             "half_precision",
+            "install_aggregate",
             "int8_quantization",
             "krum_aggregation",
             "krum_select",
@@ -114,6 +118,7 @@ def test_functional_all_is_pinned():
             "peer_left",
             "period_step",
             "request_parked",
+            "running_fedavg",
             "sign_gradient_clip",
             "step_started",
             "streaming_fedavg",
@@ -185,6 +190,15 @@ def test_core_and_federated_all_are_pinned():
     for module in (zmqfed.core, zmqfed.federated):
         for name in module.__all__:
             assert hasattr(module, name), name
+
+
+def test_running_mean_keeps_its_earlier_names_as_aliases():
+    from zmqfed.functional import aggregate, hooks, running_mean
+
+    f = zmqfed.functional
+    assert f.StreamingFedAvg is f.RunningFedAvg is running_mean.RunningFedAvg
+    assert aggregate.StreamingFedAvg is aggregate.RunningFedAvg is f.RunningFedAvg
+    assert f.streaming_fedavg is f.running_fedavg is hooks.running_fedavg
 
 
 def test_addresses():

@@ -1,4 +1,4 @@
-"""Aggregation: ``StreamingFedAvg`` over N updates vs memory bandwidth and ``torch.stack().mean(0)``.
+"""Aggregation: ``RunningFedAvg`` over N updates vs memory bandwidth and ``torch.stack().mean(0)``.
 
 Throughput counts the bytes of the updates read (N x model). The reference is
 the read bandwidth of those very updates measured right after the fold
@@ -79,12 +79,12 @@ def _measure(fn: Any) -> tuple[float, int]:
     return dt, (hwm - rss0) if can else -1
 
 
-def streaming(sd: dict[str, Any], updates: list[Any]) -> tuple[float, float, int, int]:
+def running_fedavg(sd: dict[str, Any], updates: list[Any]) -> tuple[float, float, int, int]:
     """Steady-state seconds of the fold and of fold+result, cold peak extra bytes of
     fold+result and of the fold alone."""
-    from zmqfed.functional.streaming import StreamingFedAvg
+    from zmqfed.functional.running_mean import RunningFedAvg
 
-    acc = StreamingFedAvg(sd)
+    acc = RunningFedAvg(sd)
 
     def round_() -> Any:
         acc.reset()
@@ -158,7 +158,7 @@ def _run(quick: bool, threads: int, log: Any) -> list[dict[str, Any]]:
         updates = _updates(sd, n)
         label = f"N={n} x {model // MiB} MiB"
         log(f"aggregate {label}")
-        fold, total, mem, fold_mem = streaming(sd, updates)
+        fold, total, mem, fold_mem = running_fedavg(sd, updates)
         # the reference: reading the very same update bytes once (torch.sum per
         # tensor, same threads), the least any aggregation must do. It shares
         # the updates' pages (huge pages or not) and the per-tensor call
@@ -169,7 +169,7 @@ def _run(quick: bool, threads: int, log: Any) -> list[dict[str, Any]]:
         thr = inbytes / fold / 1e9
         rows.append(
             row(
-                f"StreamingFedAvg fold, {label}",
+                f"RunningFedAvg fold, {label}",
                 thr,
                 "GB/s",
                 baseline=case_bw,
@@ -182,7 +182,7 @@ def _run(quick: bool, threads: int, log: Any) -> list[dict[str, Any]]:
         )
         rows.append(
             row(
-                f"StreamingFedAvg peak extra memory, {label}",
+                f"RunningFedAvg peak extra memory, {label}",
                 mem / mbytes,
                 "models",
                 target="<=2",
@@ -192,10 +192,10 @@ def _run(quick: bool, threads: int, log: Any) -> list[dict[str, Any]]:
         )
         rows.append(
             row(
-                f"StreamingFedAvg running sums held, {label}",
+                f"RunningFedAvg running sums held, {label}",
                 fold_mem / mbytes,
                 "models",
-                note="StreamingFedAvg.nbytes: float32 sums, also for float16 tensors",
+                note="RunningFedAvg.nbytes: float32 sums, also for float16 tensors",
             )
         )
         rows.append(
@@ -204,7 +204,7 @@ def _run(quick: bool, threads: int, log: Any) -> list[dict[str, Any]]:
                 tb * 1e3,
                 "ms",
                 baseline=total * 1e3,
-                baseline_name="StreamingFedAvg fold+result",
+                baseline_name="RunningFedAvg fold+result",
                 ratio=tb / total,
                 note=f"{inbytes / tb / 1e9:.2f} GB/s; ratio = how many times slower",
             )

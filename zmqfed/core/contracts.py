@@ -29,7 +29,7 @@ __all__ = [
     "StepHook",
     "StepResult",
     "as_context",
-    "as_optim_list",
+    "optim_as_list",
     "takes_name",
 ]
 
@@ -132,7 +132,7 @@ def takes_name(hook: Callable[..., Any]) -> bool:
     )
 
 
-def as_optim_list(optim_list: Any) -> list[Any]:
+def optim_as_list(optim_list: Any) -> list[Any]:
     """``None`` -> [], one optimizer -> [it], a list or tuple -> a list of them."""
     if optim_list is None:
         return []

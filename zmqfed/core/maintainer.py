@@ -23,7 +23,7 @@ from torch import Tensor
 from zmqfed.core.aggregator_side import AggregatorSide
 from zmqfed.core.collaborator_side import CollaboratorSide
 from zmqfed.core.context import pop_maintainer, push_maintainer
-from zmqfed.core.contracts import PackageHook, StepContext, StepHook, StepResult, as_optim_list
+from zmqfed.core.contracts import PackageHook, StepContext, StepHook, StepResult, optim_as_list
 from zmqfed.core.hooks import HookRegistry
 from zmqfed.errors import ConfigError, ProtocolError
 from zmqfed.federated import (
@@ -264,7 +264,7 @@ class Maintainer:
         name (an aggregation may leave a stale ``param`` in the optimizer).
         """
         self.packaged_data = {}
-        optims = as_optim_list(optim_list)
+        optims = optim_as_list(optim_list)
         for name, p in self.state_dict.items():
             entry: dict[str, Tensor] = {}
             for optim in optims:
@@ -285,7 +285,7 @@ class Maintainer:
         """Copy the received ``param`` into each tensor and optimizer state into ``optim_list``."""
         if not self.data:
             raise ConfigError(f"{self.nick_name}: nothing to unpackage; download with step() first")
-        optims = as_optim_list(optim_list)
+        optims = optim_as_list(optim_list)
         for name, p in self.state_dict.items():
             entry = self.data.get(name)
             if entry is None or "param" not in entry:

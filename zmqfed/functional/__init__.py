@@ -33,9 +33,13 @@ from zmqfed.core.step_points import (
     upload_received,
 )
 from zmqfed.functional.aggregate import (
+    AggregationRule,
+    RunningFedAvg,
     StreamingFedAvg,
     average_aggregation,
+    call_rule,
     elastic_aggregation,
+    install_aggregate,
     krum_aggregation,
     krum_select,
     load_param_states,
@@ -49,7 +53,12 @@ from zmqfed.functional.compress import (
     int8_quantization,
     topk_sparsification,
 )
-from zmqfed.functional.hooks import device_alignment, sign_gradient_clip, streaming_fedavg
+from zmqfed.functional.hooks import (
+    device_alignment,
+    running_fedavg,
+    sign_gradient_clip,
+    streaming_fedavg,
+)
 from zmqfed.functional.policies import (
     count_step,
     deadline_step,
@@ -60,8 +69,10 @@ from zmqfed.functional.policies import (
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 
 __all__ = [
+    "AggregationRule",
     "AutoReducer",
     "CompressionStats",
+    "RunningFedAvg",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
@@ -78,6 +89,7 @@ __all__ = [
     "before_download",
     "before_peer",
     "before_upload",
+    "call_rule",
     "count_step",
     "deadline_step",
     "device_alignment",
@@ -86,6 +98,7 @@ __all__ = [
     "download_served",
     "elastic_aggregation",
     "half_precision",
+    "install_aggregate",
     "int8_quantization",
     "krum_aggregation",
     "krum_select",
@@ -99,6 +112,7 @@ __all__ = [
     "peer_left",
     "period_step",
     "request_parked",
+    "running_fedavg",
     "sign_gradient_clip",
     "step_started",
     "streaming_fedavg",

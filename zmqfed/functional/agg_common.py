@@ -1,4 +1,4 @@
-"""Shared plumbing of the aggregation rules: data format, dtypes, finalizing.
+"""Shared plumbing of the aggregation rules: data format, dtypes, installing.
 
 The data format is OpenFed's. ``data_list`` holds one dict per received
 update, keyed by the aggregator's own tensors (the values of
@@ -7,20 +7,27 @@ update, keyed by the aggregator's own tensors (the values of
 every (tensor, key) pair over the updates that carry it and returns
 ``param_states``: the same shape of dict, one entry per tensor.
 
-:func:`finalize` then turns the aggregate into something an optimizer can use:
+Computing and installing an aggregate are two steps:
 
-* a tensor with ``requires_grad`` gets ``state['grad'] = p - state['param']``,
-  the *pseudo-gradient*, so ``FederatedOptimizer(SGD(lr=1.0)).step()`` moves
-  ``p`` onto the aggregate and any other server optimizer (Adam, Yogi,
-  momentum SGD) acts on the averaged client update;
-* a buffer (``requires_grad`` False: BatchNorm running stats,
-  ``num_batches_tracked``) is copied into ``p`` directly and never becomes a
-  gradient.
+* :func:`add_pseudo_gradients` (pure, part of computing): a tensor with
+  ``requires_grad`` gets ``state['grad'] = p - state['param']``, the
+  *pseudo-gradient*, so ``FederatedOptimizer(SGD(lr=1.0)).step()`` moves ``p``
+  onto the aggregate and any other server optimizer (Adam, Yogi, momentum
+  SGD) acts on the averaged client update. A buffer (``requires_grad`` False:
+  BatchNorm running stats, ``num_batches_tracked``) never becomes a gradient.
+* :func:`install_aggregate` (the one step that writes): copies each buffer's
+  aggregate into the aggregator's tensor and loads ``p.grad`` and the other
+  aggregated keys into every optimizer (:func:`load_param_states`).
 
-:func:`load_param_states` installs ``p.grad`` and the *other* aggregated keys
-into ``optim.state[p]``. Unlike OpenFed it leaves ``'param'`` and ``'grad'``
-out of the optimizer state, so a later ``package(optim)`` cannot serve last
-round's average instead of the stepped weights.
+A rule called without ``optim_list`` only computes: it changes no tensor of
+the model and no optimizer. Given ``optim_list`` (OpenFed's contract: the rule
+loads its result into the optimizers it is given) it also installs. That
+contract is typed as :class:`AggregationRule`; :func:`call_rule` calls any
+rule, OpenFed-style ones included, with the optimizers where it takes them.
+
+:func:`load_param_states` leaves ``'param'`` and ``'grad'`` out of the
+optimizer state (unlike OpenFed), so a later ``package(optim)`` cannot serve
+last round's average instead of the stepped weights.
 
 Integer and boolean tensors (``num_batches_tracked``) are never averaged into
 floats: the mean rules take their elementwise maximum, the robust rules their
@@ -29,28 +36,34 @@ floats: the mean rules take their elementwise maximum, the robust rules their
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from zmqfed.core.contracts import optim_as_list
 from zmqfed.errors import ConfigError
 
 __all__ = [
     "GRAD",
+    "OPTIM_LIST",
     "PARAM",
+    "AggregationRule",
     "ParamStates",
     "Update",
     "accumulate_dtype",
-    "apply_to_optimizers",
+    "add_pseudo_gradients",
     "as_state_tensor",
+    "call_rule",
     "check_weight",
     "describe",
-    "finalize",
     "gather",
+    "install_aggregate",
+    "install_if_given",
     "instances_weights",
     "is_integral",
     "iter_update",
@@ -63,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 PARAM = "param"
 GRAD = "grad"
+#: The name under which a rule takes the optimizers.
+OPTIM_LIST = "optim_list"
 
 #: One upload: ``{tensor (or name): {'param': Tensor, <state key>: Tensor}}``. Keys are
 #: typed ``Any`` because ``Mapping`` is invariant in its key type.
@@ -70,6 +85,82 @@ Update = Mapping[Any, Any]
 
 #: ``{tensor (or name): {'param': Tensor, 'grad': Tensor, <state key>: Tensor}}``
 ParamStates = dict[Any, dict[str, Tensor]]
+
+
+class AggregationRule(Protocol):
+    """The contract of an aggregation rule: ``rule(data_list, meta_list, *, optim_list=None)``.
+
+    Every rule of :mod:`zmqfed.functional` satisfies it (mypy checks that in
+    :mod:`zmqfed.functional.aggregate`); :class:`~zmqfed.api.API` and the
+    node runner call rules through :func:`call_rule`.
+
+    Parameters
+    ----------
+    data_list:
+        One update per collaborator, ``{aggregator tensor: {'param': Tensor,
+        <optimizer-state key>: Tensor}}`` (see this module's docstring). Read,
+        never modified.
+    meta_list:
+        The updates' metas, in the same order (``meta['instances']`` weights
+        the mean rules). Rules that do not use it still accept it.
+    optim_list:
+        ``None`` (the default): only compute. The rule then changes no tensor
+        of the model and no optimizer. Otherwise one optimizer or a list of
+        them (:func:`optim_as_list`): the rule also installs its result with
+        :func:`install_aggregate` (buffers into the model, ``p.grad`` and the
+        aggregated optimizer state into every optimizer). The parameter may
+        sit anywhere as long as it can be passed by keyword as ``optim_list``:
+        OpenFed's ``elastic_aggregation(data_list, meta_list, quantile,
+        optim_list)`` has it fourth.
+
+    Returns
+    -------
+    ParamStates
+        ``{tensor: {'param': aggregate, 'grad': p - aggregate (tensors with
+        requires_grad), <state key>: aggregate}}``, the same whether or not
+        ``optim_list`` is given.
+
+    Notes
+    -----
+    A rule's hyperparameters (``quantile``, ``beta``, ``f``, ``m``) are extra
+    parameters with defaults, passed by keyword: ``call_rule(rule, ...,
+    quantile=0.3)``, ``API(..., agg_func_kwargs=dict(quantile=0.3))``. They
+    are not spelled ``**kwargs`` in the protocol: that would admit only rules
+    that accept arbitrary keywords.
+
+    OpenFed-style custom rules whose third parameter is required or named
+    otherwise, such as ``def agg(data_list, meta_list, optim_list)`` or
+    ``def agg(d, m, optims)``, do not match the protocol, but
+    :func:`call_rule` still calls them right.
+
+    Examples
+    --------
+    A custom rule: FedAvg that drops updates with a non-finite loss::
+
+        import math
+
+        from zmqfed.functional import install_aggregate, naive_aggregation
+
+
+        def finite_fedavg(data_list, meta_list, *, optim_list=None, key="loss"):
+            kept = [i for i, m in enumerate(meta_list) if math.isfinite(m.get(key, 0.0))]
+            states = naive_aggregation([data_list[i] for i in kept], [meta_list[i] for i in kept])
+            if optim_list is not None:
+                install_aggregate(states, optim_list)
+            return states
+
+
+        API(maintainer, fed_optim, rounds, finite_fedavg, dict(key="val_loss"))
+    """
+
+    def __call__(
+        self,
+        data_list: Sequence[Update],
+        meta_list: Sequence[Mapping[str, Any]],
+        /,
+        *,
+        optim_list: Any = None,
+    ) -> ParamStates: ...
 
 
 def describe(key: Hashable) -> str:
@@ -198,41 +289,56 @@ def check_weight(weight: Any, what: str = "weight") -> float:
     return w
 
 
-def optim_as_list(optim_list: Any) -> list[Any]:
-    """``None`` -> [], one optimizer -> [it], a list -> itself."""
-    if optim_list is None:
-        return []
-    if isinstance(optim_list, (list, tuple)):
-        return list(optim_list)
-    return [optim_list]
-
-
 GradFn = Callable[[Tensor, dict[str, Tensor]], Tensor]
 
 
-@torch.no_grad()
-def finalize(param_states: ParamStates, grad_fn: GradFn | None = None) -> None:
-    """Turn aggregates into pseudo-gradients (parameters) or copy them in (buffers).
+def _tensor_key(key: Hashable) -> Tensor:
+    if not isinstance(key, Tensor):
+        raise ConfigError(
+            f"cannot apply the aggregate of {key!r}: updates are keyed by name; "
+            "key them by the aggregator's tensors or give RunningFedAvg the state_dict"
+        )
+    return key
 
-    ``grad_fn(p, state)`` overrides the pseudo-gradient ``p - state['param']``.
-    Entries without ``'param'`` (only optimizer state was uploaded) are left alone.
+
+@torch.no_grad()
+def add_pseudo_gradients(param_states: ParamStates, grad_fn: GradFn | None = None) -> ParamStates:
+    """Add ``state['grad'] = p - state['param']`` for every tensor with ``requires_grad``.
+
+    Pure: reads the aggregator's tensors, writes only into ``param_states``.
+    Buffers get no ``'grad'``; entries without ``'param'`` (only optimizer
+    state was uploaded) are left alone.
+
+    Parameters
+    ----------
+    param_states:
+        A rule's aggregate, keyed by the aggregator's tensors.
+    grad_fn:
+        ``grad_fn(p, state)`` replaces the pseudo-gradient ``p - state['param']``
+        (elastic aggregation scales it).
+
+    Returns
+    -------
+    dict
+        ``param_states`` itself.
+
+    Raises
+    ------
+    ConfigError
+        If an entry with ``'param'`` is keyed by name: there is no tensor to
+        take the difference with.
     """
     for key, state in param_states.items():
         if PARAM not in state:
             continue
-        if not isinstance(key, Tensor):
-            raise ConfigError(
-                f"cannot apply the aggregate of {key!r}: updates are keyed by name; "
-                "key them by the aggregator's tensors or give StreamingFedAvg the state_dict"
-            )
-        if key.requires_grad:
-            grad = grad_fn(key, state) if grad_fn is not None else key.detach() - state[PARAM]
-            state[GRAD] = grad.to(dtype=key.dtype)
-        else:
-            key.copy_(state[PARAM])
+        p = _tensor_key(key)
+        if p.requires_grad:
+            grad = grad_fn(p, state) if grad_fn is not None else p.detach() - state[PARAM]
+            state[GRAD] = grad.to(dtype=p.dtype)
+    return param_states
 
 
-def load_param_states(optim: Any, param_states: ParamStates) -> int:
+def load_param_states(optim: Any, param_states: Mapping[Any, Mapping[str, Tensor]]) -> int:
     """Install ``p.grad`` and the aggregated optimizer state into ``optim``.
 
     ``'param'`` and ``'grad'`` themselves are not written into ``optim.state``.
@@ -256,7 +362,148 @@ def load_param_states(optim: Any, param_states: ParamStates) -> int:
     return loaded
 
 
-def apply_to_optimizers(param_states: ParamStates, optim_list: Any) -> None:
-    """:func:`load_param_states` into every optimizer of ``optim_list``."""
+@torch.no_grad()
+def install_aggregate(
+    param_states: Mapping[Any, Mapping[str, Tensor]], optim_list: Any = None
+) -> None:
+    """Install a computed aggregate: buffers into the model, the rest into the optimizers.
+
+    The one step of aggregation that writes. Every buffer (a tensor without
+    ``requires_grad``) with an aggregated ``'param'`` is overwritten with it;
+    then every optimizer of ``optim_list`` gets ``p.grad`` (the
+    pseudo-gradient) and the aggregated optimizer state
+    (:func:`load_param_states`). Parameters themselves move only when the
+    optimizers step.
+
+    Parameters
+    ----------
+    param_states:
+        What a rule returned (with its pseudo-gradients), keyed by the
+        aggregator's tensors. Install it before the parameters change: the
+        pseudo-gradients were taken against their current values.
+    optim_list:
+        ``None``, one optimizer, or a list/tuple of them. With ``None`` only
+        the buffers are written.
+
+    Raises
+    ------
+    ConfigError
+        If an entry with ``'param'`` is keyed by name (nothing to write into).
+    """
+    for key, state in param_states.items():
+        if PARAM not in state:
+            continue
+        p = _tensor_key(key)
+        if not p.requires_grad:
+            p.copy_(state[PARAM])
     for optim in optim_as_list(optim_list):
         load_param_states(optim, param_states)
+
+
+def install_if_given(param_states: ParamStates, optim_list: Any) -> ParamStates:
+    """A rule's last step: install the aggregate when ``optim_list`` is not None.
+
+    ``None`` keeps the rule pure; anything else, even an empty list, installs
+    (buffers included). Returns ``param_states``.
+    """
+    if optim_list is not None:
+        install_aggregate(param_states, optim_list)
+    return param_states
+
+
+def call_rule(
+    rule: AggregationRule | Callable[..., Any],
+    data_list: Sequence[Update],
+    meta_list: Sequence[Mapping[str, Any]],
+    optim_list: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Call an aggregation rule, handing it the optimizers the way it accepts them.
+
+    Rules differ in where the optimizers go: ``naive_aggregation(data_list,
+    meta_list, optim_list)`` takes them third, OpenFed's
+    ``elastic_aggregation(data_list, meta_list, quantile, optim_list)`` fourth,
+    an OpenFed-style custom rule ``def agg(d, m, optims)`` third under another
+    name. Passing them positionally as the third argument to every rule would
+    put them into ``quantile``. The rule's signature decides, in this order:
+
+    1. a parameter named ``optim_list`` (not positional-only): by keyword;
+    2. a third positional parameter that is required or defaults to ``None``
+       and is not named in ``kwargs``: positionally, third (OpenFed's custom
+       rules);
+    3. ``**kwargs``: by keyword, as ``optim_list``;
+    4. ``*args``: positionally, third;
+    5. none of these (e.g. ``def agg(d, m, beta=0.1)``): the rule takes no
+       optimizers. It is called with ``data_list``, ``meta_list`` and
+       ``kwargs`` only, and when ``optim_list`` is not None its returned
+       ``param_states`` are installed here with :func:`install_aggregate`
+       (pseudo-gradients are the rule's to compute, see
+       :func:`add_pseudo_gradients`).
+
+    A callable whose signature cannot be read (a builtin) gets the optimizers
+    positionally, third.
+
+    Parameters
+    ----------
+    rule:
+        An :class:`AggregationRule` or an OpenFed-style rule.
+    data_list, meta_list:
+        The received updates and their metas.
+    optim_list:
+        ``None`` (compute only), one optimizer or a list of them.
+    **kwargs:
+        The rule's own keyword arguments (``quantile=0.3``, ``beta=0.2``).
+
+    Returns
+    -------
+    Any
+        What the rule returned (``ParamStates`` for the rules of zmqfed).
+
+    Raises
+    ------
+    ConfigError
+        If a rule that takes no optimizers returned something other than a
+        mapping while optimizers were given.
+    """
+    fn: Callable[..., Any] = rule  # the signature is read at run time
+    slot = _optim_slot(fn, kwargs)
+    if slot == "keyword":
+        return fn(data_list, meta_list, optim_list=optim_list, **kwargs)
+    if slot == "positional":
+        return fn(data_list, meta_list, optim_list, **kwargs)
+    result = fn(data_list, meta_list, **kwargs)
+    if optim_list is not None:
+        if not isinstance(result, Mapping):
+            raise ConfigError(
+                f"{_rule_name(rule)} takes no optimizers, so its result is installed for it, "
+                f"but it returned {type(result).__name__}, not param_states"
+            )
+        install_aggregate(result, optim_list)
+    return result
+
+
+def _rule_name(rule: Callable[..., Any]) -> str:
+    return getattr(rule, "__qualname__", None) or type(rule).__name__
+
+
+def _optim_slot(rule: Callable[..., Any], kwargs: Mapping[str, Any]) -> str | None:
+    """Where ``rule`` takes the optimizers: "keyword", "positional" or None (see call_rule)."""
+    try:
+        params = list(inspect.signature(rule).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: OpenFed's positional call
+        return "positional"
+    if any(
+        p.name == OPTIM_LIST and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params
+    ):
+        return "keyword"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3:
+        third = positional[2]
+        if third.name not in kwargs and (third.default is third.empty or third.default is None):
+            return "positional"
+    kinds = {p.kind for p in params}
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return "keyword"
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return "positional"
+    return None

@@ -2,9 +2,12 @@
 
 All three read OpenFed's ``data_list`` / ``meta_list`` format (see
 :mod:`zmqfed.functional.agg_common`), reduce every state key with an in-place
-running sum (:class:`~zmqfed.functional.streaming.StreamingFedAvg`), set
-pseudo-gradients / copy buffers, load the result into ``optim_list`` and return
-the param states. Typical aggregator round::
+running sum (:class:`~zmqfed.functional.running_mean.RunningFedAvg`), add the
+pseudo-gradients and return the param states. Called without ``optim_list``
+they only compute (nothing of the model or of any optimizer changes); given
+``optim_list`` they also install the result
+(:func:`~zmqfed.functional.agg_common.install_aggregate`: buffers copied into
+the model, ``p.grad`` and optimizer state loaded). Typical aggregator round::
 
     fed_optim.zero_grad()
     naive_aggregation(maintainer.data_list, maintainer.meta_list, optim_list=fed_optim)
@@ -24,12 +27,12 @@ from zmqfed.functional.agg_common import (
     PARAM,
     ParamStates,
     Update,
-    apply_to_optimizers,
+    add_pseudo_gradients,
     describe,
-    finalize,
+    install_if_given,
     instances_weights,
 )
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg
 
 __all__ = ["average_aggregation", "elastic_aggregation", "naive_aggregation"]
 
@@ -37,7 +40,7 @@ IMPORTANCE = "importance"
 
 
 def _weighted_mean(data_list: Sequence[Update], weights: Sequence[float]) -> ParamStates:
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     for update, w in zip(data_list, weights, strict=True):
         acc.add(update, w)
     return acc.result()
@@ -57,7 +60,9 @@ def average_aggregation(
     meta_list:
         Ignored (accepted for a uniform signature).
     optim_list:
-        Optimizer(s) that receive ``p.grad = p - mean`` and the averaged state.
+        ``None`` (default): only compute. Otherwise one optimizer or a list of
+        them: the aggregate is installed (buffers copied into the model; each
+        optimizer receives ``p.grad = p - mean`` and the averaged state).
 
     Returns
     -------
@@ -66,9 +71,7 @@ def average_aggregation(
     """
     del meta_list
     param_states = _weighted_mean(data_list, [1.0] * len(data_list))
-    finalize(param_states)
-    apply_to_optimizers(param_states, optim_list)
-    return param_states
+    return install_if_given(add_pseudo_gradients(param_states), optim_list)
 
 
 def naive_aggregation(
@@ -80,13 +83,12 @@ def naive_aggregation(
 
     Each tensor's (and each state key's) weights are normalised over the
     updates that carry it, so partial updates are averaged correctly. Equal to
-    :class:`StreamingFedAvg` fed the same updates with ``weight=instances``.
+    :class:`RunningFedAvg` fed the same updates with ``weight=instances``.
+    ``optim_list`` and the return value are those of :func:`average_aggregation`.
     """
     weights = instances_weights(meta_list, len(data_list))
     param_states = _weighted_mean(data_list, weights)
-    finalize(param_states)
-    apply_to_optimizers(param_states, optim_list)
-    return param_states
+    return install_if_given(add_pseudo_gradients(param_states), optim_list)
 
 
 def elastic_aggregation(
@@ -103,6 +105,13 @@ def elastic_aggregation(
     (uploaded by :class:`~zmqfed.optim.ElasticOptimizer` as the ``'importance'``
     state). Coordinates the clients find sensitive move less, insensitive ones
     more. ``'importance'`` is consumed here and not loaded into the optimizers.
+
+    OpenFed's parameter order: ``quantile`` comes before ``optim_list``, so
+    ``elastic_aggregation(data_list, meta_list, 0.3, optim)`` works
+    positionally; code that calls rules it does not know (``API``) goes
+    through :func:`~zmqfed.functional.agg_common.call_rule`, which passes the
+    optimizers by keyword. ``optim_list`` and the return value are those of
+    :func:`average_aggregation`.
 
     Raises
     ------
@@ -133,8 +142,7 @@ def elastic_aggregation(
         norm = importance / peak if peak > 0 else torch.zeros_like(importance)
         return (p.detach() - state[PARAM]) * (1.0 + quantile - norm).to(p.dtype)
 
-    finalize(param_states, grad_fn=elastic_grad)
+    add_pseudo_gradients(param_states, grad_fn=elastic_grad)
     for state in param_states.values():
         state.pop(IMPORTANCE, None)
-    apply_to_optimizers(param_states, optim_list)
-    return param_states
+    return install_if_given(param_states, optim_list)

@@ -1,7 +1,8 @@
 """Byzantine-robust aggregation rules: coordinate-wise median, trimmed mean, (Multi-)Krum.
 
-Same data format, return value and optimizer loading as the mean rules
-(:mod:`zmqfed.functional.agg_mean`). These rules need every update at once, so
+Same data format, return value and ``optim_list`` contract as the mean rules
+(:mod:`zmqfed.functional.agg_mean`): pure without ``optim_list``, installed
+into the model and the optimizers with it. These rules need every update at once, so
 they read ``data_list``; updates are unweighted (a poisoner could lie about
 ``instances``), and ``meta_list`` is accepted but not used. Integer tensors
 take the lower median of the updates (mean rules take the maximum); the
@@ -30,13 +31,13 @@ from zmqfed.functional.agg_common import (
     ParamStates,
     Update,
     accumulate_dtype,
-    apply_to_optimizers,
-    finalize,
+    add_pseudo_gradients,
     gather,
+    install_if_given,
     is_integral,
     result_dtype,
 )
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg
 
 __all__ = ["krum_aggregation", "krum_select", "median_aggregation", "trimmed_mean_aggregation"]
 
@@ -89,9 +90,7 @@ def _coordinatewise(data_list: Sequence[Update], reduce: _Reducer) -> ParamState
 
 
 def _finish(param_states: ParamStates, optim_list: Any) -> ParamStates:
-    finalize(param_states)
-    apply_to_optimizers(param_states, optim_list)
-    return param_states
+    return install_if_given(add_pseudo_gradients(param_states), optim_list)
 
 
 def median_aggregation(
@@ -204,7 +203,7 @@ def krum_aggregation(
     if not data_list:
         return {}
     chosen = krum_select(data_list, f=f, m=m)
-    acc = StreamingFedAvg()
+    acc = RunningFedAvg()
     for i in chosen:
         acc.add(data_list[i], 1.0)
     return _finish(acc.result(), optim_list)

@@ -2,14 +2,20 @@
 
 The rules live one family per module: :mod:`~zmqfed.functional.agg_mean`
 (average, FedAvg, elastic), :mod:`~zmqfed.functional.agg_robust` (median,
-trimmed mean, Krum), :mod:`~zmqfed.functional.streaming` (running FedAvg) and
-:mod:`~zmqfed.functional.agg_common` (the data format and how aggregates reach
-the model and the optimizers).
+trimmed mean, Krum), :mod:`~zmqfed.functional.running_mean` (running FedAvg) and
+:mod:`~zmqfed.functional.agg_common` (the data format, the rule contract
+:class:`AggregationRule` with :func:`call_rule`, and how aggregates reach the
+model and the optimizers).
 """
 
 from __future__ import annotations
 
-from zmqfed.functional.agg_common import load_param_states
+from zmqfed.functional.agg_common import (
+    AggregationRule,
+    call_rule,
+    install_aggregate,
+    load_param_states,
+)
 from zmqfed.functional.agg_mean import average_aggregation, elastic_aggregation, naive_aggregation
 from zmqfed.functional.agg_robust import (
     krum_aggregation,
@@ -17,12 +23,16 @@ from zmqfed.functional.agg_robust import (
     median_aggregation,
     trimmed_mean_aggregation,
 )
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg, StreamingFedAvg
 
 __all__ = [
+    "AggregationRule",
+    "RunningFedAvg",
     "StreamingFedAvg",
     "average_aggregation",
+    "call_rule",
     "elastic_aggregation",
+    "install_aggregate",
     "krum_aggregation",
     "krum_select",
     "load_param_states",
@@ -30,3 +40,13 @@ __all__ = [
     "naive_aggregation",
     "trimmed_mean_aggregation",
 ]
+
+# mypy checks every rule against the contract here
+_RULES: tuple[AggregationRule, ...] = (
+    average_aggregation,
+    naive_aggregation,
+    elastic_aggregation,
+    median_aggregation,
+    trimmed_mean_aggregation,
+    krum_aggregation,
+)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from zmqfed.core import Maintainer, current_maintainer, steps
-from zmqfed.functional.streaming import StreamingFedAvg
+from zmqfed.functional.running_mean import RunningFedAvg
 
-__all__ = ["device_alignment", "sign_gradient_clip", "streaming_fedavg"]
+__all__ = ["device_alignment", "running_fedavg", "sign_gradient_clip", "streaming_fedavg"]
 
 
 def device_alignment() -> None:
@@ -56,18 +56,18 @@ def sign_gradient_clip(epsilon: float = 0.001) -> None:
     maintainer.register_package_hook(nice=20, package_hook=package)
 
 
-def streaming_fedavg(weight_key: str = "instances") -> StreamingFedAvg:
-    """Fold every received upload into one running weighted sum as it arrives.
+def running_fedavg(weight_key: str = "instances") -> RunningFedAvg:
+    """Fold every received upload into one running weighted mean as it arrives.
 
     Registers an ``after_download`` hook on the aggregator: each upload is
-    added to the returned accumulator with weight ``meta[weight_key]`` and
-    removed from ``data_list`` at once, so the aggregator holds one model's
-    worth of sums instead of N uploads (``meta_list`` is kept: step policies
-    count it). After ``step()``: ``acc.apply(fed_optim)``, ``fed_optim.step()``,
-    ``acc.reset()``.
+    added to the returned :class:`~zmqfed.functional.running_mean.RunningFedAvg`
+    with weight ``meta[weight_key]`` and removed from ``data_list`` at once, so
+    the aggregator holds one model's worth of sums instead of N uploads
+    (``meta_list`` is kept: step policies count it). After ``step()``:
+    ``acc.apply(fed_optim)``, ``fed_optim.step()``, ``acc.reset()``.
     """
-    maintainer = current_maintainer("streaming_fedavg()")
-    acc = StreamingFedAvg(maintainer.state_dict)
+    maintainer = current_maintainer("running_fedavg()")
+    acc = RunningFedAvg(maintainer.state_dict)
 
     def fold(m: Maintainer, received: bool) -> None:
         if received and m.data_list:
@@ -76,3 +76,9 @@ def streaming_fedavg(weight_key: str = "instances") -> StreamingFedAvg:
 
     maintainer.register_step_hook(10, fold, steps.after_download)
     return acc
+
+
+#: Alias of :func:`running_fedavg`, its name before zmqfed kept "stream" for
+#: chunked transfer. Kept so existing code keeps working; new code should use
+#: ``running_fedavg``.
+streaming_fedavg = running_fedavg

@@ -1,4 +1,4 @@
-"""Streaming FedAvg on a live aggregator: uploads folded on arrival, never held as a list."""
+"""Running FedAvg on a live aggregator: uploads folded on arrival, never held as a list."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from zmqfed.core import Maintainer
 from zmqfed.optim import FederatedOptimizer
 
 
-def test_streaming_fedavg_holds_no_upload_list(free_tcp_endpoint, slow_factor):
+def test_running_fedavg_holds_no_upload_list(free_tcp_endpoint, slow_factor):
     names = ("client0", "client1", "client2")  # topo.star's names
     topology = topo.star(3, free_tcp_endpoint)
     agg_net = nn.Linear(3, 2)
@@ -27,7 +27,7 @@ def test_streaming_fedavg_holds_no_upload_list(free_tcp_endpoint, slow_factor):
     )
     with agg:
         zmqfed.functional.count_step(3)
-        acc = zmqfed.functional.streaming_fedavg()
+        acc = zmqfed.functional.running_fedavg()
     held: list[int] = []
     agg.register_step_hook(50, lambda m, ok: held.append(len(m.data_list)), "after_download")
     errors: list[BaseException] = []

@@ -1,16 +1,16 @@
-"""``StreamingFedAvg``: fold updates into one running weighted sum as they arrive.
+"""``RunningFedAvg``: a running weighted mean, folding updates in as they arrive.
 
 The aggregator does not need to keep N uploads to compute FedAvg: each upload
 is added into one accumulator per (tensor, state key) with
 ``acc.add_(update, alpha=weight)`` and can be dropped right away, so memory is
 one model (plus one float per key), not N models, and every update is read
-once. :meth:`StreamingFedAvg.apply` then gives exactly what
+once. :meth:`RunningFedAvg.apply` then gives exactly what
 :func:`~zmqfed.functional.agg_mean.naive_aggregation` gives for the same
 updates and weights (the list-form rules are built on this class).
 
 Example, in a maintainer's ``after_download`` hook::
 
-    acc = StreamingFedAvg(network.state_dict(keep_vars=True))
+    acc = RunningFedAvg(network.state_dict(keep_vars=True))
     ...
     acc.add(maintainer.data, weight=maintainer.pipe.meta["instances"])  # per upload
     ...
@@ -18,6 +18,10 @@ Example, in a maintainer's ``after_download`` hook::
     acc.apply(fed_optim)  # p.grad = p - mean, buffers copied in
     fed_optim.step()
     acc.reset()
+
+Named for what it computes, a running mean: "stream" in zmqfed means chunked
+transfer of large messages (:mod:`zmqfed.wire.stream`). ``StreamingFedAvg``,
+the class's earlier name, remains as an alias.
 """
 
 from __future__ import annotations
@@ -34,19 +38,19 @@ from zmqfed.functional.agg_common import (
     ParamStates,
     Update,
     accumulate_dtype,
-    apply_to_optimizers,
+    add_pseudo_gradients,
     check_weight,
     describe,
-    finalize,
+    install_aggregate,
     is_integral,
     iter_update,
     result_dtype,
 )
 
-__all__ = ["StreamingFedAvg"]
+__all__ = ["RunningFedAvg", "StreamingFedAvg"]
 
 
-class StreamingFedAvg:
+class RunningFedAvg:
     """Weighted mean of updates, accumulated one update at a time.
 
     Parameters
@@ -189,17 +193,18 @@ class StreamingFedAvg:
         return out
 
     def apply(self, optim_list: Any = None) -> ParamStates:
-        """Finalize the means into the model and the optimizers, like ``naive_aggregation``.
+        """Install the means into the model and the optimizers, like ``naive_aggregation``.
 
         Parameters with ``requires_grad`` get ``state['grad'] = p - mean`` and
         ``p.grad`` in every optimizer of ``optim_list``; buffers are copied into
-        the tensors. The means are computed in place (``result(in_place=True)``),
-        so the accumulator is consumed: :meth:`reset` before the next round.
-        Returns the param states.
+        the tensors, also when ``optim_list`` is None
+        (:func:`~zmqfed.functional.agg_common.install_aggregate`). The means
+        are computed in place (``result(in_place=True)``), so the accumulator
+        is consumed: :meth:`reset` before the next round. Returns the param
+        states. :meth:`result` is the pure counterpart.
         """
-        param_states = self.result(in_place=True)
-        finalize(param_states)
-        apply_to_optimizers(param_states, optim_list)
+        param_states = add_pseudo_gradients(self.result(in_place=True))
+        install_aggregate(param_states, optim_list)
         return param_states
 
     def reset(self, keep_buffers: bool = True) -> None:
@@ -249,4 +254,10 @@ class StreamingFedAvg:
         return self._count
 
     def __repr__(self) -> str:
-        return f"StreamingFedAvg(updates={self._count}, tensors={self.num_tensors}, nbytes={self.nbytes})"
+        return f"RunningFedAvg(updates={self._count}, tensors={self.num_tensors}, nbytes={self.nbytes})"
+
+
+#: Alias of :class:`RunningFedAvg`, the name it had before zmqfed kept "stream"
+#: for chunked transfer. Kept so existing code keeps working; new code should
+#: use ``RunningFedAvg``.
+StreamingFedAvg = RunningFedAvg
