@@ -30,7 +30,8 @@ from zmqfed.core import Maintainer, StepContext, step_points
 from zmqfed.core.contracts import as_context
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
 from zmqfed.federated.protocol import ErrorCode, meta_version
-from zmqfed.functional.agg_common import AggregationRule, call_rule, optim_as_list
+from zmqfed.functional.agg_common import optim_as_list
+from zmqfed.functional.agg_rule import AggregationRule, call_rule
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -85,9 +86,9 @@ class API(threading.Thread):
         Training rounds to run.
     agg_func:
         The aggregation rule (an
-        :class:`~zmqfed.functional.agg_common.AggregationRule`, or an
+        :class:`~zmqfed.functional.agg_rule.AggregationRule`, or an
         OpenFed-style ``agg(data_list, meta_list, optim_list)``), called through
-        :func:`~zmqfed.functional.agg_common.call_rule` with the server
+        :func:`~zmqfed.functional.agg_rule.call_rule` with the server
         optimizers and ``agg_func_kwargs``: ``elastic_aggregation`` with
         ``dict(quantile=0.3)`` gets both where they belong.
     agg_func_kwargs:
@@ -251,7 +252,7 @@ def aggregate_and_step(
     """Aggregate ``m``'s received uploads into ``optim_list`` and step the server optimizers.
 
     ``optim_list`` is one optimizer or a list of them. The rule is called
-    through :func:`~zmqfed.functional.agg_common.call_rule` with the
+    through :func:`~zmqfed.functional.agg_rule.call_rule` with the
     optimizers and ``agg_kwargs``, so it installs its result (buffers into the
     model, pseudo-gradients and optimizer state into the optimizers) before
     they step.

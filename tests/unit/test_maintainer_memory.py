@@ -227,7 +227,7 @@ def test_a_retried_upload_is_acknowledged_once_and_counted_once(federation):
     fed = federation(1)
     fed.agg.on(step_points.download_served, lambda ctx: ctx.maintainer.manual_stop())
     col = fed.cols["client0"]
-    transport = col._side.transport  # the collaborator's own protocol code, driven by hand
+    link = col._side.transport.link  # the collaborator's own connection, driven by hand
 
     def upload_twice_then_pull(col: Maintainer) -> None:
         col.package()
@@ -235,7 +235,7 @@ def test_a_retried_upload_is_acknowledged_once_and_counted_once(federation):
         # The same request again, as after a lost ACK (same session and seq),
         # then a download: the aggregator reads all three in order.
         ((_, seq),) = fed.agg.all_pipes()[0].accepted  # the upload's (session, seq)
-        transport.port.send(_push_frames(transport, seq, col))
+        link.port.send(_push_frames(link, seq, col))
         col.step(upload=False)
 
     fed.run("client0", upload_twice_then_pull)
@@ -244,7 +244,7 @@ def test_a_retried_upload_is_acknowledged_once_and_counted_once(federation):
     assert len(fed.agg.meta_list) == 1
 
 
-def _push_frames(transport: Any, seq: int, col: Maintainer) -> list[Any]:
+def _push_frames(link: Any, seq: int, col: Maintainer) -> list[Any]:
     from zmqfed.federated.protocol import stamp
     from zmqfed.wire import encode
 
@@ -252,7 +252,7 @@ def _push_frames(transport: Any, seq: int, col: Maintainer) -> list[Any]:
         Kind.PUSH,
         col.nick_name,
         seq=seq,
-        incarnation=transport.incarnation,
+        incarnation=link.incarnation,
         version=col.version,
         meta=col.meta.to_json_dict(),
         tensors=col.apply_hooks(col.packaged_data, unpackage=False),

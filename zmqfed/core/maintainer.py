@@ -25,6 +25,7 @@ from zmqfed.core.collaborator_side import CollaboratorSide
 from zmqfed.core.context import pop_maintainer, push_maintainer
 from zmqfed.core.contracts import PackageHook, StepContext, StepHook, StepResult, optim_as_list
 from zmqfed.core.hooks import HookRegistry
+from zmqfed.core.received import check_received
 from zmqfed.errors import ConfigError, ProtocolError
 from zmqfed.federated import (
     AggregatorTransport,
@@ -303,54 +304,17 @@ class Maintainer:
         source = self.packaged_data or {n: {"param": p} for n, p in self.state_dict.items()}
         return self.apply_hooks(source, unpackage=False)
 
-    def _check_names(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
-        missing = [n for n in self.state_dict if n not in data or "param" not in data[n]]
-        if missing:
-            return f"data from {sender!r} lacks {len(missing)} tensors, e.g. {missing[:3]}"
-        extra = [n for n in data if n not in self.state_dict]
-        if extra:
-            return f"data from {sender!r} has {len(extra)} unknown tensors, e.g. {extra[:3]}"
-        return None
-
-    def _check_shapes(self, data: Mapping[str, Mapping[str, Tensor]], sender: str) -> str | None:
-        for name, p in self.state_dict.items():
-            got = data[name]["param"]
-            if got.shape != p.shape:
-                return (
-                    f"data from {sender!r}: {name!r} has shape {list(got.shape)}, "
-                    f"expected {list(p.shape)}"
-                )
-        return None
-
     def receive(
         self, data: Mapping[str, Mapping[str, Tensor]], sender: str
     ) -> dict[str, dict[str, Tensor]]:
         """Check received tensors, run the unpackage hooks on them, check the result.
 
-        Names come first (every local tensor has a ``param``, nothing
-        unknown), shapes only after the hooks: a compressed ``param`` may take
-        its shape only when decoded.
-
-        Raises ``ProtocolError`` naming the problem: a missing or unknown
-        tensor, a hook that failed on the data (a decoder refusing malformed
-        input, or any hook tripping over it), or a shape that differs from the
-        local tensor once decoded. Nothing of refused data is kept.
+        Raises ``ProtocolError`` naming the problem; nothing of refused data
+        is kept (:func:`zmqfed.core.received.check_received`).
         """
-        problem = self._check_names(data, sender)
-        if problem:
-            raise ProtocolError(problem)
-        try:
-            decoded = self.apply_hooks({k: dict(v) for k, v in data.items()}, unpackage=True)
-        except ProtocolError as exc:
-            raise ProtocolError(f"data from {sender!r}: {exc}") from exc
-        except Exception as exc:  # a hook fed hostile data must not take the node down
-            raise ProtocolError(
-                f"data from {sender!r}: unpackage hooks failed ({type(exc).__name__}: {exc})"
-            ) from exc
-        problem = self._check_shapes(decoded, sender)
-        if problem:
-            raise ProtocolError(problem)
-        return decoded
+        return check_received(
+            data, self.state_dict, lambda d: self.apply_hooks(d, unpackage=True), sender
+        )
 
     def record_upload(self, data: dict[str, dict[str, Tensor]], meta: Meta) -> None:
         """Keep a received (validated) upload: ``data``, ``data_list`` and ``meta_list``."""

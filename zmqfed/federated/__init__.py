@@ -6,13 +6,9 @@ builds on it.  ``docs/architecture.md`` draws who owns what.
 
 from __future__ import annotations
 
-from zmqfed.federated.aggregator_transport import (
-    AggregatorTransport,
-    PeerEvent,
-    PeerEventKind,
-    TransportStats,
-)
+from zmqfed.federated.aggregator_transport import AggregatorTransport
 from zmqfed.federated.collaborator_transport import CollaboratorTransport
+from zmqfed.federated.events import PeerEvent, PeerEventKind, TransportStats
 from zmqfed.federated.group import init_federated_group
 from zmqfed.federated.memory import MemoryNetwork
 from zmqfed.federated.pipe import (

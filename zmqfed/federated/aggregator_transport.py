@@ -20,23 +20,23 @@ verdicts into these actions, and never writes a peer's fields.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.aggregator_streams import Packaged, ServedModel, StreamDesk
+from zmqfed.federated.events import PeerEvent, PeerEventKind, RefusalLog, TransportStats
 from zmqfed.federated.pipe import AggregatorPipe
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, WouldBlock
 from zmqfed.federated.protocol import (
     ErrorCode,
     discard_rest,
     error_meta,
+    hello_problem,
     peer_frame_bound,
     recv_message,
     stamp,
@@ -48,7 +48,6 @@ from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import (
     DEFAULT_STREAM,
-    PROTOCOL_VERSION,
     EncodedTensors,
     Envelope,
     Kind,
@@ -60,50 +59,16 @@ from zmqfed.wire import (
 from zmqfed.wire.header import parse_header
 from zmqfed.wire.stream import parse_chunk_meta, parse_credit_meta
 
-__all__ = ["AggregatorTransport", "PeerEvent", "PeerEventKind", "TransportStats"]
+__all__ = ["AggregatorTransport"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds after a disconnect at which online peers are probed again.
 REPROBE_DELAYS = (0.25, 1.0, 3.0)
-#: Seconds between log lines about refused messages of one kind.
-REFUSAL_LOG_INTERVAL = 10.0
 #: Messages handled per :meth:`AggregatorTransport.events` call: a flood must not starve timers.
 DRAIN_BATCH = 512
 #: Accepted uploads remembered per peer for idempotent retries.
 KEEP_ACCEPTED = 64
-
-
-class PeerEventKind(enum.Enum):
-    """What happened to a peer."""
-
-    JOINED = "joined"  # said HELLO in this incarnation
-    REQUEST = "request"  # an upload or a download request is now pending
-    LEFT = "left"  # said BYE, or cannot be reached any more
-
-
-@dataclass(frozen=True)
-class PeerEvent:
-    """One thing the transport reports to the step loop."""
-
-    kind: PeerEventKind
-    pipe: AggregatorPipe
-
-
-@dataclass
-class TransportStats:
-    """Counters of one transport (all monotonic)."""
-
-    messages_in: int = 0
-    errors: int = 0  # ERROR replies sent
-    parked: int = 0  # requests answered with WAIT
-    chunks_in: int = 0
-    chunks_out: int = 0
-    refused: dict[str, int] = field(default_factory=dict)  # by error code
-
-    def count_refusal(self, code: ErrorCode) -> None:
-        self.errors += 1
-        self.refused[code.value] = self.refused.get(code.value, 0) + 1
 
 
 class AggregatorTransport:
@@ -154,7 +119,7 @@ class AggregatorTransport:
         self.streams = StreamDesk(self, stream)
         #: Peers whose streamed upload completed outside a message of theirs.
         self.completed: list[AggregatorPipe] = []
-        self._refusal_log: dict[str, tuple[float, int]] = {}
+        self._log_refusal = RefusalLog(log, self.name)
         self._reprobe: list[float] = []
         self._closed = False
 
@@ -369,25 +334,9 @@ class AggregatorTransport:
         pipe.meta = Meta(env.meta)
 
     def _hello(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
-        protocol = env.meta.get("protocol")
-        if protocol != PROTOCOL_VERSION:
-            self.refuse_message(
-                pipe.routing_id,
-                env.seq,
-                ErrorCode.PROTOCOL,
-                f"peer speaks protocol {protocol!r}, {self.name} speaks {PROTOCOL_VERSION}",
-            )
-            return None
-        fingerprint = env.meta.get("fingerprint")
-        if fingerprint != self.props.fingerprint:
-            self.refuse_message(
-                pipe.routing_id,
-                env.seq,
-                ErrorCode.FINGERPRINT,
-                f"group fingerprint {fingerprint!r} differs from {self.name}'s "
-                f"{self.props.fingerprint!r}: the aggregator's topology has endpoint "
-                f"{self.endpoint} and collaborators {list(self.props.collaborators)}",
-            )
+        problem = hello_problem(env.meta, self.props)
+        if problem is not None:
+            self.refuse_message(pipe.routing_id, env.seq, *problem)
             return None
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
         session = str(env.meta.get("session", ""))
@@ -502,21 +451,6 @@ class AggregatorTransport:
         )
         with contextlib.suppress(Unreachable, WouldBlock):  # the offender is gone: nothing to tell
             self.port.send([rid, *encode(env, limits=self.limits)])
-
-    def _log_refusal(self, code: ErrorCode, message: str) -> None:
-        """Log a refused message, at most once per ``REFUSAL_LOG_INTERVAL`` for each code.
-
-        A flooding peer would otherwise turn into a log flood: the others of
-        an interval are counted and reported with the next line.
-        """
-        now = time.monotonic()
-        last, suppressed = self._refusal_log.get(code.value, (-math.inf, 0))
-        if now - last < REFUSAL_LOG_INTERVAL:
-            self._refusal_log[code.value] = (last, suppressed + 1)
-            return
-        more = f" ({suppressed} more {code} refusals since the last report)" if suppressed else ""
-        log.warning("%s: %s%s", self.name, message, more)
-        self._refusal_log[code.value] = (now, 0)
 
     # -- shutdown ----------------------------------------------------------------
     def close(self, *, final: bool = False) -> None:

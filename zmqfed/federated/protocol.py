@@ -7,8 +7,8 @@ transport, so each rule of the protocol is written once:
   was refused;
 * :func:`stamp` -- the one function that builds an outgoing envelope
   (sender, incarnation, version, seq);
-* :func:`hello_meta` / :func:`welcome_meta` and :func:`peer_frame_bound` --
-  the handshake and the frame bound each side announces (a frame above the
+* :func:`hello_meta`, :func:`hello_problem`, :func:`welcome_meta` and
+  :func:`peer_frame_bound` -- the handshake and the frame bound each side announces (a frame above the
   receiver's MAXMSGSIZE would be dropped without a word, docs/zeromq.md §13);
 * :func:`meta_version` -- the version a message's meta names;
 * :func:`recv_message`, :func:`land_chunk`, :func:`discard_rest` and
@@ -32,6 +32,7 @@ from zmqfed.wire.stream import CHUNK_PREFIX
 
 if TYPE_CHECKING:
     from zmqfed.federated.chunked import InStream, OutStream
+    from zmqfed.props import FederatedProperties
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -41,6 +42,7 @@ __all__ = [
     "discard_rest",
     "error_meta",
     "hello_meta",
+    "hello_problem",
     "land_chunk",
     "meta_version",
     "peer_frame_bound",
@@ -116,6 +118,27 @@ def hello_meta(
         "endpoint": endpoint,
         "max_frame_bytes": limits.max_frame_bytes,
     }
+
+
+def hello_problem(
+    meta: Mapping[str, Any], props: FederatedProperties
+) -> tuple[ErrorCode, str] | None:
+    """Why the aggregator of ``props`` refuses a HELLO with ``meta`` (None: it does not)."""
+    protocol = meta.get("protocol")
+    if protocol != PROTOCOL_VERSION:
+        return (
+            ErrorCode.PROTOCOL,
+            f"peer speaks protocol {protocol!r}, {props.nick_name} speaks {PROTOCOL_VERSION}",
+        )
+    fingerprint = meta.get("fingerprint")
+    if fingerprint != props.fingerprint:
+        return (
+            ErrorCode.FINGERPRINT,
+            f"group fingerprint {fingerprint!r} differs from {props.nick_name}'s "
+            f"{props.fingerprint!r}: the aggregator's topology has endpoint "
+            f"{props.address.endpoint} and collaborators {list(props.collaborators)}",
+        )
+    return None
 
 
 def welcome_meta(*, incarnation: str, limits: Limits) -> dict[str, Any]:

@@ -22,8 +22,7 @@ Computing and installing an aggregate are two steps:
 A rule called without ``optim_list`` only computes: it changes no tensor of
 the model and no optimizer. Given ``optim_list`` (OpenFed's contract: the rule
 loads its result into the optimizers it is given) it also installs. That
-contract is typed as :class:`AggregationRule`; :func:`call_rule` calls any
-rule, OpenFed-style ones included, with the optimizers where it takes them.
+contract is typed in :mod:`zmqfed.functional.agg_rule`.
 
 :func:`load_param_states` leaves ``'param'`` and ``'grad'`` out of the
 optimizer state (unlike OpenFed), so a later ``package(optim)`` cannot serve
@@ -36,11 +35,10 @@ floats: the mean rules take their elementwise maximum, the robust rules their
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,15 +48,12 @@ from zmqfed.errors import ConfigError
 
 __all__ = [
     "GRAD",
-    "OPTIM_LIST",
     "PARAM",
-    "AggregationRule",
     "ParamStates",
     "Update",
     "accumulate_dtype",
     "add_pseudo_gradients",
     "as_state_tensor",
-    "call_rule",
     "check_weight",
     "describe",
     "gather",
@@ -76,8 +71,6 @@ logger = logging.getLogger(__name__)
 
 PARAM = "param"
 GRAD = "grad"
-#: The name under which a rule takes the optimizers.
-OPTIM_LIST = "optim_list"
 
 #: One upload: ``{tensor (or name): {'param': Tensor, <state key>: Tensor}}``. Keys are
 #: typed ``Any`` because ``Mapping`` is invariant in its key type.
@@ -85,82 +78,6 @@ Update = Mapping[Any, Any]
 
 #: ``{tensor (or name): {'param': Tensor, 'grad': Tensor, <state key>: Tensor}}``
 ParamStates = dict[Any, dict[str, Tensor]]
-
-
-class AggregationRule(Protocol):
-    """The contract of an aggregation rule: ``rule(data_list, meta_list, *, optim_list=None)``.
-
-    Every rule of :mod:`zmqfed.functional` satisfies it (mypy checks that in
-    :mod:`zmqfed.functional.aggregate`); :class:`~zmqfed.api.API` and the
-    node runner call rules through :func:`call_rule`.
-
-    Parameters
-    ----------
-    data_list:
-        One update per collaborator, ``{aggregator tensor: {'param': Tensor,
-        <optimizer-state key>: Tensor}}`` (see this module's docstring). Read,
-        never modified.
-    meta_list:
-        The updates' metas, in the same order (``meta['instances']`` weights
-        the mean rules). Rules that do not use it still accept it.
-    optim_list:
-        ``None`` (the default): only compute. The rule then changes no tensor
-        of the model and no optimizer. Otherwise one optimizer or a list of
-        them (:func:`optim_as_list`): the rule also installs its result with
-        :func:`install_aggregate` (buffers into the model, ``p.grad`` and the
-        aggregated optimizer state into every optimizer). The parameter may
-        sit anywhere as long as it can be passed by keyword as ``optim_list``:
-        OpenFed's ``elastic_aggregation(data_list, meta_list, quantile,
-        optim_list)`` has it fourth.
-
-    Returns
-    -------
-    ParamStates
-        ``{tensor: {'param': aggregate, 'grad': p - aggregate (tensors with
-        requires_grad), <state key>: aggregate}}``, the same whether or not
-        ``optim_list`` is given.
-
-    Notes
-    -----
-    A rule's hyperparameters (``quantile``, ``beta``, ``f``, ``m``) are extra
-    parameters with defaults, passed by keyword: ``call_rule(rule, ...,
-    quantile=0.3)``, ``API(..., agg_func_kwargs=dict(quantile=0.3))``. They
-    are not spelled ``**kwargs`` in the protocol: that would admit only rules
-    that accept arbitrary keywords.
-
-    OpenFed-style custom rules whose third parameter is required or named
-    otherwise, such as ``def agg(data_list, meta_list, optim_list)`` or
-    ``def agg(d, m, optims)``, do not match the protocol, but
-    :func:`call_rule` still calls them right.
-
-    Examples
-    --------
-    A custom rule: FedAvg that drops updates with a non-finite loss::
-
-        import math
-
-        from zmqfed.functional import install_aggregate, naive_aggregation
-
-
-        def finite_fedavg(data_list, meta_list, *, optim_list=None, key="loss"):
-            kept = [i for i, m in enumerate(meta_list) if math.isfinite(m.get(key, 0.0))]
-            states = naive_aggregation([data_list[i] for i in kept], [meta_list[i] for i in kept])
-            if optim_list is not None:
-                install_aggregate(states, optim_list)
-            return states
-
-
-        API(maintainer, fed_optim, rounds, finite_fedavg, dict(key="val_loss"))
-    """
-
-    def __call__(
-        self,
-        data_list: Sequence[Update],
-        meta_list: Sequence[Mapping[str, Any]],
-        /,
-        *,
-        optim_list: Any = None,
-    ) -> ParamStates: ...
 
 
 def describe(key: Hashable) -> str:
@@ -409,101 +326,3 @@ def install_if_given(param_states: ParamStates, optim_list: Any) -> ParamStates:
     if optim_list is not None:
         install_aggregate(param_states, optim_list)
     return param_states
-
-
-def call_rule(
-    rule: AggregationRule | Callable[..., Any],
-    data_list: Sequence[Update],
-    meta_list: Sequence[Mapping[str, Any]],
-    optim_list: Any = None,
-    **kwargs: Any,
-) -> Any:
-    """Call an aggregation rule, handing it the optimizers the way it accepts them.
-
-    Rules differ in where the optimizers go: ``naive_aggregation(data_list,
-    meta_list, optim_list)`` takes them third, OpenFed's
-    ``elastic_aggregation(data_list, meta_list, quantile, optim_list)`` fourth,
-    an OpenFed-style custom rule ``def agg(d, m, optims)`` third under another
-    name. Passing them positionally as the third argument to every rule would
-    put them into ``quantile``. The rule's signature decides, in this order:
-
-    1. a parameter named ``optim_list`` (not positional-only): by keyword;
-    2. a third positional parameter that is required or defaults to ``None``
-       and is not named in ``kwargs``: positionally, third (OpenFed's custom
-       rules);
-    3. ``**kwargs``: by keyword, as ``optim_list``;
-    4. ``*args``: positionally, third;
-    5. none of these (e.g. ``def agg(d, m, beta=0.1)``): the rule takes no
-       optimizers. It is called with ``data_list``, ``meta_list`` and
-       ``kwargs`` only, and when ``optim_list`` is not None its returned
-       ``param_states`` are installed here with :func:`install_aggregate`
-       (pseudo-gradients are the rule's to compute, see
-       :func:`add_pseudo_gradients`).
-
-    A callable whose signature cannot be read (a builtin) gets the optimizers
-    positionally, third.
-
-    Parameters
-    ----------
-    rule:
-        An :class:`AggregationRule` or an OpenFed-style rule.
-    data_list, meta_list:
-        The received updates and their metas.
-    optim_list:
-        ``None`` (compute only), one optimizer or a list of them.
-    **kwargs:
-        The rule's own keyword arguments (``quantile=0.3``, ``beta=0.2``).
-
-    Returns
-    -------
-    Any
-        What the rule returned (``ParamStates`` for the rules of zmqfed).
-
-    Raises
-    ------
-    ConfigError
-        If a rule that takes no optimizers returned something other than a
-        mapping while optimizers were given.
-    """
-    fn: Callable[..., Any] = rule  # the signature is read at run time
-    slot = _optim_slot(fn, kwargs)
-    if slot == "keyword":
-        return fn(data_list, meta_list, optim_list=optim_list, **kwargs)
-    if slot == "positional":
-        return fn(data_list, meta_list, optim_list, **kwargs)
-    result = fn(data_list, meta_list, **kwargs)
-    if optim_list is not None:
-        if not isinstance(result, Mapping):
-            raise ConfigError(
-                f"{_rule_name(rule)} takes no optimizers, so its result is installed for it, "
-                f"but it returned {type(result).__name__}, not param_states"
-            )
-        install_aggregate(result, optim_list)
-    return result
-
-
-def _rule_name(rule: Callable[..., Any]) -> str:
-    return getattr(rule, "__qualname__", None) or type(rule).__name__
-
-
-def _optim_slot(rule: Callable[..., Any], kwargs: Mapping[str, Any]) -> str | None:
-    """Where ``rule`` takes the optimizers: "keyword", "positional" or None (see call_rule)."""
-    try:
-        params = list(inspect.signature(rule).parameters.values())
-    except (TypeError, ValueError):  # no signature to read: OpenFed's positional call
-        return "positional"
-    if any(
-        p.name == OPTIM_LIST and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params
-    ):
-        return "keyword"
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 3:
-        third = positional[2]
-        if third.name not in kwargs and (third.default is third.empty or third.default is None):
-            return "positional"
-    kinds = {p.kind for p in params}
-    if inspect.Parameter.VAR_KEYWORD in kinds:
-        return "keyword"
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
-        return "positional"
-    return None

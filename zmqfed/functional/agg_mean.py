@@ -109,7 +109,7 @@ def elastic_aggregation(
     OpenFed's parameter order: ``quantile`` comes before ``optim_list``, so
     ``elastic_aggregation(data_list, meta_list, 0.3, optim)`` works
     positionally; code that calls rules it does not know (``API``) goes
-    through :func:`~zmqfed.functional.agg_common.call_rule`, which passes the
+    through :func:`~zmqfed.functional.agg_rule.call_rule`, which passes the
     optimizers by keyword. ``optim_list`` and the return value are those of
     :func:`average_aggregation`.
 

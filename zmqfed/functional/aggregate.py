@@ -2,20 +2,15 @@
 
 The rules live one family per module: :mod:`~zmqfed.functional.agg_mean`
 (average, FedAvg, elastic), :mod:`~zmqfed.functional.agg_robust` (median,
-trimmed mean, Krum), :mod:`~zmqfed.functional.running_mean` (running FedAvg) and
-:mod:`~zmqfed.functional.agg_common` (the data format, the rule contract
-:class:`AggregationRule` with :func:`call_rule`, and how aggregates reach the
-model and the optimizers).
+trimmed mean, Krum), :mod:`~zmqfed.functional.running_mean` (running FedAvg),
+:mod:`~zmqfed.functional.agg_rule` (the rule contract :class:`AggregationRule`
+and :func:`call_rule`) and :mod:`~zmqfed.functional.agg_common` (the data
+format, and how aggregates reach the model and the optimizers).
 """
 
 from __future__ import annotations
 
-from zmqfed.functional.agg_common import (
-    AggregationRule,
-    call_rule,
-    install_aggregate,
-    load_param_states,
-)
+from zmqfed.functional.agg_common import install_aggregate, load_param_states
 from zmqfed.functional.agg_mean import average_aggregation, elastic_aggregation, naive_aggregation
 from zmqfed.functional.agg_robust import (
     krum_aggregation,
@@ -23,6 +18,7 @@ from zmqfed.functional.agg_robust import (
     median_aggregation,
     trimmed_mean_aggregation,
 )
+from zmqfed.functional.agg_rule import AggregationRule, call_rule
 from zmqfed.functional.running_mean import RunningFedAvg, StreamingFedAvg
 
 __all__ = [
