@@ -59,7 +59,8 @@ HALF_DTYPES = {
     "bf16": torch.bfloat16,
 }
 
-Hook = Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]
+#: ``hook(state, p, name=...) -> state``: an encoder or decoder of one tensor's fields.
+Hook = Callable[..., dict[str, Tensor]]
 
 
 @dataclass
@@ -147,9 +148,9 @@ def count_encode(stats: CompressionStats, encode: Hook) -> Hook:
     """``encode`` counting bytes in ``stats``, without autograd."""
 
     @torch.no_grad()
-    def hook(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def hook(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         stats.raw_bytes_out += state_nbytes(state)
-        state = encode(state, p)
+        state = encode(state, p, name=name)
         stats.bytes_out += state_nbytes(state)
         return state
 
@@ -160,9 +161,9 @@ def count_decode(stats: CompressionStats, decode: Hook) -> Hook:
     """``decode`` counting bytes in ``stats``, without autograd."""
 
     @torch.no_grad()
-    def hook(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def hook(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         stats.bytes_in += state_nbytes(state)
-        state = decode(state, p)
+        state = decode(state, p, name=name)
         stats.raw_bytes_in += state_nbytes(state)
         return state
 

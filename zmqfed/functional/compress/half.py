@@ -66,7 +66,7 @@ def half_precision(
     names = check_fields(fields, "half_precision")
     top = torch.finfo(wire).max
 
-    def encode(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def encode(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         if not p.is_floating_point():
             return state
         for f in names:
@@ -78,7 +78,7 @@ def half_precision(
             state[f] = t.detach().to(wire)
         return state
 
-    def decode(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def decode(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         if p.is_floating_point():
             for f in names:
                 t = state.get(f)

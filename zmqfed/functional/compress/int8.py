@@ -68,7 +68,7 @@ def int8_quantization(
     names = check_fields(fields, "int8_quantization")
     extra = 1 if symmetric else 2
 
-    def encode(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def encode(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         if not p.is_floating_point():
             return state
         for f in names:
@@ -95,7 +95,7 @@ def int8_quantization(
             state[f + SCALE] = scale
         return state
 
-    def decode(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def decode(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         raise_on(_check_int8(state, p))
         for key in [k for k in state if k.endswith(SCALE)]:
             f = key[: -len(SCALE)]

@@ -98,17 +98,9 @@ class _TopKEncoder:
         self.fraction = fraction
         self.error_feedback = error_feedback
         self.residuals: dict[str, Tensor] = {}
-        self._names: dict[int, str] = {}
         self._warned = False
 
-    def _name(self, p: Tensor) -> str | None:
-        name = self._names.get(id(p))
-        if name is None or self.m.state_dict.get(name) is not p:
-            self._names = {id(t): n for n, t in self.m.state_dict.items()}
-            name = self._names.get(id(p))
-        return name
-
-    def __call__(self, state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+    def __call__(self, state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
         param = state.get(PARAM)
         if (
             not isinstance(param, Tensor)
@@ -117,8 +109,7 @@ class _TopKEncoder:
             or param.shape != p.shape
         ):
             return state
-        name = self._name(p)
-        reference = self.m.data.get(name, {}).get(PARAM) if name is not None else None
+        reference = self.m.data.get(name, {}).get(PARAM)
         if reference is None or reference.shape != p.shape:
             if not self._warned:
                 self._warned = True
@@ -128,7 +119,6 @@ class _TopKEncoder:
                     self.m.nick_name,
                 )
             return state
-        assert name is not None
         work = _work_dtype(param.dtype)
         base = reference.detach().to(device=param.device, dtype=work)
         update = param.detach().to(work) - base
@@ -156,7 +146,7 @@ class _TopKEncoder:
         return state
 
 
-def _topk_decode(state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+def _topk_decode(state: dict[str, Tensor], p: Tensor, *, name: str) -> dict[str, Tensor]:
     """Aggregator: ``param = p + scatter(values at index)``, dense in ``p``'s dtype."""
     raise_on(_check_topk(state, p))
     index = state.pop(PARAM + INDEX, None)
