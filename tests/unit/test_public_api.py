@@ -16,6 +16,7 @@ def test_top_level_all_is_pinned():
     assert sorted(zmqfed.__all__) == sorted(
         [
             "API",
+            "FMT",
             "AggregatorRewound",
             "Address",
             "ConfigError",
@@ -29,15 +30,22 @@ def test_top_level_all_is_pinned():
             "TopologyError",
             "ZmqfedError",
             "__version__",
+            "common",
             "core",
             "data",
+            "default_file_address",
             "default_ipc_address",
             "default_tcp_address",
             "empty_address",
             "federated",
             "functional",
             "optim",
+            "seed_everything",
+            "tablist",
+            "time_string",
+            "tools",
             "topo",
+            "utils",
             "wire",
         ]
     )
