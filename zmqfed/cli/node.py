@@ -97,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_json, args.node)
     _raise_fd_limit()
     topology = Topology.load(args.topology)
+    # Each node aggregates its group, then reports up: that never ends in a cycle of groups.
+    topology.validate(acyclic=True)
     factory = load_factory(args.app)
     runner = NodeRunner(
         topology,
