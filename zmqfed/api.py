@@ -16,6 +16,7 @@ refused (``stale_check``), never averaged in as fresh.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -143,6 +144,11 @@ class API(threading.Thread):
         self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
         maintainer.register_step_hook(40, stale_check, steps.before_download)
+        # A rule that needs hooks on the maintainer (paillier_aggregation: accept
+        # encrypted uploads) says so with a setup_maintainer attribute.
+        setup = getattr(agg_func, "setup_maintainer", None)
+        if callable(setup):
+            setup(maintainer, **self.agg_func_kwargs)
 
     def run(self) -> None:
         """Run every round (in this thread, or in a new one with ``start()``)."""
@@ -231,13 +237,36 @@ def aggregate_and_step(
     # stepped again with last round's pseudo-gradient.
     for optim in optim_list:
         optim.zero_grad()
-    agg_func(m.data_list, m.meta_list, optim_list, **agg_kwargs)
+    _call_aggregation(agg_func, m.data_list, m.meta_list, optim_list, agg_kwargs)
     for optim in optim_list:
         optim.step()
         if hasattr(optim, "round"):
             optim.round()
         if hasattr(optim, "clear_state_dict"):
             optim.clear_state_dict()
+
+
+def _call_aggregation(
+    agg_func: Callable[..., Any],
+    data_list: Any,
+    meta_list: Any,
+    optim_list: Any,
+    agg_kwargs: Mapping[str, Any],
+) -> Any:
+    """Call ``agg_func`` as OpenFed's API did, by keyword, when its parameters allow it.
+
+    OpenFed's rules name them ``data_list``, ``meta_list`` and ``optim_list``
+    but not always in that order (``paillier_aggregation`` puts
+    ``private_key`` second); other callables get them by position.
+    """
+    try:
+        signature = inspect.signature(agg_func)
+        signature.bind(
+            data_list=data_list, meta_list=meta_list, optim_list=optim_list, **agg_kwargs
+        )
+    except (TypeError, ValueError):
+        return agg_func(data_list, meta_list, optim_list, **agg_kwargs)
+    return agg_func(data_list=data_list, meta_list=meta_list, optim_list=optim_list, **agg_kwargs)
 
 
 def _traffic(m: Maintainer) -> tuple[int, int]:

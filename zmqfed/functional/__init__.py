@@ -38,6 +38,18 @@ from zmqfed.functional.compress import (
     topk_sparsification,
 )
 from zmqfed.functional.hooks import device_alignment, sign_gradient_clip, streaming_fedavg
+from zmqfed.functional.paillier import (
+    Ciphertext,
+    PrivateKey,
+    PublicKey,
+    float_to_long,
+    key_gen,
+    long_to_float,
+    paillier_aggregation,
+    paillier_dec,
+    paillier_enc,
+    paillier_package,
+)
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 from zmqfed.functional.steps import (
     count_step,
@@ -49,7 +61,10 @@ from zmqfed.functional.steps import (
 
 __all__ = [
     "AutoReducer",
+    "Ciphertext",
     "CompressionStats",
+    "PrivateKey",
+    "PublicKey",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
@@ -69,14 +84,21 @@ __all__ = [
     "device_alignment",
     "dispatch_step",
     "elastic_aggregation",
+    "float_to_long",
     "half_precision",
     "int8_quantization",
+    "key_gen",
     "krum_aggregation",
     "krum_select",
     "load_param_states",
+    "long_to_float",
     "median_aggregation",
     "meta_reduce",
     "naive_aggregation",
+    "paillier_aggregation",
+    "paillier_dec",
+    "paillier_enc",
+    "paillier_package",
     "period_step",
     "sign_gradient_clip",
     "streaming_fedavg",
