@@ -182,13 +182,13 @@ def _analysis(topology: Topology, node: Node) -> list[FederatedProperties]:
     return result
 
 
-def analysis(topology: Topology, node: NodeLike) -> list[FederatedProperties]:
+def analysis(topo: Topology, node: NodeLike) -> list[FederatedProperties]:
     """The federated groups ``node`` belongs to, as ``FederatedProperties``.
 
     Parameters
     ----------
-    topology:
-        The topology; it is validated first.
+    topo:
+        The topology (OpenFed's parameter name); it is validated first.
     node:
         A ``Node`` or nick name in the topology.
 
@@ -208,8 +208,8 @@ def analysis(topology: Topology, node: NodeLike) -> list[FederatedProperties]:
     TopologyError
         If the topology is invalid, the node is unknown, or it has no edges.
     """
-    topology.validate()
-    return _analysis(topology, _resolve(topology, node))
+    topo.validate()
+    return _analysis(topo, _resolve(topo, node))
 
 
 @dataclass(frozen=True)
