@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ parser.add_argument("--props")
 parser.add_argument("--tag", default="")
 args = parser.parse_args()
 props = json.load(open(args.props))
-print("NODE", args.tag, props[0]["nick_name"], props[0]["address"]["endpoint"], flush=True)
+line = " ".join(["NODE", args.tag, props[0]["nick_name"], props[0]["address"]["endpoint"]])
+sys.stdout.write(line + "\\n")  # one write: the nodes share the pipe
+sys.stdout.flush()
 act = os.environ.get("ACT", "")
 if act == "fail" and props[0]["nick_name"] == "collaborator-1":
     sys.exit(3)
@@ -137,3 +140,11 @@ def test_sigint_stops_every_node(run_python, tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=30 * SLOW)
     assert proc.returncode == 130, out + err
     assert "SIGINT received; stopping every node" in err
+
+
+def test_topo_builder_runs_the_topology_shell(run_python, tmp_path: Path) -> None:
+    proc = run_python(module="zmqfed.tools.topo_builder", stdin=subprocess.PIPE)
+    script = "add_node agg tcp://127.0.0.1:7999\nadd_node a\nadd_edge a agg\nsave t.json\nquit\n"
+    out, err = proc.communicate(script, timeout=60 * SLOW)
+    assert proc.returncode == 0, out + err
+    assert json.loads((tmp_path / "t.json").read_text())["edges"] == [{"start": "a", "end": "agg"}]

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from zmqfed.utils.misc import FMT, seed_everything, time_string
 from zmqfed.utils.table import string_trim, tablist
+from zmqfed.utils.utils import FMT, seed_everything, time_string
 
 __all__ = ["FMT", "seed_everything", "string_trim", "tablist", "time_string"]
