@@ -40,7 +40,7 @@ them, so slots never carry into each other. With the defaults (2048-bit
 key, ``precision=24``, ``bound=8``, ``max_summands=4095``) a slot is 5 bytes
 and a 512-byte ciphertext carries 51 values: about 10 bytes per float32
 value, 2.5x the plain model. A node that holds the private key encrypts with
-the CRT too (same distribution of ciphertexts, about 3.5x faster).
+the CRT too (same distribution of ciphertexts, about 3x faster).
 
 Python's big integers are slow at this: install ``gmpy2`` (``pip install
 'zmqfed[paillier]'``), which this module uses when present, for about 8x
@@ -357,7 +357,7 @@ class PrivateKey(_KeyParams):
         return cls(_hex_int(data, "p", key_file), _hex_int(data, "q", key_file), **_params_of(data))
 
     def random_nth_residue(self) -> Any:
-        """``r**n mod n**2`` for a uniform ``r``, computed by the CRT (3.5x faster than ``pow``).
+        """``r**n mod n**2`` for a uniform ``r``, computed by the CRT (3x faster than ``pow``).
 
         Modulo ``p**2`` an n-th residue of ``r`` is the p-th power of a
         uniform unit modulo ``p`` (``(r**q)**p``, and ``r -> r**q`` permutes
@@ -655,7 +655,7 @@ def paillier_enc(public_key: PublicKey | PrivateKey, m: Tensor) -> Ciphertext:
     """Encrypt fixed-point values (from :func:`float_to_long`); shape is kept.
 
     Given the :class:`PrivateKey`, the randomness is computed by the CRT
-    (same ciphertext distribution, about 3.5x faster).
+    (same ciphertext distribution, about 3x faster).
     """
     pk = _as_public(public_key)
     if m.dtype != torch.int64:
@@ -730,7 +730,7 @@ def paillier_package(
     with ``public_key``; a download holding an encrypted model (a blind
     aggregator's) is decrypted with ``private_key`` to the mean of the
     updates it sums, so ``unpackage`` sees a plain model. With the private
-    key, encryption uses the CRT, about 3.5x faster.
+    key, encryption uses the CRT, about 3x faster.
 
     On an **aggregator**: encrypted uploads are accepted (each ``param``
     becomes a placeholder of the right shape, the ciphertexts stay in
