@@ -11,7 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from zmqfed.address import Address, default_ipc_address, default_tcp_address, empty_address
+from zmqfed.address import (
+    Address,
+    default_file_address,
+    default_ipc_address,
+    default_tcp_address,
+    empty_address,
+)
 from zmqfed.errors import (
     AggregatorRewound,
     ConfigError,
@@ -25,14 +31,17 @@ from zmqfed.errors import (
     ZmqfedError,
 )
 from zmqfed.meta import Meta
+from zmqfed.utils import FMT, seed_everything, tablist, time_string
 
 if TYPE_CHECKING:
-    from zmqfed import core, data, federated, functional, optim, topo, wire
+    from zmqfed import common, core, data, federated, functional, optim, tools, topo, utils, wire
     from zmqfed.api import API
 
 # Subpackages load on first use (PEP 562): `zmqfed-topo` and other paths that
 # never touch tensors do not pay for importing torch.
-_SUBMODULES = frozenset({"core", "data", "federated", "functional", "optim", "topo", "wire"})
+_SUBMODULES = frozenset(
+    {"common", "core", "data", "federated", "functional", "optim", "tools", "topo", "utils", "wire"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -53,6 +62,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "API",
+    "FMT",
     "Address",
     "AggregatorRewound",
     "ConfigError",
@@ -66,14 +76,21 @@ __all__ = [
     "TopologyError",
     "ZmqfedError",
     "__version__",
+    "common",
     "core",
     "data",
+    "default_file_address",
     "default_ipc_address",
     "default_tcp_address",
     "empty_address",
     "federated",
     "functional",
     "optim",
+    "seed_everything",
+    "tablist",
+    "time_string",
+    "tools",
     "topo",
+    "utils",
     "wire",
 ]

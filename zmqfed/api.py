@@ -164,6 +164,11 @@ class API(threading.Thread):
         self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
         maintainer.on(step_points.upload_received, stale_check, nice=40)
+        # A rule that needs hooks on the maintainer (paillier_aggregation: accept
+        # encrypted uploads) says so with a setup_maintainer attribute.
+        setup = getattr(agg_func, "setup_maintainer", None)
+        if callable(setup):
+            setup(maintainer, **self.agg_func_kwargs)
 
     def run(self) -> None:
         """Run every round (in this thread, or in a new one with ``start()``)."""

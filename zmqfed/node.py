@@ -77,6 +77,7 @@ class NodeRunner:
         keys_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name = name
+        topology.validate(acyclic=True)  # groups are stepped bottom-up: a cycle never ends
         self.props = tuple(analysis(topology, name))
         self.ctx = NodeContext(name=name, props=self.props, rounds=rounds, options=options or {})
         self.app: App = factory(self.ctx)

@@ -16,10 +16,45 @@ from typing import Any
 from zmqfed.address import Address
 from zmqfed.errors import ConfigError
 
-__all__ = ["AGGREGATOR", "COLLABORATOR", "FederatedProperties"]
+__all__ = [
+    "AGGREGATOR",
+    "COLLABORATOR",
+    "FederatedProperties",
+    "is_aggregator",
+    "is_collaborator",
+    "normalize_role",
+]
 
 AGGREGATOR = "aggregator"
 COLLABORATOR = "collaborator"
+
+
+def is_aggregator(role: str) -> bool:
+    """True for the aggregator role name (OpenFed's helper)."""
+    return role == AGGREGATOR
+
+
+def is_collaborator(role: str) -> bool:
+    """True for the collaborator role name (OpenFed's helper)."""
+    return role == COLLABORATOR
+
+
+# Role names of OpenFed's files, and what a textual openfed -> zmqfed rename makes of them.
+_ROLE_ALIASES = {
+    "openfed_aggregator": AGGREGATOR,
+    "openfed_collaborator": COLLABORATOR,
+    "zmqfed_aggregator": AGGREGATOR,
+    "zmqfed_collaborator": COLLABORATOR,
+}
+
+
+def normalize_role(role: object) -> str:
+    """``'aggregator'`` or ``'collaborator'`` for a role name (OpenFed's spelling too)."""
+    if isinstance(role, str):
+        role = _ROLE_ALIASES.get(role, role)
+    if role not in (AGGREGATOR, COLLABORATOR):
+        raise ConfigError(f"role must be {AGGREGATOR!r} or {COLLABORATOR!r}, got {role!r}")
+    return role
 
 
 def group_fingerprint(
@@ -58,15 +93,20 @@ class FederatedProperties:
     settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.role not in (AGGREGATOR, COLLABORATOR):
-            raise ConfigError(f"role must be {AGGREGATOR!r} or {COLLABORATOR!r}, got {self.role!r}")
+        object.__setattr__(self, "role", normalize_role(self.role))
         if self.address.empty:
             raise ConfigError(
                 f"group of aggregator {self.aggregator_name!r} has no endpoint to bind or connect to"
             )
         object.__setattr__(self, "collaborators", tuple(sorted(self.collaborators)))
-        if self.address.world_size is None:
-            object.__setattr__(self, "address", self.address.with_world_size(self.world_size))
+        if self.address.world_size is None or self.address.rank == -1:
+            # OpenFed's ranks: the aggregator 0, collaborators 1.. in name order
+            rank = -1
+            if self.role == AGGREGATOR:
+                rank = 0
+            elif self.nick_name in self.collaborators:
+                rank = 1 + self.collaborators.index(self.nick_name)
+            object.__setattr__(self, "address", self.address.with_world_size(self.world_size, rank))
         if self.role == AGGREGATOR and self.nick_name != self.aggregator_name:
             raise ConfigError(
                 f"node {self.nick_name!r} has role aggregator in the group of {self.aggregator_name!r}"
@@ -79,12 +119,12 @@ class FederatedProperties:
     @property
     def aggregator(self) -> bool:
         """True when this node aggregates the group."""
-        return self.role == AGGREGATOR
+        return is_aggregator(self.role)
 
     @property
     def collaborator(self) -> bool:
         """True when this node is one of the group's collaborators."""
-        return self.role == COLLABORATOR
+        return is_collaborator(self.role)
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -107,7 +147,14 @@ class FederatedProperties:
         return group_fingerprint(self.aggregator_name, self.address.endpoint, self.collaborators)
 
     def serialize(self) -> dict[str, Any]:
-        """A JSON-safe dict (see :meth:`unserialize`)."""
+        """A JSON-safe dict (see :meth:`unserialize`).
+
+        OpenFed's keys (``role``, ``nick_name``, ``address`` with ``backend``,
+        ``init_method``, ``world_size``, ``rank``) plus what zmqfed needs to
+        connect: the ``endpoint``, the group's ``aggregator_name`` and
+        ``collaborators`` (both ends check the membership when they connect),
+        and the node's ``settings``.
+        """
         return {
             "role": self.role,
             "nick_name": self.nick_name,
@@ -134,13 +181,26 @@ class FederatedProperties:
                 settings=dict(data.get("settings") or {}),
             )
         except KeyError as exc:
-            raise ConfigError(f"federated properties lack the field {exc.args[0]!r}") from None
+            field_name = exc.args[0]
+            if field_name in ("aggregator_name", "collaborators") and "role" in data:
+                raise ConfigError(
+                    f"federated properties lack the field {field_name!r}: OpenFed wrote only "
+                    "role, nick_name and address, but zmqfed also needs the group's members "
+                    "(both ends check them when they connect); make the file with "
+                    "zmqfed.topo.analysis and FederatedProperties.save, or with "
+                    "python -m zmqfed.tools.simulator"
+                ) from None
+            raise ConfigError(f"federated properties lack the field {field_name!r}") from None
 
     @staticmethod
     def save(
         props: FederatedProperties | list[FederatedProperties], path: str | os.PathLike[str]
     ) -> None:
-        """Write one or several properties as a JSON list."""
+        """Write one or several properties as a JSON list (what :meth:`load` reads).
+
+        The list holds one :meth:`serialize` object per group, as OpenFed's
+        simulator wrote its props files.
+        """
         items = [props] if isinstance(props, FederatedProperties) else list(props)
         with open(path, "w", encoding="utf-8") as f:
             json.dump([p.serialize() for p in items], f, indent=2)

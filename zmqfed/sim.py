@@ -85,7 +85,7 @@ class Simulation:
         options: Sequence[str] = (),
         log_level: str = "INFO",
     ) -> None:
-        topology.validate()
+        topology.validate(acyclic=True)  # zmqfed-node steps a hierarchy bottom-up
         self.topology = topology
         self.app = app
         self.logdir = Path(logdir)

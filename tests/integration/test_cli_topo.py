@@ -99,10 +99,10 @@ INVALID = {
         '"edges": [["a", "agg"]]}',
         ["node 'lonely'", "no federated group"],
     ),
-    "cycle": (
+    "opposite-edges": (
         '{"nodes": [{"nick_name": "x", "address": "tcp://127.0.0.1:2001"}, '
         '{"nick_name": "y", "address": "tcp://127.0.0.1:2002"}], "edges": [["x", "y"], ["y", "x"]]}',
-        ["cycle", "'x' -> 'y' -> 'x'"],
+        ["edges[1]", "'y' -> 'x' is opposite to 'x' -> 'y'"],
     ),
 }
 

@@ -692,3 +692,12 @@ def test_running_result_in_place_matches_and_consumes():
     in_place.reset()  # consumed buffers are not recycled: `got` stays valid
     in_place.add(updates[0][0], weight=1.0)
     assert torch.allclose(got, torch.full((3,), 3.0))
+
+
+def test_meta_reduce_takes_openfeds_keyword():
+    metas = [{"instances": 1, "loss": 1.0}, {"instances": 3, "loss": 3.0}]
+    assert meta_reduce(metas, reduce_keys=["loss"]) == {"loss": pytest.approx(2.5)}
+    with pytest.raises(ConfigError, match="keys to average"):
+        meta_reduce(metas)
+    with pytest.raises(ConfigError, match="keys to average"):
+        meta_reduce(metas, ["loss"], reduce_keys=["loss"])

@@ -222,3 +222,9 @@ def test_targets_must_fit_classes():
     bad.classes = ["a", "b"]  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match=r"\[0, 2\)"):
         PartitionerDataset(bad, 2, IIDPartitioner())
+
+
+def test_openfed_positional_power_law_arguments():
+    # OpenFed's order: min_samples, min_classes, mean, sigma
+    p = PowerLawPartitioner(5, 3, 0.5, 1.0)
+    assert (p.min_samples, p.min_classes, p.mean, p.sigma) == (5, 3, 0.5, 1.0)

@@ -44,11 +44,13 @@ def test_all_is_pinned() -> None:
     assert sorted(topo.__all__) == sorted(
         [
             "Edge",
+            "FederatedGroup",
             "Node",
             "SocketPlan",
             "Topology",
             "analysis",
             "compile_topology",
+            "federated_groups",
             "socket_plan",
             "star",
             "to_ascii",
@@ -276,7 +278,7 @@ def test_wildcard_endpoint_is_rejected(endpoint: str) -> None:
         t.validate()
 
 
-def test_cycle_is_named_with_its_path() -> None:
+def test_cycle_of_groups_is_analysed_and_named_when_a_hierarchy_is_needed() -> None:
     t = topo.Topology(
         nodes=[topo.Node(n, f"tcp://127.0.0.1:{6000 + i}") for i, n in enumerate("abcd")]
     )
@@ -284,20 +286,34 @@ def test_cycle_is_named_with_its_path() -> None:
     t.add_edge("a", "b")
     t.add_edge("b", "c")
     t.add_edge("c", "a")
+    t.validate()  # a ring of groups: every group is a star with its own socket
+    assert t.find_cycle() == ["a", "b", "c", "a"]
     with pytest.raises(TopologyError, match="cycle 'a' -> 'b' -> 'c' -> 'a'"):
-        t.validate()
-    with pytest.raises(TopologyError, match="cycle"):
-        topo.analysis(t, "d")
+        t.validate(acyclic=True)
+    # a aggregates c and d, and collaborates in b's group
+    as_agg, as_collab = topo.analysis(t, "a")
+    assert (as_agg.role, as_agg.collaborators, as_agg.address.rank) == (
+        "aggregator",
+        ("c", "d"),
+        0,
+    )
+    assert (as_collab.role, as_collab.aggregator_name, as_collab.address.rank) == (
+        "collaborator",
+        "b",
+        1,
+    )
+    assert [p.role for p in topo.analysis(t, "d")] == ["collaborator"]
+    assert set(topo.compile_topology(t)) == set("abcd")
 
 
-def test_two_node_cycle() -> None:
+def test_opposite_edges_are_rejected() -> None:
     t = topo.Topology(
         nodes=[topo.Node("x", "tcp://127.0.0.1:1"), topo.Node("y", "tcp://127.0.0.1:2")]
     )
     t.add_edge("x", "y")
-    t.add_edge("y", "x")
-    with pytest.raises(TopologyError, match="cycle 'x' -> 'y' -> 'x'"):
-        t.validate()
+    with pytest.raises(TopologyError, match="edge 'y' -> 'x' is opposite to 'x' -> 'y'"):
+        t.add_edge("y", "x")
+    assert t.is_edge("x", "y") and not t.is_edge("y", "x")
 
 
 def test_diamond_is_not_a_cycle() -> None:

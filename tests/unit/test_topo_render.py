@@ -179,10 +179,10 @@ def test_large_star_image_stays_bounded(tmp_path: Path) -> None:
 def test_image_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"t\.jpg: image must end in one of"):
         topo.to_image(topo.star(1), tmp_path / "t.jpg")
-    t = topo.Topology([topo.Node("x", "tcp://127.0.0.1:1"), topo.Node("y", "tcp://127.0.0.1:2")])
-    t.add_edge("x", "y")
-    t.add_edge("y", "x")
-    with pytest.raises(TopologyError, match="cycle"):
+    t = topo.Topology([topo.Node("x", "tcp://127.0.0.1:1"), topo.Node("x2")])
+    t.add_edge("x2", "x")
+    t.add_edge(topo.Node("y"), topo.Node("z", "tcp://127.0.0.1:1"))
+    with pytest.raises(TopologyError, match="share the endpoint"):
         topo.to_image(t, tmp_path / "t.png")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="to_image needs matplotlib"):
@@ -263,3 +263,16 @@ def test_long_names_and_endpoints_are_shortened_in_images(tmp_path: Path) -> Non
     assert any(
         text.startswith("ipc:") and text.endswith("hub.ipc") and len(text) == 22 for text in texts
     )
+
+
+def test_a_ring_of_groups_is_laid_out_and_drawn(tmp_path: Path) -> None:
+    t = topo.Topology([topo.Node(n, f"tcp://127.0.0.1:{7200 + i}") for i, n in enumerate("abc")])
+    t.add_edge("a", "b")
+    t.add_edge("b", "c")
+    t.add_edge("c", "a")
+    t.add_edge(topo.Node("leaf"), "a")
+    rows = layers(t)
+    assert sorted(n.nick_name for row in rows for n in row) == ["a", "b", "c", "leaf"]
+    assert [n.nick_name for n in rows[0]] == ["a"]  # the cycle is cut at its first node
+    assert "a" in topo.to_dot(t) and "both" in topo.to_ascii(t)
+    assert topo.to_image(t, tmp_path / "ring.png").stat().st_size > 0

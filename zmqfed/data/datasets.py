@@ -166,10 +166,13 @@ def format_distribution(rows: list[list[int]], header: list[str]) -> str:
     return "\n".join([line(head), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])])
 
 
-def samples_distribution(dataset: PartitionerDataset, verbose: bool = True) -> list[list[int]]:
-    """Per-part class counts of ``dataset`` (OpenFed's function form of the method)."""
-    if not isinstance(dataset, PartitionerDataset):
+def samples_distribution(
+    federated_dataset: PartitionerDataset, verbose: bool = True
+) -> list[list[int]]:
+    """Per-part class counts of ``federated_dataset`` (OpenFed's function form of the method)."""
+    if not isinstance(federated_dataset, PartitionerDataset):
         raise ConfigError(
-            f"samples_distribution needs a PartitionerDataset, got {type(dataset).__name__}"
+            "samples_distribution needs a PartitionerDataset, "
+            f"got {type(federated_dataset).__name__}"
         )
-    return dataset.samples_distribution(verbose)
+    return federated_dataset.samples_distribution(verbose)

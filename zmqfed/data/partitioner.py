@@ -210,15 +210,17 @@ class PowerLawPartitioner(Partitioner):
         Classes per part (OpenFed's name), ``1 <= min_classes <= K``.
     mean, sigma:
         Parameters of the lognormal share distribution.
+    seed:
+        Seeds the split (last, so OpenFed's positional calls keep their meaning).
     """
 
     def __init__(
         self,
-        seed: int = 0,
         min_samples: int = 10,
         min_classes: int = 2,
         mean: float = 0.0,
         sigma: float = 2.0,
+        seed: int = 0,
     ) -> None:
         super().__init__(seed, min_samples)
         self.min_classes = _check_int(min_classes, "min_classes", 1)

@@ -25,7 +25,13 @@ from zmqfed.federated.protocol import ErrorCode, Kind
 from zmqfed.federated.security import Curve, create_keys
 from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router
 from zmqfed.federated.zmq_port import ZmqNetwork, default_network
-from zmqfed.props import AGGREGATOR, COLLABORATOR, FederatedProperties
+from zmqfed.props import (
+    AGGREGATOR,
+    COLLABORATOR,
+    FederatedProperties,
+    is_aggregator,
+    is_collaborator,
+)
 
 __all__ = [
     "AGGREGATOR",
@@ -55,6 +61,8 @@ __all__ = [
     "create_keys",
     "default_network",
     "init_federated_group",
+    "is_aggregator",
+    "is_collaborator",
     "make_dealer",
     "make_router",
 ]

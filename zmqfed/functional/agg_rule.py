@@ -128,7 +128,10 @@ def call_rule(
        :func:`add_pseudo_gradients`).
 
     A callable whose signature cannot be read (a builtin) gets the optimizers
-    positionally, third.
+    positionally, third.  A rule that names ``data_list`` and ``meta_list``
+    and takes the optimizers by keyword gets the updates by keyword too, as
+    OpenFed's API passed them (``paillier_aggregation`` has its private key
+    second).
 
     Parameters
     ----------
@@ -154,11 +157,15 @@ def call_rule(
     """
     fn: Callable[..., Any] = rule  # the signature is read at run time
     slot = _optim_slot(fn, kwargs)
-    if slot == "keyword":
-        return fn(data_list, meta_list, optim_list=optim_list, **kwargs)
     if slot == "positional":
         return fn(data_list, meta_list, optim_list, **kwargs)
-    result = fn(data_list, meta_list, **kwargs)
+    args: tuple[Any, ...] = (data_list, meta_list)
+    named: dict[str, Any] = {}
+    if _names_updates(fn):
+        args, named = (), {"data_list": data_list, "meta_list": meta_list}
+    if slot == "keyword":
+        return fn(*args, **named, optim_list=optim_list, **kwargs)
+    result = fn(*args, **named, **kwargs)
     if optim_list is not None:
         if not isinstance(result, Mapping):
             raise ConfigError(
@@ -171,6 +178,16 @@ def call_rule(
 
 def _rule_name(rule: Callable[..., Any]) -> str:
     return getattr(rule, "__qualname__", None) or type(rule).__name__
+
+
+def _names_updates(rule: Callable[..., Any]) -> bool:
+    """``rule`` takes ``data_list`` and ``meta_list`` by those names (keyword-capable)."""
+    try:
+        params = inspect.signature(rule).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {"data_list", "meta_list"} <= names
 
 
 def _optim_slot(rule: Callable[..., Any], kwargs: Mapping[str, Any]) -> str | None:

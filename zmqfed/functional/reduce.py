@@ -35,8 +35,10 @@ def _number(value: Any, what: str) -> float:
 
 def meta_reduce(
     meta_list: Sequence[Mapping[str, Any]],
-    keys: str | Iterable[str],
+    keys: str | Iterable[str] | None = None,
     weight_key: str | None = "instances",
+    *,
+    reduce_keys: str | Iterable[str] | None = None,
 ) -> dict[str, float]:
     """Weighted averages of ``keys`` over ``meta_list``.
 
@@ -45,7 +47,8 @@ def meta_reduce(
     meta_list:
         The metas received this round.
     keys:
-        Key (or keys) to average, e.g. ``['accuracy', 'loss']``.
+        Key (or keys) to average, e.g. ``['accuracy', 'loss']``; OpenFed's
+        keyword ``reduce_keys`` is accepted too.
     weight_key:
         Meta key holding each meta's weight; ``None`` for a plain mean.
 
@@ -62,7 +65,10 @@ def meta_reduce(
         A meta lacks ``weight_key``, a value is not a number, or the metas
         carrying a key weigh 0 in total.
     """
-    wanted = _key_list(keys)
+    chosen = keys if keys is not None else reduce_keys
+    if chosen is None or (keys is not None and reduce_keys is not None):
+        raise ConfigError("meta_reduce needs the keys to average: keys= (or reduce_keys=), once")
+    wanted = _key_list(chosen)
     weights: list[float] = []
     for i, meta in enumerate(meta_list):
         if weight_key is None:

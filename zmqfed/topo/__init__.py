@@ -20,18 +20,27 @@ Example
 
 from __future__ import annotations
 
-from zmqfed.topo.compile import SocketPlan, analysis, compile_topology, socket_plan
+from zmqfed.topo.compile import (
+    FederatedGroup,
+    SocketPlan,
+    analysis,
+    compile_topology,
+    federated_groups,
+    socket_plan,
+)
 from zmqfed.topo.graph import Edge, Node, Topology
 from zmqfed.topo.render import to_ascii, to_dot, to_image
 from zmqfed.topo.shapes import star, tree
 
 __all__ = [
     "Edge",
+    "FederatedGroup",
     "Node",
     "SocketPlan",
     "Topology",
     "analysis",
     "compile_topology",
+    "federated_groups",
     "socket_plan",
     "star",
     "to_ascii",

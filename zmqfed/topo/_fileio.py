@@ -22,7 +22,10 @@ _NODE_KEYS = frozenset({"nick_name", "address", "settings"})
 _EDGE_KEYS = frozenset({"start", "end"})
 
 NodeEntry = tuple[Any, Any, Any]
-"""(nick name, endpoint or None, settings or None), still unchecked."""
+"""(nick name, endpoint / address dict / None, settings or None), still unchecked."""
+_ADDRESS_KEYS = frozenset(
+    {"endpoint", "world_size", "backend", "init_method", "rank", "group_name"}
+)
 
 
 def is_yaml(path: str | os.PathLike[str]) -> bool:
@@ -71,12 +74,12 @@ def _node(index: int, entry: object) -> NodeEntry:
     where = f"{where} ({entry['nick_name']!r})"
     _unknown(entry, _NODE_KEYS, where)
     address = entry.get("address")
-    if isinstance(address, dict):  # Address.serialize() form
-        _unknown(address, frozenset({"endpoint", "world_size"}), f"{where} address")
-        address = address.get("endpoint")
-    if address is not None and not isinstance(address, str):
+    if isinstance(address, dict):  # Address.serialize() form, read by Address.unserialize
+        _unknown(address, _ADDRESS_KEYS, f"{where} address")
+    elif address is not None and not isinstance(address, str):
         raise TopologyError(
-            f"{where} address must be an endpoint string or null, got {type(address).__name__}"
+            f"{where} address must be an endpoint string, an address object or null, "
+            f"got {type(address).__name__}"
         )
     settings = entry.get("settings")
     if settings is not None and not isinstance(settings, dict):
@@ -93,6 +96,9 @@ def _edge(index: int, entry: object) -> tuple[str, str]:
             if key not in entry:
                 raise TopologyError(f"{where} has no {key!r}")
         start, end = entry["start"], entry["end"]
+        # OpenFed wrote each end as a whole node object
+        start = start.get("nick_name", start) if isinstance(start, dict) else start
+        end = end.get("nick_name", end) if isinstance(end, dict) else end
     elif isinstance(entry, (list, tuple)) and len(entry) == 2:
         start, end = entry
     else:

@@ -5,6 +5,7 @@ Re-exported by ``zmqfed.topo.graph`` and ``zmqfed.topo``; import from there.
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,6 +110,26 @@ class Node:
     def __hash__(self) -> int:
         return hash(self._nick_name)
 
+    def serialize(self) -> dict[str, Any]:
+        """A JSON-safe dict: ``nick_name``, ``address`` (endpoint or address dict), ``settings``."""
+        address = self._address
+        return {
+            "nick_name": self._nick_name,
+            "address": address.endpoint if address.is_plain_endpoint else address.serialize(),
+            "settings": json.loads(json.dumps(self._settings)),
+        }
+
+    @classmethod
+    def unserialize(cls, data: Mapping[str, Any]) -> Node:
+        """Inverse of :meth:`serialize`; also reads OpenFed's ``{nick_name, address}`` dict."""
+        if not isinstance(data, Mapping) or "nick_name" not in data:
+            raise TopologyError(f"a node must be an object with a 'nick_name', got {data!r}")
+        try:
+            address = Address.unserialize(data.get("address"))
+        except ConfigError as exc:
+            raise TopologyError(f"node {data['nick_name']!r}: {exc}") from exc
+        return cls(data["nick_name"], address, data.get("settings"))
+
     def __repr__(self) -> str:
         if self._address.empty:
             return f"Node({self._nick_name!r})"
@@ -178,6 +199,29 @@ class Edge:
     def names(self) -> tuple[str, str]:
         """``(start nick name, end nick name)``."""
         return (self.start.nick_name, self.end.nick_name)
+
+    def in_edge(self, node: NodeLike) -> bool:
+        """True when ``node`` (a Node or nick name) is the start or the end."""
+        return self.is_start(node) or self.is_end(node)
+
+    def is_start(self, node: NodeLike) -> bool:
+        """True when ``node`` is the collaborator of this edge."""
+        return name_of(node) == self.start.nick_name
+
+    def is_end(self, node: NodeLike) -> bool:
+        """True when ``node`` is the aggregator of this edge."""
+        return name_of(node) == self.end.nick_name
+
+    def serialize(self) -> dict[str, Any]:
+        """``{'start': node dict, 'end': node dict}`` (OpenFed's shape)."""
+        return {"start": self.start.serialize(), "end": self.end.serialize()}
+
+    @classmethod
+    def unserialize(cls, data: Mapping[str, Any]) -> Edge:
+        """Inverse of :meth:`serialize`."""
+        if not isinstance(data, Mapping) or "start" not in data or "end" not in data:
+            raise TopologyError(f"an edge must be an object with 'start' and 'end', got {data!r}")
+        return cls(Node.unserialize(data["start"]), Node.unserialize(data["end"]))
 
     def __repr__(self) -> str:
         return f"Edge({self.start.nick_name!r} -> {self.end.nick_name!r})"

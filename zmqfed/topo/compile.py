@@ -19,17 +19,19 @@ import copy
 from dataclasses import dataclass
 
 from zmqfed.errors import TopologyError
-from zmqfed.props import AGGREGATOR, COLLABORATOR, FederatedProperties
-from zmqfed.topo.graph import Node, NodeLike, Topology
+from zmqfed.props import AGGREGATOR, COLLABORATOR, FederatedProperties, normalize_role
+from zmqfed.topo.graph import Edge, Node, NodeLike, Topology
 
 __all__ = [
     "BIND",
     "CONNECT",
     "DEALER",
     "ROUTER",
+    "FederatedGroup",
     "SocketPlan",
     "analysis",
     "compile_topology",
+    "federated_groups",
     "socket_plan",
 ]
 
@@ -50,33 +52,129 @@ def _resolve(topology: Topology, node: NodeLike) -> Node:
     return found
 
 
+class FederatedGroup:
+    """One node's view of one federated group: its role and the nodes around it.
+
+    ``others`` are the group's collaborators when ``node`` aggregates it, or
+    the one aggregator when ``node`` collaborates in it. Groups are built by
+    :func:`federated_groups` (which :func:`analysis` uses), or by hand as in
+    OpenFed with :meth:`add_to_group`.
+
+    Parameters
+    ----------
+    role:
+        ``'aggregator'`` or ``'collaborator'``.
+    node:
+        The node whose view this is.
+    topology:
+        The topology the group comes from; a collaborator's group needs it to
+        know its fellow collaborators (the group fingerprint and world size
+        cover all of them).
+    """
+
+    def __init__(self, role: str, node: Node, topology: Topology | None = None) -> None:
+        role = normalize_role(role)
+        if not isinstance(node, Node):
+            raise TopologyError(f"a federated group needs a Node, got {type(node).__name__}")
+        self.role = role
+        self.node = node
+        self.topology = topology
+        self.others: list[Node] = []
+
+    @property
+    def aggregator(self) -> bool:
+        """True when ``node`` aggregates this group."""
+        return self.role == AGGREGATOR
+
+    @property
+    def collaborator(self) -> bool:
+        """True when ``node`` collaborates in this group."""
+        return self.role == COLLABORATOR
+
+    def add_to_group(self, edge: Edge) -> bool:
+        """Add the other end of ``edge`` if the edge belongs to this group; say whether it did.
+
+        An aggregator's group takes every edge ending at ``node``; a
+        collaborator's group takes one edge starting at ``node`` (a node
+        reporting to two aggregators is in two groups).
+        """
+        if self.aggregator and edge.end == self.node:
+            if edge.start not in self.others:
+                self.others.append(edge.start)
+            return True
+        if self.collaborator and edge.start == self.node:
+            if self.others:
+                return self.others[0] == edge.end
+            self.others.append(edge.end)
+            return True
+        return False
+
+    @property
+    def aggregator_node(self) -> Node:
+        """The group's aggregator."""
+        if self.aggregator:
+            return self.node
+        if not self.others:
+            raise TopologyError(
+                f"the group of collaborator {self.node.nick_name!r} has no edge yet"
+            )
+        return self.others[0]
+
+    @property
+    def collaborator_nodes(self) -> tuple[Node, ...]:
+        """The group's collaborators, sorted by name."""
+        if self.aggregator:
+            return tuple(sorted(self.others, key=lambda n: n.nick_name))
+        if self.topology is None:
+            raise TopologyError(
+                f"the group of {self.node.nick_name!r} as a collaborator was built without its "
+                "topology, so its fellow collaborators are unknown; use "
+                "zmqfed.topo.analysis(topology, node) or FederatedGroup(role, node, topology)"
+            )
+        return self.topology.collaborators_of(self.aggregator_node)
+
+    @property
+    def federated_properties(self) -> FederatedProperties:
+        """This view as ``FederatedProperties`` (what a ``Maintainer`` takes)."""
+        agg = self.aggregator_node
+        collabs = [c.nick_name for c in self.collaborator_nodes]
+        if not collabs:
+            raise TopologyError(f"the group of {agg.nick_name!r} has no collaborators")
+        world_size = 1 + len(collabs)
+        rank = 0 if self.aggregator else 1 + collabs.index(self.node.nick_name)
+        return FederatedProperties(
+            role=self.role,
+            nick_name=self.node.nick_name,
+            address=agg.address.with_world_size(world_size, rank),
+            aggregator_name=agg.nick_name,
+            collaborators=tuple(collabs),
+            settings=copy.deepcopy(self.node.settings),
+        )
+
+    def __repr__(self) -> str:
+        others = ", ".join(repr(o.nick_name) for o in self.others)
+        return f"FederatedGroup({self.role!r}, {self.node.nick_name!r}, others=[{others}])"
+
+
+def federated_groups(topology: Topology, node: NodeLike) -> list[FederatedGroup]:
+    """The groups ``node`` belongs to, in the order of :func:`analysis`."""
+    found = _resolve(topology, node)
+    groups = []
+    collabs = topology.collaborators_of(found)
+    if collabs:
+        group = FederatedGroup(AGGREGATOR, found, topology)
+        group.others.extend(collabs)
+        groups.append(group)
+    for agg in topology.aggregators_of(found):  # sorted by name
+        group = FederatedGroup(COLLABORATOR, found, topology)
+        group.others.append(agg)
+        groups.append(group)
+    return groups
+
+
 def _analysis(topology: Topology, node: Node) -> list[FederatedProperties]:
     """``analysis`` without validating the topology first."""
-    result = []
-    collabs = topology.collaborators_of(node)
-    if collabs:
-        result.append(
-            FederatedProperties(
-                role=AGGREGATOR,
-                nick_name=node.nick_name,
-                address=node.address.with_world_size(1 + len(collabs)),
-                aggregator_name=node.nick_name,
-                collaborators=tuple(c.nick_name for c in collabs),
-                settings=copy.deepcopy(node.settings),
-            )
-        )
-    for agg in topology.aggregators_of(node):  # sorted by name
-        peers = topology.collaborators_of(agg)
-        result.append(
-            FederatedProperties(
-                role=COLLABORATOR,
-                nick_name=node.nick_name,
-                address=agg.address.with_world_size(1 + len(peers)),
-                aggregator_name=agg.nick_name,
-                collaborators=tuple(p.nick_name for p in peers),
-                settings=copy.deepcopy(node.settings),
-            )
-        )
+    result = [g.federated_properties for g in federated_groups(topology, node)]
     if not result:
         raise TopologyError(
             f"node {node.nick_name!r} belongs to no federated group (it has no edges)"
@@ -84,13 +182,13 @@ def _analysis(topology: Topology, node: Node) -> list[FederatedProperties]:
     return result
 
 
-def analysis(topology: Topology, node: NodeLike) -> list[FederatedProperties]:
+def analysis(topo: Topology, node: NodeLike) -> list[FederatedProperties]:
     """The federated groups ``node`` belongs to, as ``FederatedProperties``.
 
     Parameters
     ----------
-    topology:
-        The topology; it is validated first.
+    topo:
+        The topology (OpenFed's parameter name); it is validated first.
     node:
         A ``Node`` or nick name in the topology.
 
@@ -99,16 +197,19 @@ def analysis(topology: Topology, node: NodeLike) -> list[FederatedProperties]:
     list of FederatedProperties
         The node's own group first when it has in-edges (role aggregator), then
         one collaborator entry per aggregator it reports to, sorted by the
-        aggregator's name. Each carries the group's endpoint with its world
-        size, the sorted collaborator names and the node's settings.
+        aggregator's name: a node that aggregates one group and collaborates
+        in another (a hierarchy, or a ring of groups) gets one entry per
+        group. Each carries the group's endpoint with its world size and this
+        node's rank in it (aggregator 0, collaborators 1.. in name order), the
+        sorted collaborator names and the node's settings.
 
     Raises
     ------
     TopologyError
         If the topology is invalid, the node is unknown, or it has no edges.
     """
-    topology.validate()
-    return _analysis(topology, _resolve(topology, node))
+    topo.validate()
+    return _analysis(topo, _resolve(topo, node))
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
 An edge points from a collaborator (``start``) to the aggregator it reports to
 (``end``). A node with in-edges aggregates the group of all its in-edges and
 must have an address; a node with out-edges collaborates in one group per
-out-edge; a node with both is an edge aggregator in a hierarchy.
+out-edge; a node with both is an edge aggregator in a hierarchy, or a link in
+a cycle of groups (a ring).
 
-Duplicate nick names, self edges and duplicate edges are rejected as they are
-added; :meth:`Topology.validate` checks the graph as a whole (addresses,
-shared endpoints, cycles).
+Duplicate nick names, self edges, duplicate edges and pairs of opposite edges
+are rejected as they are added; :meth:`Topology.validate` checks the graph as
+a whole (addresses, shared endpoints, and cycles when asked to).
 
 File format
 -----------
@@ -22,21 +23,24 @@ name ends in ``.yaml``/``.yml``, YAML (needs PyYAML)::
         "edges": [{"start": "alpha", "end": "aggregator"}],
     }
 
-``address`` is an endpoint string (``tcp://host:port`` or ``ipc://path``) or
-``null``; ``address`` and ``settings`` may be omitted. An edge may also be
-written as a two-item list ``[start, end]``. Unknown keys are errors, and every
+``address`` is an endpoint string (``tcp://host:port`` or ``ipc://path``),
+``null``, or an ``Address.serialize()`` object (``{"backend": "mpi",
+"init_method": "file:///tmp/x", ...}``, written for addresses an endpoint
+alone cannot describe); ``address`` and ``settings`` may be omitted. An edge
+may also be written as a two-item list ``[start, end]``, or as OpenFed wrote
+it, ``{"start": {node}, "end": {node}}``. Unknown keys are errors, and every
 error names the entry, e.g. ``edges[3] references unknown node 'x'``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
-from zmqfed.errors import TopologyError
+from zmqfed.address import Address
+from zmqfed.errors import ConfigError, TopologyError
 from zmqfed.topo import _fileio
 from zmqfed.topo._node import Edge, Node, NodeLike, check_nick_name
 from zmqfed.topo._node import name_of as _name_of
@@ -76,8 +80,11 @@ class Topology:
 
     # -- building ---------------------------------------------------------------
 
-    def add_node(self, node: NodeLike) -> Node:
-        """Add a node (a ``Node`` or a nick name for an address-less node); return it.
+    def add_node(self, node: NodeLike, address: Address | str | None = None) -> Node:
+        """Add a node and return it.
+
+        ``add_node(Node(...))``, ``add_node(nick_name)`` for an address-less
+        node, or OpenFed's ``add_node(nick_name, address)``.
 
         Raises
         ------
@@ -85,9 +92,13 @@ class Topology:
             If a node with the same nick name is already in the topology.
         """
         if isinstance(node, str):
-            node = Node(node)
+            node = Node(node, address)
         elif not isinstance(node, Node):
             raise TopologyError(f"expected a Node or a nick name, got {type(node).__name__}")
+        elif address is not None:
+            raise TopologyError(
+                f"add_node({node!r}, {address!r}): give a Node, or a nick name and an address"
+            )
         if node.nick_name in self._nodes:
             raise TopologyError(f"duplicate nick name {node.nick_name!r}: already in the topology")
         self._nodes[node.nick_name] = node
@@ -100,19 +111,36 @@ class Topology:
         for node in nodes:
             self.add_node(node)
 
-    def add_edge(self, start: NodeLike, end: NodeLike) -> Edge:
+    def add_edge(self, start: NodeLike | Edge, end: NodeLike | None = None) -> Edge:
         """Add the edge collaborator ``start`` -> aggregator ``end``; return it.
 
-        ``Node`` objects not yet in the topology are added; nick names must
-        already be known. Raises ``TopologyError`` for unknown names, a node
-        that conflicts with a different one of the same name, self edges and
-        duplicate edges. Nothing is changed when it raises.
+        ``add_edge(start, end)`` with Nodes or nick names, or
+        ``add_edge(Edge(start, end))``. ``Node`` objects not yet in the
+        topology are added; nick names must already be known. Raises
+        ``TopologyError`` for unknown names, a node that conflicts with a
+        different one of the same name, self edges, duplicate edges, and an
+        edge opposite to an existing one (see :meth:`validate`). Nothing is
+        changed when it raises.
         """
+        if isinstance(start, Edge):
+            if end is not None:
+                raise TopologyError("add_edge(edge) takes one Edge, or a start and an end")
+            given = start
+            start, end = given.start, given.end
+        elif end is None:
+            raise TopologyError("add_edge needs a start and an end (or one Edge)")
         start_node, new_start = self._lookup(start, "start")
         end_node, new_end = self._lookup(end, "end")
         edge = Edge(start_node, end_node)
         if edge.names in self._edges:
             raise TopologyError(f"duplicate edge {edge.names[0]!r} -> {edge.names[1]!r}")
+        if edge.names[::-1] in self._edges:
+            a, b = edge.names
+            raise TopologyError(
+                f"edge {a!r} -> {b!r} is opposite to {b!r} -> {a!r} (a two-node cycle): one "
+                "edge already moves models both ways (the collaborator downloads the "
+                "aggregator's model and uploads its own), so keep only one of them"
+            )
         if new_start:
             self.add_node(start_node)
         if new_end:
@@ -136,9 +164,9 @@ class Topology:
             return node, True
         raise TopologyError(f"edge {which} references unknown node {name!r}; add it first")
 
-    def remove_node(self, node: NodeLike) -> Node:
-        """Remove a node and all its edges; return the removed node."""
-        name = self._known(node)
+    def remove_node(self, node: NodeLike | int) -> Node:
+        """Remove a node (a Node, nick name, or index in :attr:`nodes`) and all its edges."""
+        name = self._nodes_by_index(node) if _is_index(node) else self._known(node)
         for agg in list(self._out[name]):
             self.remove_edge(name, agg)
         for collab in list(self._in[name]):
@@ -146,13 +174,50 @@ class Topology:
         del self._in[name], self._out[name]
         return self._nodes.pop(name)
 
-    def remove_edge(self, start: NodeLike, end: NodeLike) -> Edge:
-        """Remove the edge ``start`` -> ``end``; return it."""
-        key = (_name_of(start), _name_of(end))
+    def remove_edge(self, start: NodeLike | Edge | int, end: NodeLike | None = None) -> Edge:
+        """Remove an edge and return it.
+
+        ``remove_edge(start, end)``, ``remove_edge(edge)``, or OpenFed's
+        ``remove_edge(index)`` with an index in :attr:`edges`.
+        """
+        if _is_index(start):
+            if end is not None:
+                raise TopologyError("remove_edge(index) takes one index")
+            edges = list(self._edges)
+            index = int(start)  # type: ignore[arg-type]
+            if not -len(edges) <= index < len(edges):
+                raise TopologyError(
+                    f"edge index {index} out of range: the topology has {len(edges)} edges"
+                )
+            key = edges[index]
+        elif isinstance(start, Edge):
+            if end is not None:
+                raise TopologyError("remove_edge(edge) takes one Edge")
+            key = start.names
+        else:
+            if end is None:
+                raise TopologyError("remove_edge needs a start and an end, an Edge or an index")
+            key = (_name_of(start), _name_of(end))
         if key not in self._edges:
             raise TopologyError(f"no edge {key[0]!r} -> {key[1]!r} in the topology")
         del self._in[key[1]][key[0]], self._out[key[0]][key[1]]
         return self._edges.pop(key)
+
+    def clear_useless_nodes(self) -> list[Node]:
+        """Remove every node that is in no edge; return the removed nodes."""
+        useless = [
+            n for name, n in self._nodes.items() if not self._in[name] and not self._out[name]
+        ]
+        for node in useless:
+            self.remove_node(node)
+        return useless
+
+    def _nodes_by_index(self, index: object) -> str:
+        names = list(self._nodes)
+        i = int(index)  # type: ignore[call-overload]
+        if not -len(names) <= i < len(names):
+            raise TopologyError(f"node index {i} out of range: the topology has {len(names)} nodes")
+        return names[i]
 
     # -- queries ----------------------------------------------------------------
 
@@ -162,6 +227,10 @@ class Topology:
         if name not in self._nodes:
             raise TopologyError(f"unknown node {name!r}: not in the topology")
         return name
+
+    def is_edge(self, start: NodeLike, end: NodeLike) -> bool:
+        """True when the edge ``start`` -> ``end`` is in the topology."""
+        return (_name_of(start), _name_of(end)) in self._edges
 
     def fetch_node_via_nick_name(self, nick_name: str) -> Node | None:
         """The node called ``nick_name``, or ``None``."""
@@ -200,15 +269,26 @@ class Topology:
 
     # -- checks -----------------------------------------------------------------
 
-    def validate(self) -> None:
+    def validate(self, *, acyclic: bool = False) -> None:
         """Check the graph as a whole.
+
+        A node may aggregate one group and collaborate in others, and groups
+        may form cycles (a ring of nodes, each aggregating its predecessor):
+        every group is still a star, one aggregator and its collaborators,
+        and has its own socket. What cannot work is rejected as edges are
+        added: a self edge (a node would wait for its own upload) and two
+        opposite edges between the same two nodes (one edge already carries
+        models both ways). ``acyclic=True`` also rejects cycles, for runners
+        that step a hierarchy bottom-up (``zmqfed-node``, ``zmqfed-sim``:
+        each node aggregates its group, then reports up, which never ends in
+        a cycle).
 
         Raises
         ------
         TopologyError
             Naming the node, edge or cycle: an aggregator without an address or
             with a wildcard endpoint collaborators cannot connect to, two
-            aggregators sharing an endpoint, or a cycle.
+            aggregators sharing an endpoint, or (``acyclic``) a cycle.
         """
         owners: dict[tuple[str, ...], str] = {}
         for node in self.aggregators:
@@ -230,13 +310,19 @@ class Topology:
                     f"aggregators {owners[key]!r} and {name!r} share the endpoint {endpoint!r}"
                 )
             owners[key] = name
-        cycle = self._find_cycle()
-        if cycle:
-            raise TopologyError(
-                "cycle "
-                + " -> ".join(repr(n) for n in cycle)
-                + ": a node cannot aggregate a group it reports to, directly or indirectly"
-            )
+        if acyclic:
+            cycle = self.find_cycle()
+            if cycle:
+                raise TopologyError(
+                    "cycle "
+                    + " -> ".join(repr(n) for n in cycle)
+                    + ": a runner that steps the hierarchy bottom-up needs a node never to "
+                    "aggregate a group it reports to, directly or indirectly"
+                )
+
+    def find_cycle(self) -> list[str]:
+        """A cycle of reporting edges as a closed path of names (first == last), or ``[]``."""
+        return self._find_cycle()
 
     def _find_cycle(self) -> list[str]:
         """A cycle as a closed path of names (first == last), or ``[]``."""
@@ -266,14 +352,7 @@ class Topology:
     def serialize(self) -> dict[str, Any]:
         """A JSON-safe dict in the file format of the module docstring."""
         return {
-            "nodes": [
-                {
-                    "nick_name": n.nick_name,
-                    "address": n.address.endpoint,
-                    "settings": json.loads(json.dumps(n.settings)),
-                }
-                for n in self._nodes.values()
-            ],
+            "nodes": [n.serialize() for n in self._nodes.values()],
             "edges": [{"start": s, "end": e} for s, e in self._edges],
         }
 
@@ -290,6 +369,11 @@ class Topology:
         topology = cls()
         for index, (name, address, settings) in enumerate(nodes):
             try:
+                if isinstance(address, dict):
+                    try:
+                        address = Address.unserialize(address)
+                    except ConfigError as exc:
+                        raise TopologyError(f"node {name!r}: {exc}") from exc
                 topology.add_node(Node(name, address, settings))
             except TopologyError as exc:
                 raise TopologyError(f"nodes[{index}]: {exc}") from exc
@@ -357,6 +441,11 @@ class Topology:
 
     def __repr__(self) -> str:
         return self.adjacency_table()
+
+
+def _is_index(value: object) -> bool:
+    """True for an int index (not a bool, not a name)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _endpoint_key(endpoint: str) -> tuple[str, ...]:

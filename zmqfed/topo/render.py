@@ -2,7 +2,8 @@
 
 ``to_ascii`` and ``to_dot`` work on any topology, valid or not, so they can
 help to find what is wrong; ``to_image`` needs a valid one (it lays the
-hierarchy out by depth) and matplotlib.
+hierarchy out by depth, cutting cycles of groups where they start) and
+matplotlib.
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ def layers(topology: Topology) -> list[list[Node]]:
 
     Within a layer, nodes are ordered by the mean position of their
     aggregators (ties keep topology order), which keeps subtrees together.
-    The topology is validated first (a cycle has no layering).
+    A cycle of groups has no such layering: it is cut at the first of its
+    nodes in topology order, which goes one layer below the aggregators
+    already placed (its other out-edges then point down). The topology is
+    validated first.
     """
     topology.validate()
     depth: dict[str, int] = {}
@@ -125,14 +129,24 @@ def layers(topology: Topology) -> list[list[Node]]:
     ready = [n for n in topology.nodes if waiting[n.nick_name] == 0]
     for n in ready:
         depth[n.nick_name] = 0
-    while ready:  # Kahn's algorithm, from the roots down
-        node = ready.pop()
-        for collab in topology.collaborators_of(node):
-            name = collab.nick_name
-            depth[name] = max(depth.get(name, 0), depth[node.nick_name] + 1)
-            waiting[name] -= 1
-            if waiting[name] == 0:
-                ready.append(collab)
+    while len(depth) < len(waiting):
+        while ready:  # Kahn's algorithm, from the roots down
+            node = ready.pop()
+            for collab in topology.collaborators_of(node):
+                name = collab.nick_name
+                if name in depth and waiting[name] <= 0:
+                    continue  # placed already: this edge closes a cycle
+                depth[name] = max(depth.get(name, 0), depth[node.nick_name] + 1)
+                waiting[name] -= 1
+                if waiting[name] == 0:
+                    ready.append(collab)
+        stuck = [n for n in topology.nodes if waiting[n.nick_name] > 0]
+        if not stuck:
+            break
+        cut = stuck[0]  # on or below a cycle: place it and go on from there
+        depth.setdefault(cut.nick_name, 0)
+        waiting[cut.nick_name] = 0
+        ready.append(cut)
     result: list[list[Node]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
     for node in topology.nodes:
         result[depth[node.nick_name]].append(node)
@@ -140,7 +154,9 @@ def layers(topology: Topology) -> list[list[Node]]:
     for layer in result:
 
         def centre(n: Node) -> float:
-            parents = [index[a.nick_name] for a in topology.aggregators_of(n)]
+            parents = [
+                index[a.nick_name] for a in topology.aggregators_of(n) if a.nick_name in index
+            ]
             return sum(parents) / len(parents) if parents else -1.0
 
         layer.sort(key=centre)
@@ -154,7 +170,9 @@ def _positions(topology: Topology, rows: list[list[Node]]) -> dict[str, tuple[fl
     for depth in range(len(rows) - 1, -1, -1):
         last = -math.inf
         for node in rows[depth]:
-            kids = [pos[c.nick_name][0] for c in topology.collaborators_of(node)]
+            kids = [  # collaborators drawn below; a cycle's way back up does not count
+                pos[c.nick_name][0] for c in topology.collaborators_of(node) if c.nick_name in pos
+            ]
             if kids:
                 want = sum(kids) / len(kids)
             else:
