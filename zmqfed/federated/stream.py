@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from zmqfed.errors import ProtocolError
+from zmqfed.federated.sockets import discard_frame, recv_into
 from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, encode
 from zmqfed.wire.codec import tensor_bytes
 from zmqfed.wire.header import DTYPES, TensorDesc
@@ -314,7 +315,7 @@ def land_payload(sock: zmq.Socket, stream: InStream, offset: int, nbytes: int) -
     except ProtocolError:
         discard_rest(sock)
         raise
-    got = sock.recv_into(target)
+    got = recv_into(sock, target)
     extra = discard_rest(sock)  # a CHUNK has exactly one payload
     if got != nbytes or extra:
         raise ProtocolError(
@@ -328,6 +329,6 @@ def discard_rest(sock: zmq.Socket) -> int:
     """Receive and drop the remaining frames of the current message; returns how many."""
     n = 0
     while sock.get(zmq.RCVMORE):
-        sock.recv_into(bytearray())
+        discard_frame(sock)
         n += 1
     return n
