@@ -124,5 +124,23 @@ def test_only_group_keys_get_in_and_nobody_speaks_for_another(
     assert "claiming to be 'alpha' from key of 'beta'" in err
 
 
+def test_zap_handler_does_not_keep_the_process_alive(run_python, slow_factor):
+    """A script that started the ZAP handler and just ends must exit.
+
+    pyzmq < 26 starts the handler thread as a non-daemon; Python joins those
+    before running atexit handlers, i.e. before the one that stops the thread.
+    """
+    proc = run_python(
+        "import zmqfed.core\n"  # registers the atexit handler that stops the ZAP thread
+        "from zmqfed.federated.security import group_authenticator\n"
+        "from zmqfed.federated.sockets import context\n"
+        "group_authenticator(context(), 'g', {})\n"
+        "print('started', flush=True)\n"
+    )
+    out, err = proc.communicate(timeout=30 * slow_factor)
+    assert proc.returncode == 0, err
+    assert out == "started\n"
+
+
 def test_default_addresses_are_exported():
     assert zmqfed.default_tcp_address == Address(zmqfed.default_tcp_address.endpoint)

@@ -22,7 +22,8 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.auth.base import Authenticator
+from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
 from zmq.utils import z85
 
 from zmqfed.errors import SecurityError
@@ -149,6 +150,33 @@ class _Authenticator(ThreadAuthenticator):
         super().__init__(ctx, log=logging.getLogger("zmqfed.security.zap"))
         self.groups: dict[str, dict[bytes, str]] = {}
         self.names: dict[bytes, str] = {}
+
+    def start(self) -> None:
+        """Bind the ZAP socket and start the handler thread, as a *daemon* thread.
+
+        ``ThreadAuthenticator.start`` with one change: pyzmq < 26 starts a
+        non-daemon thread (pyzmq 26.0 made it a daemon, zeromq/pyzmq#1953).
+        At exit Python joins non-daemon threads *before* it runs atexit
+        handlers, so the interpreter waited for this thread while the thread
+        waited for the TERMINATE that only the atexit handler
+        (``maintainer._close_all`` -> ``sockets.shutdown`` ->
+        :func:`stop_authenticator`) sends: an aggregator behind CURVE finished
+        its work and never exited. As a daemon the thread no longer holds the
+        interpreter; the atexit handler still stops it before the Context is
+        terminated, so nothing is torn down under it.
+        """
+        Authenticator.start(self)  # the ZAP REP socket on inproc://zeromq.zap.01
+        self.pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        self.pipe.linger = 1
+        self.pipe.bind(self.pipe_endpoint)
+        thread_pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        thread_pipe.linger = 1
+        thread_pipe.connect(self.pipe_endpoint)
+        self.thread = AuthenticationThread(authenticator=self, pipe=thread_pipe)
+        self.thread.daemon = True
+        self.thread.start()
+        if not self.thread.started.wait(timeout=10):
+            raise RuntimeError("ZAP handler thread failed to start")
 
     def allow_group(self, domain: str, keys: dict[str, bytes]) -> None:
         by_key = {key: name for name, key in keys.items()}

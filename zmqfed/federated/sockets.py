@@ -28,6 +28,7 @@ __all__ = [
     "context",
     "make_dealer",
     "make_router",
+    "recv_into",
     "shutdown",
     "tune_malloc",
 ]
@@ -229,6 +230,36 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
+
+
+#: ``Socket.recv_into`` exists from pyzmq 26.4; pyproject allows pyzmq >= 25.
+_HAVE_RECV_INTO = hasattr(zmq.Socket, "recv_into")
+
+
+def recv_into(sock: zmq.Socket, view: memoryview | bytearray) -> int:
+    """Receive the next frame into ``view``; returns the frame's size in bytes.
+
+    A return value larger than ``len(view)`` means the frame did not fit: only
+    its first ``len(view)`` bytes were written and the rest is lost (callers
+    treat that as a protocol error). Blocks like ``sock.recv()``; meant for the
+    frames after the first of a multipart message, which libzmq delivers
+    atomically with it.
+
+    With pyzmq >= 26.4 this is ``sock.recv_into(view)``: libzmq's ``zmq_recv``
+    copies the frame into ``view`` with the GIL released. Older pyzmq has no
+    ``recv_into``; the frame is then received as a zero-copy ``zmq.Frame`` and
+    its buffer copied into ``view``. That is the same single copy (libzmq's
+    message buffer to ``view``), plus a Frame object per call and the copy made
+    with the GIL held (docs/compatibility.md has the measured cost).
+    """
+    if _HAVE_RECV_INTO:
+        return sock.recv_into(view)
+    data = sock.recv(copy=False).buffer
+    target = memoryview(view).cast("B")
+    size = len(data)
+    fits = min(size, len(target))
+    target[:fits] = data[:fits]  # truncated like zmq_recv when it does not fit
+    return size
 
 
 def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:

@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zmqfed.federated.ports import LinkEvent, LinkEventKind, Tracker, Unreachable, WouldBlock
 from zmqfed.federated.security import ClientSecurity, ServerSecurity, group_authenticator
-from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router
+from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router, recv_into
 from zmqfed.wire import Limits
 
 __all__ = ["ZmqNetwork", "ZmqPort", "default_network"]
@@ -32,8 +32,6 @@ _EVENTS: dict[int, LinkEventKind] = {
     zmq.EVENT_DISCONNECTED: LinkEventKind.DISCONNECTED,
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: LinkEventKind.AUTH_FAILED,
 }
-#: pyzmq 26.4 added ``Socket.recv_into``; older releases copy the frame instead.
-_HAS_RECV_INTO = hasattr(zmq.Socket, "recv_into")
 
 
 class _ZmqTracker:
@@ -90,14 +88,7 @@ class ZmqPort:
             raise WouldBlock from exc
 
     def recv_into(self, view: memoryview) -> int:
-        if _HAS_RECV_INTO:
-            return int(self.sock.recv_into(view))
-        # pyzmq < 26.4: receive the frame, then copy what fits (one memcpy more).
-        frame = self.sock.recv(copy=False)
-        data = frame.buffer
-        n = min(len(data), len(view))
-        view[:n] = data[:n]
-        return len(data)
+        return recv_into(self.sock, view)
 
     def has_more(self) -> bool:
         return bool(self.sock.get(zmq.RCVMORE))
