@@ -29,9 +29,10 @@ from typing import Any
 from zmqfed.core import Maintainer, StepContext, step_points
 from zmqfed.core.contracts import as_context
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
-from zmqfed.federated.protocol import ErrorCode, meta_version
+from zmqfed.federated.protocol import CONTRIBUTED, ErrorCode, meta_version
 from zmqfed.functional.agg_common import optim_as_list
-from zmqfed.functional.agg_rule import AggregationRule, call_rule
+from zmqfed.functional.agg_rule import AggregationRule
+from zmqfed.isolation import aggregate_isolated, reduce_isolated
 from zmqfed.meta import Meta
 
 __all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
@@ -208,6 +209,7 @@ class API(threading.Thread):
         m.meta["mode"] = mode
         m.meta["round"] = r
         m.meta["rounds"] = self.rounds
+        m.meta["test_rounds"] = self.with_test_round
         if mode == "train":
             m.package(self.optim_list)
         m.step(timeout=self.step_timeout)
@@ -215,7 +217,7 @@ class API(threading.Thread):
         if mode == "train" and m.data_list:
             aggregate_and_step(m, self.optim_list, self.agg_func, **self.agg_func_kwargs)
         if self.reduce_func is not None and m.meta_list:
-            metrics = dict(self.reduce_func(m.meta_list, **self.reduce_func_kwargs) or {})
+            metrics = reduce_isolated(m, self.reduce_func, **self.reduce_func_kwargs)
         if self.evaluate is not None and mode == "train":
             metrics.update(self.evaluate())
         after_in, after_out = _traffic(m)
@@ -260,15 +262,12 @@ def aggregate_and_step(
     through :func:`~zmqfed.functional.agg_rule.call_rule` with the
     optimizers and ``agg_kwargs``, so it installs its result (buffers into the
     model, pseudo-gradients and optimizer state into the optimizers) before
-    they step.
+    they step.  An update the rule cannot aggregate (or that makes the
+    aggregate non-finite) is dropped with a warning, and the rest aggregated
+    (:func:`zmqfed.isolation.aggregate_isolated`).
     """
     optims = optim_as_list(optim_list)
-    # An aggregation rule sets p.grad only for tensors some upload carries:
-    # without this, a tensor missing from this round's uploads would be
-    # stepped again with last round's pseudo-gradient.
-    for optim in optims:
-        optim.zero_grad()
-    call_rule(agg_func, m.data_list, m.meta_list, optims, **agg_kwargs)
+    aggregate_isolated(m, optims, agg_func, **agg_kwargs)
     for optim in optims:
         optim.step()
         if hasattr(optim, "round"):
@@ -328,37 +327,63 @@ def run_collaborator(
             log.warning("%s: %s; redoing that round", maintainer.nick_name, exc)
             wanted = exc.version
             continue
-        served = int(maintainer.meta.get("version", wanted))
-        mode = str(maintainer.meta.get("mode", "train"))
+        meta = maintainer.meta
+        served = meta_version(meta)
+        served = served if served >= 0 else wanted
+        mode = str(meta.get("mode", "train"))
         maintainer.unpackage(optims)
-        if mode == "test" and test is not None:
-            metrics = test(maintainer.meta)
-        else:
-            metrics = train(maintainer.meta)
-            for optim in optims:
-                if hasattr(optim, "round"):
-                    optim.round()
-        maintainer.update_version(served + 1)
-        maintainer.meta.update(metrics or {})
-        maintainer.meta["mode"] = mode
-        maintainer.package(optims)
-        try:
-            maintainer.step(download=False, timeout=timeout)
-        except RemoteError as exc:
-            if exc.code != ErrorCode.DISCARDED:
-                raise
-            log.warning("%s: upload refused: %s", maintainer.nick_name, exc.reason)
-        for optim in optims:
-            if hasattr(optim, "clear_state_dict"):
-                optim.clear_state_dict()
-        answered += 1
         wanted = served + 1
-        if mode == "train" and is_last_round(maintainer.meta):
+        answered += 1
+        if meta.get(CONTRIBUTED) is True:
+            # This member's update for the round is counted already (this
+            # process restarted after uploading it): wait for the next one.
+            log.info("%s: version %d already has this node's update", maintainer.nick_name, served)
+        else:
+            _train_and_upload(maintainer, train, test, optims, mode, served, timeout)
+        if is_last_round(meta):
             break
     return answered
 
 
+def _train_and_upload(
+    maintainer: Maintainer,
+    train: Callable[[Meta], Mapping[str, Any]],
+    test: Callable[[Meta], Mapping[str, Any]] | None,
+    optims: list[Any],
+    mode: str,
+    served: int,
+    timeout: float | None,
+) -> None:
+    """One round's local work and its upload (tagged with the next version)."""
+    if mode == "test" and test is not None:
+        metrics = test(maintainer.meta)
+    else:
+        metrics = train(maintainer.meta)
+        for optim in optims:
+            if hasattr(optim, "round"):
+                optim.round()
+    maintainer.update_version(served + 1)
+    maintainer.meta.update(metrics or {})
+    maintainer.meta["mode"] = mode
+    maintainer.package(optims)
+    try:
+        maintainer.step(download=False, timeout=timeout)
+    except RemoteError as exc:
+        if exc.code not in (ErrorCode.DISCARDED, ErrorCode.ALREADY_COUNTED):
+            raise
+        log.warning("%s: upload not counted (%s): %s", maintainer.nick_name, exc.code, exc.reason)
+    for optim in optims:
+        if hasattr(optim, "clear_state_dict"):
+            optim.clear_state_dict()
+
+
 def is_last_round(meta: Mapping[str, Any]) -> bool:
-    """True when ``meta`` (as served by :class:`API`) belongs to the federation's last round."""
+    """True when ``meta`` (as served by :class:`API`) is the federation's last exchange.
+
+    That is the last round's training round, or its test round when the
+    federation runs test rounds (``meta['test_rounds']``).
+    """
     r, total = meta.get("round"), meta.get("rounds")
-    return isinstance(r, int) and isinstance(total, int) and r >= total - 1
+    if not (isinstance(r, int) and isinstance(total, int) and r >= total - 1):
+        return False
+    return meta.get("mode", "train") == "test" or meta.get("test_rounds") is not True

@@ -30,12 +30,13 @@ from zmqfed.core import Maintainer, step_points
 from zmqfed.errors import ConfigError
 from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
+from zmqfed.isolation import reduce_isolated
 from zmqfed.meta import Meta
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
 
-__all__ = ["NodeRunner"]
+__all__ = ["NodeRunner", "trim_records"]
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +215,23 @@ class NodeRunner:
             evaluate=self.app.evaluate,
             start_round=start,
             keep_records=KEEP_RECORDS,
-            record_path=None
-            if self.state_dir is None
-            else self.state_dir / f"{self.name}.rounds.jsonl",
+            record_path=None if self.state_dir is None else self.records_path,
         )
         self.write_status("running")
         api.run()
 
+    @property
+    def records_path(self) -> Path | None:
+        """``NAME.rounds.jsonl``: one line per completed round."""
+        return None if self.state_dir is None else self.state_dir / f"{self.name}.rounds.jsonl"
+
     def _resume(self, m: Maintainer, server: Any) -> int:
         path = self.checkpoint_path
         state = load_checkpoint(path) if path is not None else None
+        if self.records_path is not None:
+            # A crash after a round's record was appended but before its
+            # checkpoint was written redoes that round: drop its first record.
+            trim_records(self.records_path, int(state["round"]) if state else 0)
         if state is None:
             return 0
         self.app.model.load_state_dict(state["model"])
@@ -279,16 +287,21 @@ class NodeRunner:
         server = self._server_optim()
 
         def relay(meta: Meta) -> dict[str, Any]:
-            for key in ("round", "rounds", "mode"):
+            for key in ("round", "rounds", "mode", "test_rounds"):
                 if key in meta:
                     down.meta[key] = meta[key]
             down.package()
             down.step()
-            instances = sum(int(m.get("instances", 1)) for m in down.meta_list)
-            metrics = meta_reduce(down.meta_list, self.app.reduce_keys) if down.meta_list else {}
-            if down.data_list:
+            if down.data_list:  # first: it drops updates that cannot be aggregated
                 agg = self.app.agg_func or naive_aggregation
                 aggregate_and_step(down, [server], agg, **self.app.agg_kwargs)
+            # validated on receipt: a finite number >= 0 where present
+            instances = sum(float(m.get("instances", 1)) for m in down.meta_list)
+            metrics = (
+                reduce_isolated(down, meta_reduce, keys=self.app.reduce_keys)
+                if down.meta_list
+                else {}
+            )
             down.clear()
             down.update_version()
             self.round += 1
@@ -296,3 +309,30 @@ class NodeRunner:
             return {**metrics, "instances": instances}
 
         run_collaborator(up, relay, test=relay)
+
+
+def trim_records(path: Path, before_round: int) -> int:
+    """Keep only the records of rounds before ``before_round`` in a rounds.jsonl file.
+
+    Returns how many lines were dropped. A torn last line (a crash mid-write)
+    is dropped too.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["round"]) < before_round
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: dropped %d records of rounds that will run again", path, dropped)
+    return dropped

@@ -184,6 +184,35 @@ def test_killed_collaborator_does_not_stall_rounds(federation, tmp_path, slow_fa
         assert c.returncode == 0
 
 
+def test_collaborator_killed_after_its_upload_and_restarted_is_counted_once(
+    federation, tmp_path, slow_factor
+):
+    """Killed just after uploading while the other trains, restarted in the open round."""
+    node = federation(2)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    opts = ["--set", "delay=2", "--set", "delay_node=client1", "--set", f"marker_dir={markers}"]
+    rounds = ["--rounds", "3"]
+    state = {n: tmp_path / n for n in ("aggregator", "client0", "client1")}
+    agg = node("aggregator", state["aggregator"], *rounds, *opts)
+    slow = node("client1", state["client1"], *rounds, *opts)
+    fast = node("client0", state["client0"], *rounds, *opts)
+    _wait_for(lambda: (markers / "client0.trained.1").exists(), 60 * slow_factor, "round 1")
+    time.sleep(0.3)  # the upload is on its way; client1 still trains for ~2 s
+    os.kill(fast.pid, signal.SIGKILL)
+    fast.wait(10)
+    fast = node("client0", state["client0"], *rounds, *opts)  # restarted in the open round
+    for proc in (agg, slow, fast):
+        out, err = proc.communicate(timeout=120 * slow_factor)
+        assert proc.returncode == 0, out + err
+    records = [
+        json.loads(x)
+        for x in (state["aggregator"] / "aggregator.rounds.jsonl").read_text().splitlines()
+    ]
+    assert [r["participants"] for r in records] == [2, 2, 2]
+    assert torch.allclose(_weight(state["aggregator"]), torch.full((1, 4), expected_weight(2, 3)))
+
+
 def test_sim_runs_a_three_level_hierarchy(run_python, tmp_path, slow_factor):
     """root <- edge0, edge1 <- two leaves each: edges relay, the root gets the closed form."""
     from zmqfed.topo import tree

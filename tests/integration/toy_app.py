@@ -3,13 +3,16 @@
 Every collaborator moves each weight toward ``index + 1`` by a fixed step;
 FedAvg of equal-sized parts is therefore a closed form, and a run that is
 interrupted and resumed must end with exactly the weights of one that was not.
-Options (``--set``): ``delay`` seconds of "training" per round, ``fail_node``
-and ``fail_round`` to make one collaborator crash.
+Options (``--set``): ``delay`` seconds of "training" per round (for
+``delay_node`` only, if given), ``fail_node`` and ``fail_round`` to make one
+collaborator crash, ``marker_dir`` to leave a file ``NAME.trained.ROUND``
+there after each round's training (tests time kills by it).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +43,9 @@ def factory(ctx: NodeContext) -> App:
             p.zero_()
     app = App(model=model, rounds=ctx.rounds or 3, reduce_keys=("loss",))
     delay = float(ctx.options.get("delay", "0"))
+    if ctx.options.get("delay_node", ctx.name) != ctx.name:
+        delay = 0.0
+    marker_dir = ctx.options.get("marker_dir")
     fail_node = ctx.options.get("fail_node")
     fail_round = int(ctx.options.get("fail_round", "0"))
     if "min_clients" in ctx.options:
@@ -54,6 +60,8 @@ def factory(ctx: NodeContext) -> App:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(STEP * (target - p))
+        if marker_dir is not None:
+            Path(marker_dir, f"{ctx.name}.trained.{meta.get('round')}").touch()
         return {"instances": 10, "loss": float(abs(target - model.bias.item()))}
 
     if ctx.collaborator:

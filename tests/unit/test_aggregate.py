@@ -139,8 +139,32 @@ def test_openfed_flow_sgd_lr1_gives_weighted_mean():
         np.testing.assert_allclose(p.detach().double().numpy(), ref, rtol=1e-5, atol=1e-6)
         state = fed.state[p]
         assert "param" not in state and "grad" not in state  # no stale model in the optimizer
-        ref_m = np_weighted([u[p]["exp_avg"] for u in updates], [5, 1, 1, 2, 7])
-        np.testing.assert_allclose(state["exp_avg"].double().numpy(), ref_m, rtol=1e-6)
+        # the optimizer-state contract: FederatedOptimizer declares no upload keys,
+        # so the clients' averaged exp_avg never lands in the server optimizer
+        assert "exp_avg" not in state
+
+
+class _SharesExpAvg(FederatedOptimizer):
+    upload_keys = ("exp_avg",)
+
+
+def test_aggregated_state_is_installed_only_for_declared_upload_keys():
+    net = make_net()
+    momentum = torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9)
+    plain = FederatedOptimizer(momentum, role=AGGREGATOR)
+    updates = make_updates(net, 3)
+    metas = [{"instances": k} for k in (1, 2, 3)]
+    for p in net.parameters():  # the server's own FedAvgM state
+        momentum.state[p]["momentum_buffer"] = torch.full_like(p, 7.0)
+    naive_aggregation(updates, metas, optim_list=plain)
+    for p in net.parameters():
+        assert set(momentum.state[p]) == {"momentum_buffer"}
+        assert torch.equal(momentum.state[p]["momentum_buffer"], torch.full_like(p, 7.0))
+    shares = _SharesExpAvg(torch.optim.SGD(net.parameters(), lr=1.0), role=AGGREGATOR)
+    naive_aggregation(updates, metas, optim_list=shares)
+    for p in net.parameters():
+        ref_m = np_weighted([u[p]["exp_avg"] for u in updates], [1, 2, 3])
+        np.testing.assert_allclose(shares.state[p]["exp_avg"].double().numpy(), ref_m, rtol=1e-6)
 
 
 def test_list_of_optimizers_and_unknown_params():
@@ -295,6 +319,8 @@ def test_rules_without_optim_list_write_nothing_and_install_gives_the_same(rule,
     # installing the pure result is what the rule does when given the optimizers
     twin = make_net()
     twin_opt = server(twin)
+    for q in twin.parameters():  # the same leftover state as the original's
+        twin_opt.state[q]["exp_avg"] = torch.full_like(q, 3.0)
     given = rule(rekeyed(updates, net, twin), metas, optim_list=twin_opt, **kwargs)
     opt.zero_grad()
     install_aggregate(pure, opt)
@@ -363,10 +389,21 @@ def test_call_rule_gives_elastic_the_optimizers_by_keyword_and_its_quantile():
     torch.testing.assert_close(call_rule(partial_rule, ups, metas, fed)[p]["grad"], p.grad)
 
 
+def _uploads(ups, metas, p) -> SimpleNamespace:
+    """What aggregate_and_step reads of an aggregator's Maintainer."""
+    return SimpleNamespace(
+        data_list=ups,
+        meta_list=metas,
+        sender_list=[f"c{i}" for i in range(len(ups))],
+        state_dict={"p": p},
+        nick_name="agg",
+    )
+
+
 def test_aggregate_and_step_runs_elastic_with_kwargs():
     p, ups, metas, fed = elastic_case()
     expected = p.detach() - elastic_aggregation(ups, metas, quantile=0.3)[p]["grad"]
-    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    m = _uploads(ups, metas, p)
     aggregate_and_step(m, [fed], elastic_aggregation, quantile=0.3)  # type: ignore[arg-type]
     torch.testing.assert_close(p.detach(), expected)
 
@@ -378,7 +415,7 @@ def test_optimizers_as_a_list_one_way_everywhere():
     # aggregate_and_step takes one optimizer as well as a list
     p, ups, metas, fed = elastic_case()
     expected = p.detach() - naive_aggregation(ups, metas)[p]["grad"]
-    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    m = _uploads(ups, metas, p)
     aggregate_and_step(m, fed, naive_aggregation)  # type: ignore[arg-type]
     torch.testing.assert_close(p.detach(), expected)
     aggregator = SimpleNamespace(aggregator=True, nick_name="agg")

@@ -189,8 +189,10 @@ def test_half_precision_fields_optimizer_state_and_overflow(nodes):
     w = col.state_dict["w"]
     # what Maintainer.package reads of an optimizer (a real Adam's first step costs seconds)
     optim = SimpleNamespace(
-        state={w: {"exp_avg": torch.randn(4096), "exp_avg_sq": torch.rand(4096)}}
+        state={w: {"exp_avg": torch.randn(4096), "exp_avg_sq": torch.rand(4096)}},
+        upload_keys=("exp_avg", "exp_avg_sq"),  # the optimizer-state contract
     )
+    agg.upload_fields.update(optim.upload_keys)
     with agg:
         half_precision(torch.float16, fields=("param", "exp_avg"))
     with col:
@@ -213,8 +215,12 @@ def test_half_precision_fields_optimizer_state_and_overflow(nodes):
 def test_float_fields_of_integer_tensors_are_not_compressed(nodes, register):
     """The receiver refuses compressed data for integer tensors, so it is never sent."""
     x = _state()
+    x["n"] = torch.arange(4096)  # an integer buffer large enough to be worth compressing
     agg, col = nodes({k: v.clone() for k, v in x.items()}, x)
-    optim = SimpleNamespace(state={x["n"]: {"exp_avg": torch.randn(4096)}})
+    optim = SimpleNamespace(
+        state={x["n"]: {"exp_avg": torch.randn(4096)}}, upload_keys=("exp_avg",)
+    )
+    agg.upload_fields.add("exp_avg")
     for m in (agg, col):
         with m:
             register(fields=("param", "exp_avg"))

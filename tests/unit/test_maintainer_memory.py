@@ -214,6 +214,7 @@ def test_streams_run_the_chunk_protocol_both_ways(federation):
     fed = federation(1, stream=config)
     with fed.agg:
         count_step(1)
+    fed.agg.meta["note"] = "served with the model"
     fed.run("client0", _round_trip)
     fed.agg.step()
     fed.join()
@@ -221,6 +222,9 @@ def test_streams_run_the_chunk_protocol_both_ways(federation):
     (update,) = fed.agg.data_list
     for name, p in fed.agg.state_dict.items():
         torch.testing.assert_close(update[p]["param"], p.detach() + 1, msg=name)
+    # the collaborator's meta is the streamed DATA's, not a stale one
+    col = fed.cols["client0"]
+    assert col.meta["note"] == "served with the model"
 
 
 def test_a_retried_upload_is_acknowledged_once_and_counted_once(federation):

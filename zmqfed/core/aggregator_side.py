@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from zmqfed.core import step_points as points
 from zmqfed.core.contracts import StepResult
+from zmqfed.core.received import check_upload_meta
 from zmqfed.errors import PeerTimeout, ProtocolError
 from zmqfed.federated import AggregatorPipe, AggregatorTransport, PeerEvent, PeerEventKind
 from zmqfed.federated.protocol import ErrorCode, meta_version
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a streamed download may go without progress before it is aborted.
 STREAM_STALL = 30.0
+#: Seconds ``step()`` waits at most, after its end, for streamed downloads it started.
+DRAIN_LIMIT = 10.0
 
 
 class AggregatorSide:
@@ -148,22 +151,32 @@ class AggregatorSide:
             self._cycle_pending(exclude=pipe)
 
     def _finish_downloads(self, deadline: float) -> None:
-        """Let streamed downloads that were started finish before ``step()`` returns.
+        """Let streamed downloads that were started finish before ``step()`` returns, briefly.
 
         Only credit is served here; requests that arrive meanwhile wait on
-        their peers for the next step.  A download that makes no progress for
-        ``STREAM_STALL`` seconds (or outlives the step's deadline) is aborted.
+        their peers for the next step.  The wait is bounded whatever the
+        peers do: at most ``DRAIN_LIMIT`` seconds in all, and a download that
+        makes no progress for ``STREAM_STALL`` seconds ends it sooner (a
+        member trickling credit, or announcing a tiny frame bound, cannot
+        hold every step).  What is unfinished then is aborted
+        (``stream-aborted``): those collaborators ask again and get the next
+        version.
         """
         streams = self.transport.streams
-        progress, last = -1, time.monotonic()
+        start = progress_at = time.monotonic()
+        progress = -1
         while streams.sending():
             now = time.monotonic()
             sent = streams.progress()
             if sent != progress:
-                progress, last = sent, now
-            until = min(deadline, last + STREAM_STALL)
+                progress, progress_at = sent, now
+            until = min(deadline, start + DRAIN_LIMIT, progress_at + STREAM_STALL)
             if now >= until:
-                log.warning("%s: a streamed download stalled; aborting it", self.m.nick_name)
+                log.warning(
+                    "%s: streamed downloads unfinished %.1f s after the step; aborting them",
+                    self.m.nick_name,
+                    now - start,
+                )
                 return
             for _ in self.transport.events(max(1, math.ceil(min(until - now, 0.5) * 1000))):
                 pass  # the transport keeps what arrived on the peers
@@ -215,11 +228,12 @@ class AggregatorSide:
             return False
         try:
             data = m.receive(request.tensors, pipe.nick_name)
+            check_upload_meta(request.meta, pipe.nick_name)
         except ProtocolError as exc:
             log.warning("%s: refused an upload: %s", m.nick_name, exc)
             self.transport.refuse(pipe, ErrorCode.BAD_UPLOAD, str(exc))
             return False
-        m.record_upload(data, Meta(request.meta))
+        m.record_upload(data, Meta(request.meta), pipe.nick_name)
         self.transport.accept_upload(pipe)
         self._uploads += 1
         log.debug(

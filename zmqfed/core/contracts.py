@@ -29,6 +29,7 @@ __all__ = [
     "StepHook",
     "StepResult",
     "as_context",
+    "contract_keys",
     "optim_as_list",
     "takes_name",
 ]
@@ -130,6 +131,17 @@ def takes_name(hook: Callable[..., Any]) -> bool:
         or (p.name == "name" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
         for p in params
     )
+
+
+def contract_keys(optim: Any, direction: str) -> tuple[str, ...]:
+    """The optimizer-state keys ``optim`` lets travel in ``direction`` (``upload``/``download``).
+
+    Federated optimizers declare them (``upload_keys``: sent by collaborators
+    and installed into the aggregator's optimizer; ``download_keys``: served
+    by the aggregator and installed into the collaborators'); any other
+    optimizer's state stays where it is.
+    """
+    return tuple(getattr(optim, f"{direction}_keys", ()))
 
 
 def optim_as_list(optim_list: Any) -> list[Any]:

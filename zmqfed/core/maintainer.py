@@ -14,7 +14,7 @@ in-memory network (``network=MemoryNetwork()``) in unit tests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,14 @@ from torch import Tensor
 from zmqfed.core.aggregator_side import AggregatorSide
 from zmqfed.core.collaborator_side import CollaboratorSide
 from zmqfed.core.context import pop_maintainer, push_maintainer
-from zmqfed.core.contracts import PackageHook, StepContext, StepHook, StepResult, optim_as_list
+from zmqfed.core.contracts import (
+    PackageHook,
+    StepContext,
+    StepHook,
+    StepResult,
+    contract_keys,
+    optim_as_list,
+)
 from zmqfed.core.hooks import HookRegistry
 from zmqfed.core.received import check_received
 from zmqfed.errors import ConfigError, ProtocolError
@@ -74,6 +81,10 @@ class Maintainer:
         When messages are streamed in chunks under credit, the chunk and
         window sizes, and the aggregator's budget for streamed uploads
         (:class:`zmqfed.wire.StreamConfig`).
+    upload_fields:
+        Aggregator: optimizer-state fields uploads may carry besides
+        ``param`` (:attr:`upload_fields`; ``package(fed_optim)`` adds the
+        optimizers' own).
     download_in_place:
         A collaborator receives a streamed model straight into its own
         ``state_dict`` tensors (same dtype and shape), so a huge model needs
@@ -102,6 +113,7 @@ class Maintainer:
         stream: StreamConfig | None = None,
         download_in_place: bool = False,
         network: Network | None = None,
+        upload_fields: Iterable[str] = (),
     ) -> None:
         if not isinstance(fed_props, FederatedProperties):
             raise ConfigError(
@@ -134,8 +146,15 @@ class Maintainer:
         self.data: dict[str, dict[str, Tensor]] = {}
         #: Received uploads (aggregator), keyed by this node's own tensors as in OpenFed.
         self.data_list: list[dict[Tensor, dict[str, Tensor]]] = []
+        #: Who sent each entry of ``data_list`` / ``meta_list`` (one upload per
+        #: member and version: :mod:`zmqfed.federated.aggregator_transport`).
+        self.sender_list: list[str] = []
         #: What the next upload (or an aggregator's next DATA) carries.
         self.packaged_data: dict[str, dict[str, Tensor]] = {}
+        #: Aggregator: the fields an upload may carry besides ``param`` (after the
+        #: unpackage hooks); grows with the upload keys of the optimizers given
+        #: to :meth:`package`.  Anything else is refused before it is counted.
+        self.upload_fields: set[str] = set(upload_fields or ())
         #: The peers of the current step (aggregator), or the one pipe (collaborator).
         self.pipes: list[Pipe] = []
         #: The pipe the running step hook is about (OpenFed's "current pipe").
@@ -154,7 +173,9 @@ class Maintainer:
         }
         self._side: AggregatorSide | CollaboratorSide
         if fed_props.aggregator:
-            group = AggregatorTransport(fed_props, served=self._served, **transport)
+            group = AggregatorTransport(
+                fed_props, served=self._served, upload_names=self.state_dict.keys, **transport
+            )
             self._side = AggregatorSide(self, group, idle_interval=idle_interval)
         else:
             link = CollaboratorTransport(fed_props, **transport)
@@ -261,18 +282,30 @@ class Maintainer:
     def package(self, optim_list: Any = None, state_keys: list[str] | None = None) -> None:
         """Collect ``param`` plus optimizer state per tensor into ``packaged_data``.
 
+        Which optimizer state travels is each optimizer's contract
+        (:func:`zmqfed.core.contracts.contract_keys`): a collaborator sends its
+        ``upload_keys`` (SCAFFOLD's ``c``, elastic's ``importance``), an
+        aggregator its ``download_keys``; plain torch optimizers keep their
+        state (momentum, Adam's moments) local.  ``state_keys`` overrides the
+        contract.  On an aggregator, the upload keys of ``optim_list`` are
+        also what uploads may carry besides ``param`` (:attr:`upload_fields`).
+
         The live tensor always wins over an optimizer state entry of the same
         name (an aggregation may leave a stale ``param`` in the optimizer).
         """
         self.packaged_data = {}
         optims = optim_as_list(optim_list)
+        direction = "download" if self.aggregator else "upload"
+        if self.aggregator:
+            for optim in optims:
+                self.upload_fields.update(contract_keys(optim, "upload"))
         for name, p in self.state_dict.items():
             entry: dict[str, Tensor] = {}
             for optim in optims:
                 state = optim.state.get(p) if hasattr(optim.state, "get") else None
                 if not state:
                     continue
-                keys = state_keys if state_keys is not None else list(state)
+                keys = state_keys if state_keys is not None else contract_keys(optim, direction)
                 for key in keys:
                     value = state.get(key)
                     if isinstance(value, Tensor):
@@ -283,10 +316,17 @@ class Maintainer:
 
     @torch.no_grad()
     def unpackage(self, optim_list: Any = None, state_keys: list[str] | None = None) -> None:
-        """Copy the received ``param`` into each tensor and optimizer state into ``optim_list``."""
+        """Copy the received ``param`` into each tensor, and optimizer state into ``optim_list``.
+
+        Only the state keys an optimizer accepts from the other side are
+        written (its ``download_keys`` on a collaborator, ``upload_keys`` on
+        an aggregator; ``state_keys`` overrides): a download cannot plant
+        state an optimizer never asked for.
+        """
         if not self.data:
             raise ConfigError(f"{self.nick_name}: nothing to unpackage; download with step() first")
         optims = optim_as_list(optim_list)
+        direction = "upload" if self.aggregator else "download"
         for name, p in self.state_dict.items():
             entry = self.data.get(name)
             if entry is None or "param" not in entry:
@@ -294,10 +334,11 @@ class Maintainer:
             if entry["param"].data_ptr() != p.data_ptr():  # else: streamed in place
                 p.copy_(entry["param"])
             for optim in optims:
-                keys = state_keys if state_keys is not None else [k for k in entry if k != "param"]
+                keys = state_keys if state_keys is not None else contract_keys(optim, direction)
                 for key in keys:
-                    if key in entry:
-                        optim.state[p][key] = entry[key].clone()
+                    value = entry.get(key)
+                    if isinstance(value, Tensor):
+                        optim.state[p][key] = value.clone()
 
     def _served(self) -> dict[str, dict[str, Tensor]]:
         """What an aggregator serves: the packaged data, else its state, after the package hooks."""
@@ -313,19 +354,32 @@ class Maintainer:
         is kept (:func:`zmqfed.core.received.check_received`).
         """
         return check_received(
-            data, self.state_dict, lambda d: self.apply_hooks(d, unpackage=True), sender
+            data,
+            self.state_dict,
+            lambda d: self.apply_hooks(d, unpackage=True),
+            sender,
+            fields=self.upload_fields if self.aggregator else None,
         )
 
-    def record_upload(self, data: dict[str, dict[str, Tensor]], meta: Meta) -> None:
-        """Keep a received (validated) upload: ``data``, ``data_list`` and ``meta_list``."""
+    def record_upload(self, data: dict[str, dict[str, Tensor]], meta: Meta, sender: str) -> None:
+        """Keep a received (validated) upload: ``data``, ``data_list``, ``meta_list``, ``sender_list``."""
         self.data = data
         self.data_list.append({p: data[name] for name, p in self.state_dict.items()})
         self.meta_list.append(meta)
+        self.sender_list.append(sender)
+
+    def keep_uploads(self, indices: Iterable[int]) -> None:
+        """Keep only the received uploads at ``indices`` (in every list)."""
+        keep = list(indices)
+        self.data_list[:] = [self.data_list[i] for i in keep]
+        self.meta_list[:] = [self.meta_list[i] for i in keep]
+        self.sender_list[:] = [self.sender_list[i] for i in keep]
 
     def clear(self) -> None:
-        """Forget the received uploads (``data_list``, ``meta_list``)."""
+        """Forget the received uploads (``data_list``, ``meta_list``, ``sender_list``)."""
         self.data_list.clear()
         self.meta_list.clear()
+        self.sender_list.clear()
 
     # -- stepping ------------------------------------------------------------
     def step(

@@ -1,37 +1,62 @@
-"""Checking what a node received against its own model, before anything of it is kept."""
+"""Checking what a node received against its own model, before anything of it is kept.
+
+An aggregator runs these checks on every upload *before* it acknowledges it,
+so an upload that could not be aggregated is refused (``bad-upload``) instead
+of failing the round later; a collaborator runs them on every download.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from zmqfed.errors import ProtocolError
 
-__all__ = ["check_received"]
+__all__ = ["check_received", "check_upload_meta"]
 
 #: ``{tensor name: {field: tensor}}``.
-Fields = Mapping[str, Mapping[str, Tensor]]
+Fields = Mapping[str, Mapping[str, Any]]
+PARAM = "param"
+#: Largest ``instances`` weight accepted (beyond it float sums lose integers).
+MAX_INSTANCES = 2**53
+
+
+def _kind(t: Tensor) -> str:
+    """What kind of number a tensor holds: never averaged across kinds."""
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating-point"
+    return "boolean" if t.dtype == torch.bool else "integer"
 
 
 def check_received(
     data: Fields,
     own: Mapping[str, Tensor],
-    unpackage: Callable[[dict[str, dict[str, Tensor]]], dict[str, dict[str, Tensor]]],
+    unpackage: Callable[[dict[str, dict[str, Any]]], dict[str, dict[str, Any]]],
     sender: str,
-) -> dict[str, dict[str, Tensor]]:
+    *,
+    fields: Collection[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Check received tensors, run the unpackage hooks on them, check the result.
 
     Names come first (every local tensor has a ``param``, nothing unknown),
-    shapes only after the hooks: a compressed ``param`` may take its shape
-    only when decoded.
+    the rest after the hooks (a compressed ``param`` takes its shape only when
+    decoded): each ``param`` has the local tensor's shape and kind of dtype
+    (floating-point, integer, boolean, complex); every other field is one of
+    ``fields`` (None: any), and a tensor field is shaped like the parameter or
+    a scalar.
 
     Raises ``ProtocolError`` naming the problem: a missing or unknown tensor,
     a hook that failed on the data (a decoder refusing malformed input, or
-    any hook tripping over it), or a shape that differs from the local tensor
-    once decoded.
+    any hook tripping over it), a shape or dtype that differs from the local
+    tensor once decoded, or a field that is not accepted here.
     """
-    missing = [n for n in own if n not in data or "param" not in data[n]]
+    missing = [n for n in own if n not in data or PARAM not in data[n]]
     if missing:
         raise ProtocolError(
             f"data from {sender!r} lacks {len(missing)} tensors, e.g. {missing[:3]}"
@@ -50,10 +75,46 @@ def check_received(
             f"data from {sender!r}: unpackage hooks failed ({type(exc).__name__}: {exc})"
         ) from exc
     for name, p in own.items():
-        got = decoded[name]["param"]
-        if got.shape != p.shape:
+        state = decoded[name]
+        got = state[PARAM]
+        if not isinstance(got, Tensor) or got.shape != p.shape:
+            shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
             raise ProtocolError(
-                f"data from {sender!r}: {name!r} has shape {list(got.shape)}, "
-                f"expected {list(p.shape)}"
+                f"data from {sender!r}: {name!r} has shape {shape}, expected {list(p.shape)}"
             )
+        if _kind(got) != _kind(p):
+            raise ProtocolError(
+                f"data from {sender!r}: {name!r} is {_kind(got)} ({got.dtype}), "
+                f"the model's is {_kind(p)} ({p.dtype})"
+            )
+        for field, value in state.items():
+            if field == PARAM:
+                continue
+            if fields is not None and field not in fields:
+                raise ProtocolError(
+                    f"data from {sender!r}: field {field!r} of {name!r} is not accepted here "
+                    f"(accepted: {sorted(fields) or 'param only'})"
+                )
+            if isinstance(value, Tensor) and value.dim() and value.shape != p.shape:
+                raise ProtocolError(
+                    f"data from {sender!r}: field {field!r} of {name!r} has shape "
+                    f"{list(value.shape)}, expected {list(p.shape)} or a scalar"
+                )
     return decoded
+
+
+def check_upload_meta(meta: Mapping[str, Any], sender: str) -> None:
+    """Refuse upload meta an aggregation cannot use: ``instances`` must be a finite weight >= 0."""
+    if "instances" not in meta:
+        return
+    value = meta["instances"]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_INSTANCES
+    ):
+        raise ProtocolError(
+            f"upload from {sender!r}: meta['instances'] must be a number in [0, 2**53], "
+            f"got {str(value)[:40]!r}"
+        )

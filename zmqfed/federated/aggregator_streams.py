@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["ServedModel", "StreamDesk"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds an incoming stream may go without a chunk before it is dropped.
+IN_STREAM_IDLE = 20.0
 
 #: ``{tensor name: {field: tensor}}``, after the package hooks.
 Packaged = Mapping[str, Mapping[str, torch.Tensor]]
@@ -97,9 +102,16 @@ class ServedModel:
 class StreamDesk:
     """The chunked streams of an aggregator's peers, both directions."""
 
-    def __init__(self, transport: AggregatorTransport, config: StreamConfig) -> None:
+    def __init__(
+        self,
+        transport: AggregatorTransport,
+        config: StreamConfig,
+        names: Callable[[], Collection[str]] | None = None,
+    ) -> None:
         self.t = transport
         self.config = config
+        #: The tensor names uploads may carry (None: any), checked before allocating.
+        self._names = names
         #: Bytes allocated for streamed uploads being received now, and the most ever.
         self.in_bytes = 0
         self.in_bytes_peak = 0
@@ -116,6 +128,18 @@ class StreamDesk:
         """
         assert env.stream is not None
         self.drop(pipe)  # a re-sent announce replaces the unfinished stream
+        if self._names is not None:
+            known = self._names()
+            unknown = [d.key for d in env.stream.tensors if d.key not in known]
+            if unknown:
+                self.t.refuse_message(
+                    pipe.routing_id,
+                    env.seq,
+                    ErrorCode.BAD_UPLOAD,
+                    f"the announced upload has {len(unknown)} unknown tensors, e.g. "
+                    f"{[u[:64] for u in unknown[:3]]}",
+                )
+                return None
         pipe.announced = env
         if not self._fits(env.stream.nbytes):
             log.info(
@@ -190,6 +214,35 @@ class StreamDesk:
             done = self._admit(nxt)
             if done is not None:
                 self.t.completed.append(done)
+
+    def expire(self) -> None:
+        """Drop incoming streams that made no progress for ``IN_STREAM_IDLE`` seconds.
+
+        A member that announces an upload and sends nothing would otherwise
+        hold its share of the receive budget (and its allocation) for good.
+        """
+        now = time.monotonic()
+        for pipe in self.t.roster.values():
+            stream = pipe.in_stream
+            if stream is not None and now - stream.touched > IN_STREAM_IDLE:
+                log.warning(
+                    "%s: %s's upload stream sent nothing for %.0f s; dropped",
+                    self.t.name,
+                    pipe.nick_name,
+                    now - stream.touched,
+                )
+                self.t.refuse_message(
+                    pipe.routing_id,
+                    stream.env.seq,
+                    ErrorCode.STREAM,
+                    f"no chunk for {IN_STREAM_IDLE:.0f} s: the stream was dropped",
+                )
+                self.drop(pipe)
+
+    def next_expiry(self) -> float:
+        """When :meth:`expire` may next drop a stream (``math.inf``: none is open)."""
+        touched = [p.in_stream.touched for p in self.t.roster.values() if p.in_stream is not None]
+        return min(touched) + IN_STREAM_IDLE if touched else math.inf
 
     def _fits(self, nbytes: int) -> bool:
         """A streamed upload of ``nbytes`` may be allocated now (always, if none is)."""

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from zmqfed.errors import ProtocolError
@@ -33,6 +33,7 @@ from zmqfed.federated.events import PeerEvent, PeerEventKind, RefusalLog, Transp
 from zmqfed.federated.pipe import AggregatorPipe
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, WouldBlock
 from zmqfed.federated.protocol import (
+    CONTRIBUTED,
     ErrorCode,
     discard_rest,
     error_meta,
@@ -69,6 +70,11 @@ REPROBE_DELAYS = (0.25, 1.0, 3.0)
 DRAIN_BATCH = 512
 #: Accepted uploads remembered per peer for idempotent retries.
 KEEP_ACCEPTED = 64
+#: Seconds a replaced session of a member is remembered: if it says HELLO
+#: again meanwhile, two processes share the name.
+SUPERSEDED_TTL = 600.0
+#: ... and at most this many of them (a member cycling sessions cannot grow memory).
+KEEP_SUPERSEDED = 16
 
 
 class AggregatorTransport:
@@ -82,6 +88,9 @@ class AggregatorTransport:
         Makes the ROUTER port (real sockets, or an in-memory network in tests).
     served:
         Returns the model to serve, after the package hooks (see :class:`ServedModel`).
+    upload_names:
+        Returns the tensor names an upload may carry; a streamed upload naming
+        others is refused before anything is allocated for it.
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class AggregatorTransport:
         codec: str = "raw",
         curve: Curve | None = None,
         stream: StreamConfig = DEFAULT_STREAM,
+        upload_names: Callable[[], Collection[str]] | None = None,
     ) -> None:
         assert props.address.endpoint is not None
         self.props = props
@@ -116,7 +126,7 @@ class AggregatorTransport:
             name: AggregatorPipe(name) for name in props.collaborators
         }
         self.served = ServedModel(served, codec=codec, limits=limits, stream=stream)
-        self.streams = StreamDesk(self, stream)
+        self.streams = StreamDesk(self, stream, upload_names)
         #: Peers whose streamed upload completed outside a message of theirs.
         self.completed: list[AggregatorPipe] = []
         self._log_refusal = RefusalLog(log, self.name)
@@ -127,7 +137,8 @@ class AggregatorTransport:
     @property
     def next_timer(self) -> float:
         """When :meth:`events` wants to run without input (``math.inf``: never)."""
-        return self._reprobe[0] if self._reprobe else math.inf
+        probe = self._reprobe[0] if self._reprobe else math.inf
+        return min(probe, self.streams.next_expiry())
 
     def online(self) -> list[AggregatorPipe]:
         """Peers that said HELLO in this incarnation and have not left."""
@@ -146,6 +157,7 @@ class AggregatorTransport:
         """
         ready = self.port.wait(wait_ms)
         yield from self._liveness(probe=ready)
+        self.streams.expire()
         while self.completed:
             yield PeerEvent(PeerEventKind.REQUEST, self.completed.pop(0))
         if not ready:
@@ -311,20 +323,48 @@ class AggregatorTransport:
                 f"this is {self.incarnation!r}",
             )
             return None
-        if kind == Kind.PUSH and (pipe.session, env.seq) in pipe.accepted:
-            log.debug(
-                "%s: duplicate upload %d from %s acknowledged again",
-                self.name,
-                env.seq,
-                pipe.nick_name,
-            )
-            self.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
+        if kind == Kind.PUSH and self._counted_already(pipe, env):
             return None
         if env.stream is not None:
             done = self.streams.announce(pipe, env)
             return None if done is None else PeerEvent(PeerEventKind.REQUEST, done)
         self.request_arrived(pipe, env)
         return PeerEvent(PeerEventKind.REQUEST, pipe)
+
+    def contributed(self, pipe: AggregatorPipe) -> bool:
+        """``pipe``'s member already has an upload counted for the current version."""
+        return pipe.counted is not None and pipe.counted[0] == self.version
+
+    def _counted_already(self, pipe: AggregatorPipe, env: Envelope) -> bool:
+        """Answer a PUSH that must not be counted (True): at most one upload per member per version.
+
+        The same request again (a retry after a lost ACK), or another upload
+        from the same process for a version it already contributed to (a
+        user's retry after a timeout, with a new seq), is acknowledged as a
+        duplicate; an upload from another process of the member (restarted
+        while its round was open) is refused with ``already-counted``.
+        """
+        retry = (pipe.session, env.seq) in pipe.accepted
+        if not retry and not self.contributed(pipe):
+            return False
+        assert pipe.counted is not None or retry
+        if retry or (pipe.counted is not None and pipe.counted[1] == pipe.session):
+            log.debug(
+                "%s: upload %d from %s is a duplicate: acknowledged, not counted",
+                self.name,
+                env.seq,
+                pipe.nick_name,
+            )
+            self.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
+            return True
+        self.refuse_message(
+            pipe.routing_id,
+            env.seq,
+            ErrorCode.ALREADY_COUNTED,
+            f"{pipe.nick_name} already contributed to version {self.version} "
+            "(from an earlier process); this upload is not counted",
+        )
+        return True
 
     def request_arrived(self, pipe: AggregatorPipe, env: Envelope) -> None:
         """``env`` (a whole PUSH or PULL, or a completed stream) now waits on ``pipe``."""
@@ -338,12 +378,32 @@ class AggregatorTransport:
         if problem is not None:
             self.refuse_message(pipe.routing_id, env.seq, *problem)
             return None
+        session = str(env.meta.get("session", ""))[:64]
+        if self._superseded(pipe, session):
+            log.error(
+                "%s: two processes use the name %r (sessions %s and %s): refused the older one",
+                self.name,
+                pipe.nick_name,
+                session,
+                pipe.session,
+            )
+            self.refuse_message(
+                pipe.routing_id,
+                env.seq,
+                ErrorCode.NAME_IN_USE,
+                f"another process of {pipe.nick_name!r} took over this name; "
+                "two processes must not share one node's name",
+            )
+            return None
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
-        session = str(env.meta.get("session", ""))
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
             pipe.request = None
             self.streams.drop(pipe)
+            if pipe.session:
+                pipe.superseded[pipe.session] = time.monotonic()
+                while len(pipe.superseded) > KEEP_SUPERSEDED:
+                    del pipe.superseded[next(iter(pipe.superseded))]
             pipe.session = session
         joined = not pipe.online
         pipe.online = True
@@ -358,6 +418,18 @@ class AggregatorTransport:
         log.info("%s: %s joined", self.name, pipe.nick_name)
         return PeerEvent(PeerEventKind.JOINED, pipe)
 
+    def _superseded(self, pipe: AggregatorPipe, session: str) -> bool:
+        """A session a newer process of the same name replaced lately is back: two processes live.
+
+        A restarted process never comes back under its old session, so only a
+        second live process does (ROUTER_HANDOVER hands the name back and forth).
+        """
+        now = time.monotonic()
+        for old, when in list(pipe.superseded.items()):
+            if now - when > SUPERSEDED_TTL:
+                del pipe.superseded[old]
+        return session in pipe.superseded
+
     def left(self, pipe: AggregatorPipe) -> PeerEvent:
         """``pipe``'s peer is gone: its pending request and streams are dropped."""
         pipe.online = False
@@ -371,6 +443,9 @@ class AggregatorTransport:
         request = pipe.request
         assert request is not None and request.kind == Kind.PULL
         pipe.request = None
+        if self.contributed(pipe):  # a restarted member need not train this version again
+            meta = Meta(meta)
+            meta[CONTRIBUTED] = True
         encoded, streamed = self.served.frames_for(self.peer_limits(pipe))
         if streamed:
             return self.streams.start(pipe, request.seq, meta.to_json_dict(), encoded)
@@ -383,6 +458,7 @@ class AggregatorTransport:
         request = pipe.request
         assert request is not None and request.kind == Kind.PUSH
         pipe.request = None
+        pipe.counted = (self.version, pipe.session)
         pipe.accepted[(pipe.session, request.seq)] = None
         while len(pipe.accepted) > KEEP_ACCEPTED:
             del pipe.accepted[next(iter(pipe.accepted))]

@@ -189,6 +189,8 @@ class InStream:
             self._views.append(tensor_bytes(t).data)  # a view: t is contiguous CPU
         self.received = 0
         self.granted = 0
+        #: ``time.monotonic()`` of the stream's last progress (admission, a chunk).
+        self.touched = time.monotonic()
         self._scratch: bytearray | None = None
         #: Why the stream cannot be completed (a peer broke the protocol), or "".
         self.broken = ""
@@ -253,6 +255,7 @@ class InStream:
                 self._views[i][start : start + length] = self._scratch[pos : pos + length]
                 pos += length
         self.received += nbytes
+        self.touched = time.monotonic()
 
     def envelope(self) -> Envelope:
         """The announced message with its tensors, once :attr:`done`."""

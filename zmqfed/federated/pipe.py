@@ -101,12 +101,17 @@ class AggregatorPipe(Pipe):
         self.online = False
         #: The collaborator process's session id (from HELLO).
         self.session = ""
+        #: Sessions newer processes of this name replaced, and when.
+        self.superseded: dict[str, float] = {}
         #: The request waiting for the step hooks: a PUSH or a PULL.
         self.request: Envelope | None = None
         #: A WAIT was sent for the pending request (once per request).
         self.told_to_wait = False
         #: (session, seq) of uploads already counted, so a retry is ACKed, not counted.
         self.accepted: dict[tuple[str, int], None] = {}
+        #: (aggregator version, session) of the upload counted for that version:
+        #: a member contributes at most one update per version.
+        self.counted: tuple[int, str] | None = None
         #: A streamed upload being received, or announced and waiting for admission.
         self.in_stream: InStream | None = None
         self.announced: Envelope | None = None

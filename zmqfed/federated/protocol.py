@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "CONTRIBUTED",
     "REHELLO_ERRORS",
     "ErrorCode",
     "Kind",
@@ -64,6 +65,8 @@ class ErrorCode(str, enum.Enum):
     STALE_INCARNATION = "stale-incarnation"  # addressed to an earlier aggregator process
     UNEXPECTED = "unexpected"  # a kind an aggregator does not accept
     BAD_UPLOAD = "bad-upload"  # the upload does not fit the model
+    ALREADY_COUNTED = "already-counted"  # another process of this member contributed already
+    NAME_IN_USE = "name-in-use"  # two live processes say HELLO with one node's name
     DISCARDED = "discarded"  # a step hook refused the request for good
     STREAM = "stream"  # a chunk broke the stream's rules
     STREAM_ABORTED = "stream-aborted"  # the served model changed while it streamed
@@ -72,6 +75,8 @@ class ErrorCode(str, enum.Enum):
         return self.value
 
 
+#: DATA meta key: the member already has an upload counted for this version.
+CONTRIBUTED = "contributed"
 #: Errors about the connection itself, sent with seq 0 when the request could
 #: not be read: they answer whatever request is pending.
 CONNECTION_ERRORS = frozenset({ErrorCode.IDENTITY, ErrorCode.UNKNOWN_PEER, ErrorCode.PROTOCOL})

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zmqfed.core.contracts import optim_as_list
+from zmqfed.core.contracts import contract_keys, optim_as_list
 from zmqfed.errors import ConfigError
 
 __all__ = [
@@ -258,10 +258,15 @@ def add_pseudo_gradients(param_states: ParamStates, grad_fn: GradFn | None = Non
 def load_param_states(optim: Any, param_states: Mapping[Any, Mapping[str, Tensor]]) -> int:
     """Install ``p.grad`` and the aggregated optimizer state into ``optim``.
 
-    ``'param'`` and ``'grad'`` themselves are not written into ``optim.state``.
-    Returns how many of the optimizer's parameters received a state.
+    Only the state keys ``optim`` declares as its ``upload_keys`` are written
+    (SCAFFOLD's ``c``): the average of what clients uploaded never replaces a
+    server optimizer's own state (FedAvgM's momentum, FedYogi's moments).
+    ``'param'`` and ``'grad'`` themselves are never written into
+    ``optim.state``. Returns how many of the optimizer's parameters received
+    a state.
     """
     loaded = missing = 0
+    accepted = set(contract_keys(optim, "upload")) - {PARAM, GRAD}
     for group in optim.param_groups:
         for p in group["params"]:
             state = param_states.get(p)
@@ -270,7 +275,7 @@ def load_param_states(optim: Any, param_states: Mapping[Any, Mapping[str, Tensor
                 continue
             if p.requires_grad and GRAD in state:
                 p.grad = state[GRAD]
-            extra = {k: v for k, v in state.items() if k not in (PARAM, GRAD)}
+            extra = {k: v for k, v in state.items() if k in accepted}
             if extra:
                 optim.state[p].update(extra)
             loaded += 1

@@ -38,6 +38,8 @@ class ElasticOptimizer(FederatedOptimizer):
         EMA factor in ``[0, 1]`` (OpenFed's default 0.9).
     """
 
+    upload_keys = (IMPORTANCE,)  # the clients' parameter sensitivities
+
     needs_acg = True
 
     def __init__(

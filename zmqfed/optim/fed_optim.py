@@ -15,9 +15,13 @@ The same class runs on both ends of a federated group:
   (torch's Adam applies bias correction, which the paper's FedAdam omits; the
   difference fades after a few rounds.)
 
-Whatever the optimizer keeps in ``optim.state[p]`` can travel: the
-maintainer's ``package(fed_optim)`` reads ``fed_optim.state[p]`` and
-``unpackage`` writes the keys that already exist there.
+What travels of ``optim.state[p]`` is declared per class: ``upload_keys``
+go up with an upload (and the aggregation installs their average into the
+aggregator's optimizer), ``download_keys`` come down with the model.  The
+base class declares none, so a wrapped optimizer's own state (momentum,
+Adam's moments, a server's FedAvgM/FedYogi state) never leaves its node and
+is never overwritten by another node's (docs/reliability.md, "Optimizer
+state").
 
 Typical rounds::
 
@@ -84,6 +88,12 @@ class FederatedOptimizer:
 
     #: Subclasses whose :meth:`round` or aggregation need :meth:`acg` set this.
     needs_acg: bool = False
+    #: State keys a collaborator uploads with its model, and the aggregation
+    #: installs into the aggregator's optimizer (the optimizer-state contract:
+    #: keys not named here never leave their node).
+    upload_keys: tuple[str, ...] = ()
+    #: State keys the aggregator serves with the model, and collaborators install.
+    download_keys: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -62,6 +62,8 @@ class ScaffoldOptimizer(FederatedOptimizer):
     """
 
     needs_acg = True
+    upload_keys = (C,)  # the clients' control-variate updates
+    download_keys = (C,)  # the global control variate
 
     def __init__(
         self,
