@@ -63,6 +63,7 @@ def _round_aggregator(endpoint: str, names: list[str], rounds: int, done: Any) -
             served = 0
             m.step(timeout=300)
             m.clear()
+            m.update_version()  # a round per version: each member's upload counts once
         done.wait(300)
     finally:
         m.close()

@@ -63,9 +63,10 @@ def _aggregator(
     def after(m: Maintainer, flag: Any) -> None:
         nonlocal handled
         handled += 1
-        m.data_list.clear()  # uploads are not kept: memory stays flat
-        m.meta_list.clear()
+        m.clear()  # uploads are not kept: memory stays flat
         m.data = {}
+        if mode == "up":  # a member's next upload answers the next version (counted once each)
+            m.update_version()
         if handled >= count:
             m.manual_stop()
 
