@@ -35,7 +35,14 @@ from zmqfed.functional.agg_rule import AggregationRule
 from zmqfed.isolation import aggregate_isolated, reduce_isolated
 from zmqfed.meta import Meta
 
-__all__ = ["API", "RoundRecord", "run_collaborator", "stale_check"]
+__all__ = [
+    "API",
+    "RoundRecord",
+    "aggregate_and_step",
+    "prepare_for_rule",
+    "run_collaborator",
+    "stale_check",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +172,7 @@ class API(threading.Thread):
         self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
         maintainer.on(step_points.upload_received, stale_check, nice=40)
-        # A rule that needs hooks on the maintainer (paillier_aggregation: accept
-        # encrypted uploads) says so with a setup_maintainer attribute.
-        setup = getattr(agg_func, "setup_maintainer", None)
-        if callable(setup):
-            setup(maintainer, **self.agg_func_kwargs)
+        prepare_for_rule(maintainer, agg_func, self.agg_func_kwargs)
 
     def run(self) -> None:
         """Run every round (in this thread, or in a new one with ``start()``)."""
@@ -248,6 +251,22 @@ class API(threading.Thread):
             metrics,
         )
         return record
+
+
+def prepare_for_rule(
+    m: Maintainer, rule: Callable[..., Any], rule_kwargs: Mapping[str, Any]
+) -> None:
+    """Let ``m`` accept what ``rule`` needs of the uploads.
+
+    A rule names the upload fields it consumes besides ``param`` in an
+    ``upload_fields`` attribute (``elastic_aggregation``: ``importance``);
+    a rule that needs hooks on the maintainer (``paillier_aggregation``:
+    decode encrypted uploads) has a ``setup_maintainer(m, **kwargs)``.
+    """
+    m.upload_fields.update(getattr(rule, "upload_fields", ()))
+    setup = getattr(rule, "setup_maintainer", None)
+    if callable(setup):
+        setup(m, **rule_kwargs)
 
 
 def aggregate_and_step(

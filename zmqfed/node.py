@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from zmqfed.api import API, RoundRecord, aggregate_and_step, run_collaborator, stale_check
+from zmqfed.api import (
+    API,
+    RoundRecord,
+    aggregate_and_step,
+    prepare_for_rule,
+    run_collaborator,
+    stale_check,
+)
 from zmqfed.app import App, NodeContext
 from zmqfed.checkpoint import load_checkpoint, save_checkpoint
 from zmqfed.core import Maintainer, step_points
@@ -284,6 +291,7 @@ class NodeRunner:
         down = self._maintainer(below)
         self._step_policy(down, below)
         down.on(step_points.upload_received, stale_check, nice=40)
+        prepare_for_rule(down, self.app.agg_func or naive_aggregation, self.app.agg_kwargs)
         server = self._server_optim()
 
         def relay(meta: Meta) -> dict[str, Any]:

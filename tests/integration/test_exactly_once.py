@@ -334,23 +334,30 @@ def test_the_first_upload_heeds_the_frame_bound_announced_in_welcome(
 # ------------------------------------------------------------------- 9. one name, two processes
 
 TWIN = """
-import sys, time
+import os, sys, time
 import torch
 import zmqfed.topo as topo
 from zmqfed.core import Maintainer
 from zmqfed.errors import RemoteError
+from zmqfed.federated import SocketOptions
 
-endpoint, pause = sys.argv[1], float(sys.argv[2])
+endpoint, role = sys.argv[1], sys.argv[2]
 topology = topo.Topology()
 agg = topology.add_node(topo.Node("aggregator", endpoint))
 for name in ("client0", "client1"):
     topology.add_edge(topo.Node(name), agg)
 m = Maintainer(topo.analysis(topology, "client0")[0], {"w": torch.zeros(4), "n": torch.tensor(0)},
-               timeout=30)
+               timeout=60, socket_options=SocketOptions(probe_silence_ms=1000))
 try:
     m.step(upload=False)
     print("FIRST DOWNLOAD", flush=True)
-    time.sleep(pause)
+    if role == "older":  # asks again once the newer process took the name
+        deadline = time.monotonic() + 60
+        while not os.path.exists("newer-downloaded") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        open("newer-downloaded", "w").close()
+        time.sleep(4)
     m.step(upload=False)
     print("SECOND DOWNLOAD", flush=True)
 except RemoteError as exc:
@@ -370,15 +377,16 @@ def test_two_live_processes_with_one_name_are_told(
         )
 
     agg = start_aggregator(free_tcp_endpoint, configure, idle_interval=0.1)
-    older = run_python(TWIN, args=[free_tcp_endpoint, "4"])
-    time.sleep(2.0 * slow_factor)  # the older one has downloaded and now pauses
-    newer = run_python(TWIN, args=[free_tcp_endpoint, "0"])
-    out_new, err_new = newer.communicate(timeout=60 * slow_factor)
-    out_old, err_old = older.communicate(timeout=60 * slow_factor)
+    older = run_python(TWIN, args=[free_tcp_endpoint, "older"])
+    newer = run_python(TWIN, args=[free_tcp_endpoint, "newer"])  # same cwd: the marker file
+    out_old, err_old = older.communicate(timeout=90 * slow_factor)
+    out_new, err_new = newer.communicate(timeout=90 * slow_factor)
     stop.set()
     agg.finish()
-    assert "SECOND DOWNLOAD" in out_new, err_new
+    # The newer process took the name over; the older, answered nothing on its
+    # orphaned connection, connected anew and was told; the newer goes on.
     assert "REFUSED name-in-use" in out_old, (out_old, err_old)
+    assert "SECOND DOWNLOAD" in out_new, (out_new, err_new)
     assert any("two processes use the name 'client0'" in r.getMessage() for r in caplog.records)
 
 

@@ -65,9 +65,16 @@ class CollaboratorLink:
         self.limits = limits
         self.session = uuid.uuid4().hex[:16]
         security = curve.client(self.nick_name, self.aggregator_name) if curve else None
-        self.port = network.dealer(
+        self._new_port = lambda: network.dealer(
             self.endpoint, self.nick_name, options=options, limits=limits, security=security
         )
+        self.port = self._new_port()
+        #: Seconds of silence from the aggregator, while a request waits, before
+        #: it is probed with a PING; twice as long and the link is rebuilt.
+        self.probe_after = (options or SocketOptions()).probe_silence_ms / 1000
+        #: ``time.monotonic()`` of the last message heard from the aggregator.
+        self.last_heard = time.monotonic()
+        self._quiet_from = self.last_heard  # silence counts from here (a request's start)
         #: A connection to the aggregator exists (its handshake completed).
         self.connected = False
         #: The aggregator answered HELLO on the current connection.
@@ -94,6 +101,10 @@ class CollaboratorLink:
     def send_limits(self) -> Limits:
         """Limits for messages to the aggregator: ours, within the frame bound it announced."""
         return self.limits.within_frame_bound(self.peer_frame_bytes)
+
+    def begin_request(self) -> None:
+        """A request starts: silence before it (local training) is no sign of trouble."""
+        self._quiet_from = time.monotonic()
 
     def forget_welcome(self) -> None:
         """Say HELLO again before the next request (the aggregator asked for it)."""
@@ -159,6 +170,7 @@ class CollaboratorLink:
             if event.kind is LinkEventKind.CONNECTED:
                 log.debug("%s: connected to %s", self.nick_name, self.endpoint)
                 self.connected = True
+                self._quiet_from = time.monotonic()  # silence counts on this connection
                 self._relinked = self._lost
             elif event.kind is LinkEventKind.AUTH_FAILED:
                 raise SecurityError(
@@ -215,6 +227,7 @@ class CollaboratorLink:
         ``hello_until``: the request is a HELLO, sent again after this time or
         once the link came back.
         """
+        probed = False
         while True:
             wait = remaining_ms(deadline)
             if wait == 0:
@@ -227,6 +240,12 @@ class CollaboratorLink:
                 if reply is not None:
                     return None if reply is RESEND else reply
             self.link_events()
+            silent = time.monotonic() - max(self.last_heard, self._quiet_from)
+            if self.connected and silent > 2 * self.probe_after:
+                self._rebuild(silent)
+                return None
+            if self.connected and silent > self.probe_after and not probed:
+                probed = self._probe()
             if hello_until is not None:
                 # Unanswered: ask again once the link is back, or while it stands
                 # (not while it is down: the port would queue HELLO after HELLO).
@@ -250,6 +269,7 @@ class CollaboratorLink:
                 frames = recv_message(self.port, land or self._drop_chunk)
             except WouldBlock:
                 return None
+            self.last_heard = time.monotonic()
             if frames is None:
                 continue  # a chunk, landed
             try:
@@ -289,6 +309,36 @@ class CollaboratorLink:
                     env.seq,
                     seq,
                 )
+
+    def _probe(self) -> bool:
+        """Ask a silent aggregator for a sign of life (its PONG is heard like any message)."""
+        ping = stamp(Kind.PING, self.nick_name, seq=self.next_seq(), incarnation=self.incarnation)
+        with contextlib.suppress(WouldBlock):
+            self.port.send(encode(ping, limits=self.limits))
+        return True
+
+    def _rebuild(self, silent: float) -> None:
+        """Connect anew: the aggregator stayed silent on a connection that looks alive.
+
+        ZMTP heartbeats keep a connection up even when the aggregator's ROUTER
+        no longer routes to it: another process connected with this node's name
+        and took the routing id over (ROUTER_HANDOVER), and whatever this
+        connection sends is dropped (docs/zeromq.md §3). A new connection takes
+        the name back; the HELLO on it tells the aggregator who is who (a
+        second live process is refused with ``name-in-use``). An aggregator
+        that was merely busy just answers the HELLO.
+        """
+        log.warning(
+            "%s: %s has not answered for %.0f s on a live connection; connecting anew",
+            self.nick_name,
+            self.aggregator_name,
+            silent,
+        )
+        self.port.close()
+        self.port = self._new_port()
+        self.connected = self.welcomed = False
+        self._lost = True
+        self._quiet_from = time.monotonic()
 
     def _drop_chunk(self, frames: list[Frame]) -> bool:
         """A CHUNK of a stream nobody waits for any more: consume and drop it."""

@@ -114,6 +114,7 @@ class CollaboratorTransport:
             raise PeerOffline(f"pipe to {self.aggregator_name!r} is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         link = self.link
+        link.begin_request()
         seq = link.next_seq()
         attempts = 0
         while True:

@@ -67,6 +67,12 @@ class SocketOptions:
         Pending TCP connections an aggregator accepts (burst joins).
     sndhwm, rcvhwm:
         Queue limits in messages (collaborators; the aggregator's sends).
+    probe_silence_ms:
+        A collaborator waiting for an answer PINGs an aggregator silent this
+        long, and connects anew after twice as long without a word (its
+        connection may be alive but no longer routed: another process took
+        its name over). An aggregator busy between steps answers later;
+        the new connection costs a HELLO.
     peer_queue:
         The aggregator's RCVHWM: messages one peer can have queued there.
         With MAXMSGSIZE (from the model, ``Limits.for_model``) this bounds
@@ -95,6 +101,7 @@ class SocketOptions:
     sndhwm: int = 1000
     rcvhwm: int = 1000
     peer_queue: int = 64
+    probe_silence_ms: int = 15000
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +114,7 @@ class SocketOptions:
             "sndhwm",
             "rcvhwm",
             "peer_queue",
+            "probe_silence_ms",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -146,3 +146,8 @@ def elastic_aggregation(
     for state in param_states.values():
         state.pop(IMPORTANCE, None)
     return install_if_given(param_states, optim_list)
+
+
+#: The upload field the rule consumes besides ``param`` (what an aggregator
+#: running it must accept: ``zmqfed.api.prepare_for_rule``).
+elastic_aggregation.upload_fields = (IMPORTANCE,)  # type: ignore[attr-defined]

@@ -121,6 +121,7 @@ except ImportError:  # pragma: no cover - the test extra installs gmpy2
 
 #: Suffix of the field that marks an encrypted field ``f`` and carries ``[summands, *shape]``.
 SUFFIX = ".paillier"
+PARAM = "param"
 _KIND_PUBLIC = "zmqfed-paillier-public-key"
 _KIND_PRIVATE = "zmqfed-paillier-private-key"
 _MIN_KEY_SIZE = 1024  # below this, factoring n is practical
@@ -759,6 +760,8 @@ def paillier_package(
             )
         return
     maintainer._paillier_key = pk  # type: ignore[attr-defined]
+    if maintainer.aggregator:  # uploads then carry the encrypted sum's field
+        maintainer.upload_fields.add(PARAM + SUFFIX)
     encryptor: PublicKey | PrivateKey = sk if sk is not None else pk
 
     def receive(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
