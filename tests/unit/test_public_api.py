@@ -193,6 +193,7 @@ def test_core_and_federated_all_are_pinned():
             "PeerEvent",
             "PeerEventKind",
             "Pipe",
+            "PipeChannel",
             "Port",
             "SocketOptions",
             "TransportStats",

@@ -20,6 +20,7 @@ from zmqfed.federated.pipe import (
     CollaboratorPipe,
     Pipe,
 )
+from zmqfed.federated.pipe_channel import PipeChannel
 from zmqfed.federated.ports import Network, Port
 from zmqfed.federated.protocol import ErrorCode, Kind
 from zmqfed.federated.security import Curve, create_keys
@@ -53,6 +54,7 @@ __all__ = [
     "PeerEvent",
     "PeerEventKind",
     "Pipe",
+    "PipeChannel",
     "Port",
     "SocketOptions",
     "TransportStats",
