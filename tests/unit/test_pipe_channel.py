@@ -17,16 +17,17 @@ import pytest
 import torch
 
 import zmqfed.topo as topo
-from zmqfed.core import Maintainer
+from zmqfed.core import DefaultMaintainer, Maintainer, current_maintainer, fed_context
 from zmqfed.errors import ConfigError, PeerOffline, PeerTimeout, ProtocolError
 from zmqfed.federated import (
     AggregatorTransport,
     CollaboratorTransport,
+    DistributedProperties,
     MemoryNetwork,
     Pipe,
     init_federated_group,
+    zmqfed_lock,
 )
-from zmqfed.federated.dist_props import DistributedProperties, zmqfed_lock
 from zmqfed.federated.pipe_channel import MAX_INBOX, MAX_PATH, parse_set, unpack
 from zmqfed.functional import count_step
 from zmqfed.meta import Meta
@@ -370,12 +371,62 @@ def test_a_set_sent_while_a_collaborator_waits_for_data_is_kept() -> None:
         agg.close()
 
 
+def test_fed_context_turns_a_peer_gone_into_false(group: Group) -> None:
+    class Worker:
+        def __init__(self, pipe: Pipe) -> None:
+            self.pipe = pipe
+
+        @fed_context
+        def fetch(self) -> Any:
+            assert self.pipe.dist_props.lock.locked()  # inside the pipe's context
+            return self.pipe.direct_get("x", timeout=0.2)
+
+        @fed_context
+        def gone(self) -> Any:
+            raise PeerOffline("left")
+
+        @fed_context
+        def broken(self) -> Any:
+            raise ValueError("not about the peer")
+
+    worker = Worker(group.pipe("alpha"))
+    with pytest.warns(RuntimeWarning, match="Worker.fetch failed: peer 'alpha' did not set 'x'"):
+        assert worker.fetch() is False
+    with pytest.warns(RuntimeWarning, match="Worker.gone failed: left"):
+        assert worker.gone() is False
+    with pytest.raises(ValueError, match="not about the peer"):
+        worker.broken()
+    with worker.pipe.dist_props, pytest.warns(RuntimeWarning):  # held already: not taken again
+        assert worker.gone() is False
+    assert not zmqfed_lock.locked()
+
+
 def test_dist_props_holds_its_lock() -> None:
     own = DistributedProperties()
     with own as entered:
         assert entered is own and own.lock.locked() and "held" in repr(own)
     assert not own.lock.locked() and "free" in repr(own)
     assert Pipe("x").dist_props.lock is zmqfed_lock
+
+
+def test_default_maintainer_is_the_innermost_with_block() -> None:
+    network = MemoryNetwork()
+    star = topo.star(1, "ipc:///memory/default")
+    outer = Maintainer(topo.analysis(star, "aggregator")[0], {"w": torch.zeros(1)}, network=network)
+    inner = Maintainer(topo.analysis(star, "client0")[0], {"w": torch.zeros(1)}, network=network)
+    try:
+        assert DefaultMaintainer._default_maintainer is None
+        with outer:
+            assert DefaultMaintainer._default_maintainer is outer
+            with inner:
+                assert DefaultMaintainer._default_maintainer is inner is current_maintainer()
+            assert DefaultMaintainer._default_maintainer is outer
+        assert DefaultMaintainer._default_maintainer is None
+        with pytest.raises(ConfigError, match="enter that block"):
+            DefaultMaintainer._default_maintainer = outer
+    finally:
+        inner.close()
+        outer.close()
 
 
 def test_meta_of_a_download_replaces_the_pipe_meta_only_when_sent(group: Group) -> None:
