@@ -83,6 +83,9 @@ def stale_check(ctx: StepContext | Maintainer) -> bool | None:
 class API(threading.Thread):
     """Run ``rounds`` federated rounds on an aggregator (OpenFed's ``API``).
 
+    ``run()`` runs them in the calling thread, ``start()`` in a new thread
+    that is not a daemon: the process lives until the rounds are done.
+
     Parameters
     ----------
     maintainer:
@@ -141,7 +144,9 @@ class API(threading.Thread):
         start_round: int = 0,
         keep_records: int | None = None,
     ) -> None:
-        super().__init__(name=f"zmqfed-api-{maintainer.nick_name}", daemon=True)
+        # Not a daemon, as in OpenFed: a process that calls start() and returns
+        # stays alive until the rounds are done (OpenFed's Paillier example does).
+        super().__init__(name=f"zmqfed-api-{maintainer.nick_name}", daemon=False)
         if not maintainer.aggregator:
             raise ConfigError("API runs on the aggregator; collaborators use run_collaborator()")
         if rounds <= 0:

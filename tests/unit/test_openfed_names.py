@@ -2,9 +2,8 @@
 
 OpenFed programs port by renaming ``openfed`` to ``zmqfed`` (the rename also
 turns ``openfed_*`` names into ``zmqfed_*``). Every name of every
-``__all__`` of OpenFed is listed here or in ``PENDING`` (the transport
-layer's, not built yet); ``docs/openfed-migration.md`` says what each one
-means in zmqfed. The parameter lists are OpenFed's, written out by hand:
+``__all__`` of OpenFed is listed here; ``docs/openfed-migration.md`` says
+what each one means in zmqfed. The parameter lists are OpenFed's, written out by hand:
 zmqfed's signature must start with them (it may add optional parameters
 after them), except for the names in ``DIFFERENT_PARAMETERS``.
 """
@@ -23,13 +22,17 @@ COMPLETED: dict[str, list[str]] = {
         "time_string", "seed_everything", "FMT", "__version__",
     ],
     "zmqfed.common": ["Address", "default_file_address", "default_tcp_address", "empty_address", "Meta"],
-    "zmqfed.core": ["Maintainer"],
+    "zmqfed.core": ["fed_context", "DefaultMaintainer", "Maintainer"],
     "zmqfed.data": [
         "Partitioner", "PowerLawPartitioner", "DirichletPartitioner", "IIDPartitioner",
         "FederatedDataset", "PartitionerDataset", "samples_distribution",
     ],
     "zmqfed.federated": [
-        "is_aggregator", "is_collaborator", "FederatedProperties", "Pipe", "init_federated_group",
+        "aggregator", "collaborator", "is_aggregator", "is_collaborator", "push", "pull",
+        "zombie", "offline", "zmqfed_identity", "zmqfed_status", "zmqfed_meta", "zmqfed_lock",
+        "nick_name", "aggregator_rank", "collaborator_rank", "DistributedProperties",
+        "build_point2point_group", "joint_federated_group", "FederatedProperties",
+        "set_store_value", "get_store_value", "Pipe", "init_federated_group", "DeviceOffline",
     ],
     "zmqfed.functional": [
         "after_destroy", "after_download", "after_upload", "at_first", "at_failed",
@@ -48,17 +51,6 @@ COMPLETED: dict[str, list[str]] = {
     "zmqfed.tools.topo_builder": ["TopoBuilder", "main"],
 }  # fmt: skip
 
-#: Names of OpenFed's ``__all__`` lists that the transport layer still has to provide.
-PENDING: dict[str, list[str]] = {
-    "zmqfed.core": ["fed_context", "DefaultMaintainer"],
-    "zmqfed.federated": [
-        "aggregator", "collaborator", "push", "pull", "zombie", "offline", "zmqfed_identity",
-        "zmqfed_status", "zmqfed_meta", "zmqfed_lock", "nick_name", "aggregator_rank",
-        "collaborator_rank", "DistributedProperties", "build_point2point_group",
-        "joint_federated_group", "set_store_value", "get_store_value", "DeviceOffline",
-    ],
-}  # fmt: skip
-
 #: OpenFed's parameters of every completed callable, in order.
 PARAMETERS: dict[str, list[str]] = {
     "zmqfed.API": [
@@ -71,6 +63,13 @@ PARAMETERS: dict[str, list[str]] = {
     "zmqfed.time_string": [],
     "zmqfed.seed_everything": ["seed"],
     "zmqfed.core.Maintainer": ["fed_props", "state_dict"],
+    "zmqfed.core.fed_context": ["func"],
+    "zmqfed.core.DefaultMaintainer": [],
+    "zmqfed.federated.DistributedProperties": ["lock"],
+    "zmqfed.federated.build_point2point_group": ["rank"],
+    "zmqfed.federated.joint_federated_group": ["backend", "init_method", "world_size", "rank"],
+    "zmqfed.federated.set_store_value": ["store", "key", "value"],
+    "zmqfed.federated.get_store_value": ["store", "key"],
     "zmqfed.data.PowerLawPartitioner": ["min_samples", "min_classes", "mean", "sigma"],
     "zmqfed.data.DirichletPartitioner": ["alpha", "min_samples"],
     "zmqfed.data.IIDPartitioner": [],
@@ -133,9 +132,14 @@ def _resolve(path: str) -> object:
     return getattr(importlib.import_module(module), name)
 
 
-def test_every_openfed_name_is_completed_or_pending() -> None:
-    in_all = sum(len(v) for k, v in COMPLETED.items() if not k.startswith("zmqfed.tools."))
-    assert in_all + sum(len(v) for v in PENDING.values()) == 102
+def test_every_openfed_name_is_listed() -> None:
+    in_all = [
+        f"{k}.{name}"
+        for k, v in COMPLETED.items()
+        if not k.startswith("zmqfed.tools.")
+        for name in v
+    ]
+    assert len(in_all) == len(set(in_all)) == 102
 
 
 @pytest.mark.parametrize("module", sorted(COMPLETED))
@@ -183,8 +187,9 @@ def test_every_completed_callable_is_pinned_or_declared_different() -> None:
         )
     }
     unpinned = callables - set(PARAMETERS) - DIFFERENT_PARAMETERS - steps - same_object
-    unpinned -= {  # abstract bases, command-line entry points
+    unpinned -= {  # abstract bases, command-line entry points, an exception (any arguments)
         "zmqfed.data.Partitioner",
+        "zmqfed.federated.DeviceOffline",
         "zmqfed.data.FederatedDataset",
         "zmqfed.tools.simulator.main",
         "zmqfed.tools.topo_builder.main",
@@ -193,11 +198,38 @@ def test_every_completed_callable_is_pinned_or_declared_different() -> None:
     assert not unpinned, f"pin these call shapes: {sorted(unpinned)}"
 
 
-@pytest.mark.parametrize("module", sorted(PENDING))
-def test_pending_names_are_not_built_yet(module: str) -> None:
-    mod = importlib.import_module(module)
-    built = [name for name in PENDING[module] if hasattr(mod, name)]
-    assert not built, (
-        f"{module} now has {built}: move them from PENDING to COMPLETED (and pin their call "
-        "shapes) here and in docs/openfed-migration.md"
+def test_federated_constants_keep_openfeds_meaning() -> None:
+    import zmqfed.federated as f
+    from zmqfed.errors import ConfigError, PeerOffline
+
+    assert f.is_aggregator(f.aggregator) and f.is_collaborator(f.collaborator)
+    assert not f.is_aggregator(f.collaborator)
+    # the pipe states are the values Pipe.state takes, with OpenFed's spelling
+    assert (f.push, f.pull, f.zombie, f.offline) == ("push", "pull", "zombie", "offline")
+    assert (f.push, f.pull, f.zombie, f.offline) == (f.PUSHING, f.PULLING, f.ZOMBIE, f.OFFLINE)
+    # OpenFed's store keys after the rename, and the meta key of a node's name
+    assert (f.zmqfed_identity, f.zmqfed_status, f.zmqfed_meta, f.nick_name) == (
+        "zmqfed_identity",
+        "zmqfed_status",
+        "zmqfed_meta",
+        "nick_name",
     )
+    assert (f.aggregator_rank, f.collaborator_rank) == (0, 1)
+    assert f.DeviceOffline is PeerOffline
+    with f.zmqfed_lock:  # a threading.Lock
+        assert not f.zmqfed_lock.acquire(blocking=False)
+    assert f.zmqfed_lock.acquire(blocking=False)
+    f.zmqfed_lock.release()
+    calls = {
+        "build_point2point_group": (lambda: f.build_point2point_group(0), "init_federated_group"),
+        "joint_federated_group": (
+            lambda: f.joint_federated_group("gloo", "tcp://localhost:1994", 2, 0),
+            "Maintainer",
+        ),
+        "set_store_value": (lambda: f.set_store_value(None, "k", 1), "direct_set"),
+        "get_store_value": (lambda: f.get_store_value(None, "k"), "direct_get"),
+    }
+    for name, (call, instead) in calls.items():
+        with pytest.raises(ConfigError, match=instead) as info:
+            call()
+        assert name in str(info.value)

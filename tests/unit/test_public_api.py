@@ -165,10 +165,12 @@ def test_step_point_names_keep_openfeds_as_aliases():
 
 def test_core_and_federated_all_are_pinned():
     assert sorted(zmqfed.core.__all__) == [
+        "DefaultMaintainer",
         "Maintainer",
         "StepContext",
         "StepResult",
         "current_maintainer",
+        "fed_context",
         "step_points",
         "steps",
     ]
@@ -185,6 +187,8 @@ def test_core_and_federated_all_are_pinned():
             "CollaboratorPipe",
             "CollaboratorTransport",
             "Curve",
+            "DeviceOffline",
+            "DistributedProperties",
             "ErrorCode",
             "FederatedProperties",
             "Kind",
@@ -193,6 +197,7 @@ def test_core_and_federated_all_are_pinned():
             "PeerEvent",
             "PeerEventKind",
             "Pipe",
+            "PipeChannel",
             "Port",
             "SocketOptions",
             "TransportStats",
@@ -205,6 +210,24 @@ def test_core_and_federated_all_are_pinned():
             "is_collaborator",
             "make_dealer",
             "make_router",
+            # OpenFed's names (zmqfed.federated.openfed_names)
+            "aggregator",
+            "aggregator_rank",
+            "build_point2point_group",
+            "collaborator",
+            "collaborator_rank",
+            "get_store_value",
+            "joint_federated_group",
+            "nick_name",
+            "offline",
+            "pull",
+            "push",
+            "set_store_value",
+            "zmqfed_identity",
+            "zmqfed_lock",
+            "zmqfed_meta",
+            "zmqfed_status",
+            "zombie",
         ]
     )
     for module in (zmqfed.core, zmqfed.federated):

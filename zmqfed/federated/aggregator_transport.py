@@ -29,10 +29,12 @@ from typing import Any
 
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.aggregator_streams import Packaged, ServedModel, StreamDesk
+from zmqfed.federated.channel_ends import AggregatorChannelEnd
 from zmqfed.federated.events import PeerEvent, PeerEventKind, RefusalLog, TransportStats
 from zmqfed.federated.pipe import AggregatorPipe
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, WouldBlock
 from zmqfed.federated.protocol import (
+    CHANNEL_KINDS,
     CONTRIBUTED,
     ErrorCode,
     discard_rest,
@@ -127,6 +129,8 @@ class AggregatorTransport:
         }
         self.served = ServedModel(served, codec=codec, limits=limits, stream=stream)
         self.streams = StreamDesk(self, stream, upload_names)
+        #: The pipe-level channel (``Pipe.direct_set``, ``upload``, ...) of every pipe.
+        self.channel = AggregatorChannelEnd(self)
         #: Peers whose streamed upload completed outside a message of theirs.
         self.completed: list[AggregatorPipe] = []
         self._log_refusal = RefusalLog(log, self.name)
@@ -139,6 +143,11 @@ class AggregatorTransport:
         """When :meth:`events` wants to run without input (``math.inf``: never)."""
         probe = self._reprobe[0] if self._reprobe else math.inf
         return min(probe, self.streams.next_expiry())
+
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` was called."""
+        return self._closed
 
     def online(self) -> list[AggregatorPipe]:
         """Peers that said HELLO in this incarnation and have not left."""
@@ -300,6 +309,9 @@ class AggregatorTransport:
             return self.left(pipe)
         if kind == Kind.PING:
             self.send(pipe, Kind.PONG, seq=env.seq, meta={})
+            return None
+        if kind in CHANNEL_KINDS or kind == Kind.ACK:  # the pipe-level channel: no request
+            self.channel.dispatch(pipe, env)
             return None
         if kind not in (Kind.PUSH, Kind.PULL):
             self.refuse_message(
@@ -495,11 +507,13 @@ class AggregatorTransport:
         meta: dict[str, Any],
         encoded: EncodedTensors | None = None,
         stream: tuple[str, int] | None = None,
+        obj: Any = None,
     ) -> bool:
         """Send ``kind`` to ``pipe``; False (and the peer gone) if it cannot be reached."""
         env = stamp(
             kind, self.name, seq=seq, incarnation=self.incarnation, version=self.version, meta=meta
         )
+        env.obj = obj  # only where Limits.allow_pickle: encode refuses it otherwise
         frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded, stream=stream)
         try:
             self.port.send([pipe.routing_id, *frames])

@@ -21,6 +21,7 @@ from typing import Any
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, WouldBlock
 from zmqfed.federated.protocol import (
+    CHANNEL_KINDS,
     CONNECTION_ERRORS,
     discard_rest,
     hello_meta,
@@ -91,6 +92,8 @@ class CollaboratorLink:
         self._restarted = False  # a new aggregator incarnation answered HELLO
         self._lost = False  # the link dropped since the last HELLO was sent
         self._relinked = False  # ... and came back: that HELLO may be lost
+        #: Takes the aggregator's pipe-channel messages (SET, TRANSFER) whenever they are read.
+        self.on_channel: Callable[[Envelope], None] | None = None
 
     def next_seq(self) -> int:
         """A fresh sequence number for a message from this process."""
@@ -281,6 +284,9 @@ class CollaboratorLink:
                     self.aggregator_name,
                     exc,
                 )
+                continue
+            if env.kind in CHANNEL_KINDS and self.on_channel is not None:
+                self.on_channel(env)  # never a reply, whatever its seq
                 continue
             if env.seq == seq and env.kind != Kind.WAIT:
                 return env

@@ -22,6 +22,7 @@ from zmqfed.errors import (
     ProtocolError,
     RemoteError,
 )
+from zmqfed.federated.channel_ends import CollaboratorChannelEnd
 from zmqfed.federated.chunked import Destination, InStream, OutStream, new_stream_id
 from zmqfed.federated.collaborator_link import RESEND, CollaboratorLink, remaining_ms
 from zmqfed.federated.pipe import CollaboratorPipe
@@ -72,12 +73,15 @@ class CollaboratorTransport:
         self.link = CollaboratorLink(
             props, network=network, limits=limits, options=options, curve=curve
         )
+        self.props = props
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
         self.limits = limits
         self.codec = codec
         self.stream = stream
         self.pipe = CollaboratorPipe(self)
+        #: The pipe-level channel (``Pipe.direct_set``, ``upload``, ...).
+        self.channel = CollaboratorChannelEnd(self)
         #: Requests sent again after a lost link, a BYE or an aggregator restart.
         self.resends = 0
 

@@ -3,13 +3,20 @@
 On the aggregator every collaborator has an :class:`AggregatorPipe` (a
 routing id on the group's ROUTER); a collaborator has one
 :class:`CollaboratorPipe` to its aggregator.  A pipe's state is derived from
-what waits on it: ``pushing`` (an upload is pending), ``pulling`` (a download
-request is pending), ``zombie`` (nothing pending) or ``offline``.
+the Maintainer's request waiting on it: ``'push'`` (an upload is pending),
+``'pull'`` (a download request is pending), ``'zombie'`` (nothing pending)
+or ``'offline'`` -- OpenFed's state names and values.
 
 Pipes are views: the transport of their end owns every field that changes
 with the protocol (:mod:`zmqfed.federated.aggregator_transport`,
 :mod:`zmqfed.federated.collaborator_transport`).  What users and hooks set
 on a pipe is the meta of the next reply (:meth:`Pipe.set_meta`).
+
+OpenFed's pipe-level API talks to the peer without a Maintainer:
+:meth:`Pipe.direct_set` / :meth:`Pipe.direct_get` exchange JSON-safe values
+by key, :meth:`Pipe.upload` / :meth:`Pipe.download` move tensors and
+JSON-safe data in order (:mod:`zmqfed.federated.pipe_channel`, sent by the
+transport's :mod:`~zmqfed.federated.channel_ends`).
 """
 
 from __future__ import annotations
@@ -17,12 +24,18 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from zmqfed.errors import ConfigError
+from zmqfed.federated.dist_props import DistributedProperties, zmqfed_lock
+from zmqfed.federated.pipe_channel import PipeChannel
 from zmqfed.meta import Meta
+from zmqfed.props import AGGREGATOR, COLLABORATOR
 from zmqfed.wire import Kind
 
 if TYPE_CHECKING:
+    from zmqfed.federated.channel_ends import ChannelEnd
     from zmqfed.federated.chunked import InStream, OutStream
     from zmqfed.federated.collaborator_transport import CollaboratorTransport
+    from zmqfed.props import FederatedProperties
     from zmqfed.wire import Envelope
 
 __all__ = [
@@ -37,7 +50,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PUSHING, PULLING, ZOMBIE, OFFLINE = "pushing", "pulling", "zombie", "offline"
+PUSHING, PULLING, ZOMBIE, OFFLINE = "push", "pull", "zombie", "offline"
+#: How long the pipe-level methods wait by default (OpenFed's transfers gave up after 30 min).
+PIPE_TIMEOUT = 1800.0
 
 
 class Pipe:
@@ -53,6 +68,12 @@ class Pipe:
         self.bytes_out = 0
         #: ``time.monotonic()`` of the last message from the peer (None: never).
         self.last_seen: float | None = None
+        #: What the peer sent with the pipe-level methods; written by the transport.
+        self.channel = PipeChannel()
+        #: Sends and waits for the pipe-level methods; set by the transport.
+        self.channel_end: ChannelEnd | None = None
+        #: OpenFed's process-group context: here it only holds the pipes' lock.
+        self.dist_props = DistributedProperties(zmqfed_lock)
 
     def set_meta(self, meta: dict[str, Any]) -> None:
         """Set the meta sent with the next message to the peer (a copy is kept)."""
@@ -63,6 +84,71 @@ class Pipe:
         meta, self._out_meta = self._out_meta, None
         return meta
 
+    # -- OpenFed's pipe-level API -------------------------------------------------------
+    def _end(self) -> ChannelEnd:
+        if self.channel_end is None:
+            raise ConfigError(f"pipe {self.nick_name!r} is not connected to a transport")
+        return self.channel_end
+
+    def direct_set(self, key: str, value: Any, *, timeout: float | None = PIPE_TIMEOUT) -> None:
+        """Set ``key`` to a JSON-safe ``value`` for the peer; returns once the peer has it.
+
+        The peer reads it with :meth:`direct_get`; setting a key again
+        replaces the value. On the aggregator this waits for the
+        collaborator to come online. Raises ``ConfigError`` for a bad key or
+        value, ``PeerTimeout`` after ``timeout`` seconds.
+        """
+        self._end().direct_set(self, key, value, timeout)
+
+    def direct_get(self, key: str, *, timeout: float | None = PIPE_TIMEOUT) -> Any:
+        """The value the peer set under ``key``, waiting until it did (``PeerTimeout``)."""
+        return self._end().direct_get(self, key, timeout)
+
+    def upload(self, data: Any, *, timeout: float | None = PIPE_TIMEOUT) -> None:
+        """Send ``data`` to the peer, after whatever was uploaded before; returns once it has it.
+
+        ``data`` is a tensor, or JSON-safe data (dicts with str keys, lists,
+        numbers, strings) holding tensors anywhere; tuples arrive as lists.
+        Other objects raise ``ConfigError``, unless both ends allow pickle
+        (``Limits(allow_pickle=True)``, which needs CURVE). The meta set
+        with :meth:`set_meta` goes with it. Do not change the tensors until
+        this returns: they are sent from their own memory.
+        """
+        self._end().upload(self, data, timeout)
+
+    def download(self, *, timeout: float | None = PIPE_TIMEOUT) -> Any:
+        """The oldest item the peer uploaded and this end has not downloaded, waiting for one.
+
+        If it came with a meta, :attr:`meta` becomes that meta.
+        """
+        return self._end().download(self, timeout)
+
+    @property
+    def fed_props(self) -> FederatedProperties:
+        """This end's properties of the group."""
+        return self._end().props
+
+    @property
+    def role(self) -> str:
+        """This end's role: ``'aggregator'`` or ``'collaborator'``."""
+        return self.fed_props.role
+
+    @property
+    def anti_role(self) -> str:
+        """The peer's role."""
+        return COLLABORATOR if self.role == AGGREGATOR else AGGREGATOR
+
+    @property
+    def aggregator(self) -> bool:
+        """This end is the aggregator."""
+        return self.role == AGGREGATOR
+
+    @property
+    def collaborator(self) -> bool:
+        """This end is a collaborator."""
+        return self.role == COLLABORATOR
+
+    # -- state -------------------------------------------------------------------------
     @property
     def state(self) -> str:
         raise NotImplementedError

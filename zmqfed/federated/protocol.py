@@ -11,6 +11,8 @@ transport, so each rule of the protocol is written once:
   :func:`peer_frame_bound` -- the handshake and the frame bound each side announces (a frame above the
   receiver's MAXMSGSIZE would be dropped without a word, docs/zeromq.md §13);
 * :func:`meta_version` -- the version a message's meta names;
+* :data:`CHANNEL_KINDS` -- the pipe channel's messages, which are no requests
+  (their layout: :mod:`zmqfed.federated.pipe_channel`);
 * :func:`recv_message`, :func:`land_chunk`, :func:`discard_rest` and
   :func:`pump` -- chunked streams on a port: a CHUNK's payload lands in
   its tensors with ``recv_into``, and chunks go out while credit lasts.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from zmqfed.props import FederatedProperties
 
 __all__ = [
+    "CHANNEL_KINDS",
     "CONNECTION_ERRORS",
     "CONTRIBUTED",
     "REHELLO_ERRORS",
@@ -70,6 +73,7 @@ class ErrorCode(str, enum.Enum):
     DISCARDED = "discarded"  # a step hook refused the request for good
     STREAM = "stream"  # a chunk broke the stream's rules
     STREAM_ABORTED = "stream-aborted"  # the served model changed while it streamed
+    CHANNEL = "channel"  # a pipe-channel message (SET, TRANSFER) broke its layout or bounds
 
     def __str__(self) -> str:
         return self.value
@@ -82,6 +86,9 @@ CONTRIBUTED = "contributed"
 CONNECTION_ERRORS = frozenset({ErrorCode.IDENTITY, ErrorCode.UNKNOWN_PEER, ErrorCode.PROTOCOL})
 #: Errors after which a collaborator says HELLO again and sends its request again.
 REHELLO_ERRORS = frozenset({ErrorCode.HELLO_FIRST, ErrorCode.STALE_INCARNATION})
+#: Messages of the pipe-level channel (``Pipe.direct_set``, ``Pipe.upload``): either end
+#: sends them, the other keeps them for the user and answers ACK; they are no requests.
+CHANNEL_KINDS = frozenset({Kind.SET, Kind.TRANSFER})
 
 
 def stamp(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
+import multiprocessing.util
 import os
 import random
 import threading
@@ -204,6 +205,9 @@ def context() -> zmq.Context:
             tune_malloc()
             _ctx = zmq.Context()
             _ctx_pid = os.getpid()
+            # A multiprocessing child ends with os._exit, skipping atexit: shut down
+            # from its exit finalizers too (docs/zeromq.md §24).
+            multiprocessing.util.Finalize(None, _shutdown_after_threads, exitpriority=0)
         return _ctx
 
 
@@ -219,7 +223,8 @@ def shutdown() -> None:
     final ACKs and BYEs are queued), then the context is destroyed: each
     socket's LINGER bounds the wait, so queued replies are flushed instead of
     dying with the process (libzmq only honours LINGER when the context is
-    terminated; docs/zeromq.md §24).  Runs at interpreter exit.
+    terminated; docs/zeromq.md §24).  Runs at interpreter exit (and when a
+    multiprocessing child ends).
     """
     global _ctx
     for obj in list(_closables):
@@ -268,6 +273,19 @@ def recv_into(sock: zmq.Socket, view: memoryview | bytearray) -> int:
     fits = min(size, len(target))
     target[:fits] = data[:fits]  # truncated like zmq_recv when it does not fit
     return size
+
+
+def _shutdown_after_threads() -> None:
+    """:func:`shutdown` once the other non-daemon threads ended, as at interpreter exit.
+
+    A multiprocessing child runs its exit finalizers before it joins its
+    threads (an ``API`` started with ``start()`` may still be running rounds).
+    """
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            thread.join()
+    shutdown()
 
 
 def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:

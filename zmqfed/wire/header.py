@@ -60,6 +60,8 @@ class Kind(str, enum.Enum):
     PONG = "PONG"
     CHUNK = "CHUNK"  # a part of a streamed PUSH or DATA
     CREDIT = "CREDIT"  # the receiver of a stream allows more bytes in flight
+    SET = "SET"  # pipe channel: a key-value pair for the peer (either direction)
+    TRANSFER = "TRANSFER"  # pipe channel: one ordered item of tensors and JSON (either direction)
 
     def __str__(self) -> str:
         return self.value
