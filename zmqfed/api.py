@@ -39,6 +39,7 @@ __all__ = [
     "API",
     "RoundRecord",
     "aggregate_and_step",
+    "is_last_round",
     "prepare_for_rule",
     "run_collaborator",
     "stale_check",
@@ -62,22 +63,26 @@ class RoundRecord:
 
 
 def stale_check(ctx: StepContext | Maintainer) -> bool | None:
-    """``upload_received`` hook: refuse uploads tagged older than the version being served.
+    """``upload_received`` hook: refuse uploads that do not answer the version being served.
 
-    Registers with ``Maintainer.on`` or, OpenFed-style, ``register_step_hook``.
+    A collaborator answers version ``v`` with an upload tagged ``v + 1``:
+    anything older answers an older model (stale), anything newer was trained
+    on a model this aggregator has not served (it restarted behind). Registers
+    with ``Maintainer.on`` or, OpenFed-style, ``register_step_hook``.
     """
     ctx = as_context(ctx)
     m, pipe = ctx.maintainer, ctx.pipe
     if pipe is None:
         return None
     version = meta_version(pipe.meta)
-    if version <= m.version:
-        m.discard(
-            f"stale upload: version {version} answers an older model; "
-            f"the aggregator serves version {m.version}"
-        )
-        return False
-    return None
+    if version == m.version + 1:
+        return None
+    why = "answers an older model" if version <= m.version else "is ahead of this aggregator"
+    m.discard(
+        f"{'stale' if version <= m.version else 'future'} upload: version {version} {why}; "
+        f"the aggregator serves version {m.version}"
+    )
+    return False
 
 
 class API(threading.Thread):

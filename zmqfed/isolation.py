@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from zmqfed.core import Maintainer
+from zmqfed.core.contracts import contract_keys
 from zmqfed.errors import ZmqfedError
 from zmqfed.functional.agg_rule import AggregationRule, call_rule
 
@@ -34,7 +35,8 @@ _DATA_ERRORS = (ZmqfedError, ValueError, TypeError, ArithmeticError, RuntimeErro
 def _finite(t: Any) -> bool:
     if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
         return True
-    return bool(torch.isfinite(t.sum()))  # one pass, no allocation of the tensor's size
+    wide = torch.complex128 if t.is_complex() else torch.float64  # no float16 overflow
+    return bool(torch.isfinite(t.sum(dtype=wide)))  # one pass, nothing of the tensor's size
 
 
 def _update_is_finite(update: Mapping[Any, Mapping[str, Any]]) -> bool:
@@ -59,7 +61,7 @@ def aggregate_isolated(
         When the updates fail together but none fails alone (the rule itself
         is broken), or when every update was dropped.
     """
-    buffers = {n: p.detach().clone() for n, p in m.state_dict.items() if not p.requires_grad}
+    saved = _Saved(m, optims)
     try:
         _install(m, optims, rule, kwargs)
         if _installed_finite(m, optims):
@@ -67,7 +69,7 @@ def aggregate_isolated(
         problem: BaseException | None = None
     except _DATA_ERRORS as exc:
         problem = exc
-    _restore(m, optims, buffers)
+    saved.restore()
     bad = [
         i
         for i, (update, meta) in enumerate(zip(m.data_list, m.meta_list, strict=True))
@@ -102,17 +104,51 @@ def _install(
 
 
 def _installed_finite(m: Maintainer, optims: Sequence[Any]) -> bool:
-    grads = (p.grad for optim in optims for g in optim.param_groups for p in g["params"])
-    return all(_finite(g) for g in grads if g is not None) and all(
-        _finite(p) for p in m.state_dict.values() if not p.requires_grad
+    """Grads, buffers and the optimizer state the aggregation installed are all finite."""
+    params = [p for optim in optims for g in optim.param_groups for p in g["params"]]
+    state = (
+        optim.state.get(p, {}).get(key)
+        for optim in optims
+        for key in contract_keys(optim, "upload")
+        for p in (q for g in optim.param_groups for q in g["params"])
+    )
+    return (
+        all(_finite(p.grad) for p in params if p.grad is not None)
+        and all(_finite(p) for p in m.state_dict.values() if not p.requires_grad)
+        and all(_finite(v) for v in state)
     )
 
 
-def _restore(m: Maintainer, optims: Sequence[Any], buffers: Mapping[str, Tensor]) -> None:
-    for name, saved in buffers.items():
-        m.state_dict[name].copy_(saved)
-    for optim in optims:
-        optim.zero_grad()
+class _Saved:
+    """What an aggregation may write besides gradients: buffers and installed optimizer state."""
+
+    def __init__(self, m: Maintainer, optims: Sequence[Any]) -> None:
+        self.m, self.optims = m, optims
+        self.buffers = {
+            n: p.detach().clone() for n, p in m.state_dict.items() if not p.requires_grad
+        }
+        self.state = [
+            (optim, p, key, _clone(optim.state[p][key]) if key in optim.state.get(p, {}) else None)
+            for optim in optims
+            for key in contract_keys(optim, "upload")
+            for g in optim.param_groups
+            for p in g["params"]
+        ]
+
+    def restore(self) -> None:
+        for name, saved in self.buffers.items():
+            self.m.state_dict[name].copy_(saved)
+        for optim, p, key, value in self.state:
+            if value is None:
+                optim.state.get(p, {}).pop(key, None)
+            else:
+                optim.state[p][key] = value
+        for optim in self.optims:
+            optim.zero_grad()
+
+
+def _clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 def _aggregates_alone(

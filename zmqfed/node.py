@@ -298,9 +298,11 @@ class NodeRunner:
             for key in ("round", "rounds", "mode", "test_rounds"):
                 if key in meta:
                     down.meta[key] = meta[key]
-            down.package()
+            training = meta.get("mode", "train") != "test"
+            # the server optimizers' upload keys are what the leaves may send up
+            down.package([server])
             down.step()
-            if down.data_list:  # first: it drops updates that cannot be aggregated
+            if training and down.data_list:  # first: it drops updates it cannot aggregate
                 agg = self.app.agg_func or naive_aggregation
                 aggregate_and_step(down, [server], agg, **self.app.agg_kwargs)
             # validated on receipt: a finite number >= 0 where present
@@ -312,7 +314,8 @@ class NodeRunner:
             )
             down.clear()
             down.update_version()
-            self.round += 1
+            if training:
+                self.round += 1
             self.write_status("running")
             return {**metrics, "instances": instances}
 

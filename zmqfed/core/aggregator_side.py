@@ -34,8 +34,8 @@ __all__ = ["AggregatorSide"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds a streamed download may go without progress before it is aborted.
-STREAM_STALL = 30.0
+#: Seconds a streamed download may go without progress before the drain gives up.
+STREAM_STALL = 5.0
 #: Seconds ``step()`` waits at most, after its end, for streamed downloads it started.
 DRAIN_LIMIT = 10.0
 
@@ -204,7 +204,9 @@ class AggregatorSide:
             self._run(points.peer_idle, pipe)
         elif pipe.is_pushing:
             if self._run(points.upload_received, pipe) is not False:
-                self._run(points.upload_handled, pipe, self._receive_upload(pipe))
+                # (a hook that waited on the pipe channel may have seen the request go)
+                received = pipe.is_pushing and self._receive_upload(pipe)
+                self._run(points.upload_handled, pipe, received)
             else:
                 self.transport.park(pipe)
                 self._run(points.request_parked, pipe)
@@ -213,7 +215,8 @@ class AggregatorSide:
             if verdict is None:  # no hook decided: serve versions already reached
                 verdict = meta_version(pipe.meta) <= self.m.version
             if verdict:
-                self._run(points.download_served, pipe, self._serve(pipe))
+                served = pipe.is_pulling and self._serve(pipe)
+                self._run(points.download_served, pipe, served)
             else:
                 self.transport.park(pipe)
                 self._run(points.request_parked, pipe)

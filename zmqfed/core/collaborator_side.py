@@ -88,6 +88,7 @@ class CollaboratorSide:
                 version=max(m.version, 0),
                 timeout=_left(deadline),
                 destination=self._own_tensor if m.download_in_place else None,
+                expect_bytes=sum(p.numel() * p.element_size() for p in m.state_dict.values()),
             )
             m.data = m.receive(reply.tensors, t.aggregator_name)
             m.meta = Meta(reply.meta)

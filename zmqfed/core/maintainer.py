@@ -32,8 +32,9 @@ from zmqfed.core.contracts import (
     optim_as_list,
 )
 from zmqfed.core.hooks import HookRegistry
+from zmqfed.core.packaging import install_state, package_state
 from zmqfed.core.received import check_received
-from zmqfed.errors import ConfigError, ProtocolError
+from zmqfed.errors import ConfigError
 from zmqfed.federated import (
     AggregatorTransport,
     CollaboratorTransport,
@@ -293,25 +294,12 @@ class Maintainer:
         The live tensor always wins over an optimizer state entry of the same
         name (an aggregation may leave a stale ``param`` in the optimizer).
         """
-        self.packaged_data = {}
         optims = optim_as_list(optim_list)
-        direction = "download" if self.aggregator else "upload"
         if self.aggregator:
             for optim in optims:
                 self.upload_fields.update(contract_keys(optim, "upload"))
-        for name, p in self.state_dict.items():
-            entry: dict[str, Tensor] = {}
-            for optim in optims:
-                state = optim.state.get(p) if hasattr(optim.state, "get") else None
-                if not state:
-                    continue
-                keys = state_keys if state_keys is not None else contract_keys(optim, direction)
-                for key in keys:
-                    value = state.get(key)
-                    if isinstance(value, Tensor):
-                        entry[key] = value
-            entry["param"] = p
-            self.packaged_data[name] = entry
+        direction = "download" if self.aggregator else "upload"
+        self.packaged_data = package_state(self.state_dict, optims, direction, state_keys)
         self._side.model_changed()
 
     @torch.no_grad()
@@ -325,20 +313,8 @@ class Maintainer:
         """
         if not self.data:
             raise ConfigError(f"{self.nick_name}: nothing to unpackage; download with step() first")
-        optims = optim_as_list(optim_list)
         direction = "upload" if self.aggregator else "download"
-        for name, p in self.state_dict.items():
-            entry = self.data.get(name)
-            if entry is None or "param" not in entry:
-                raise ProtocolError(f"received data has no 'param' for {name!r}")
-            if entry["param"].data_ptr() != p.data_ptr():  # else: streamed in place
-                p.copy_(entry["param"])
-            for optim in optims:
-                keys = state_keys if state_keys is not None else contract_keys(optim, direction)
-                for key in keys:
-                    value = entry.get(key)
-                    if isinstance(value, Tensor):
-                        optim.state[p][key] = value.clone()
+        install_state(self.state_dict, self.data, optim_as_list(optim_list), direction, state_keys)
 
     def _served(self) -> dict[str, dict[str, Tensor]]:
         """What an aggregator serves: the packaged data, else its state, after the package hooks."""

@@ -48,8 +48,9 @@ def check_received(
     the rest after the hooks (a compressed ``param`` takes its shape only when
     decoded): each ``param`` has the local tensor's shape and kind of dtype
     (floating-point, integer, boolean, complex); every other field is one of
-    ``fields`` (None: any), and a tensor field is shaped like the parameter or
-    a scalar.
+    ``fields`` (None: any), and a tensor field has the parameter's shape and
+    is floating-point or of the parameter's kind (per-parameter optimizer
+    state: SCAFFOLD's ``c``, elastic's ``importance``).
 
     Raises ``ProtocolError`` naming the problem: a missing or unknown tensor,
     a hook that failed on the data (a decoder refusing malformed input, or
@@ -75,8 +76,8 @@ def check_received(
             f"data from {sender!r}: unpackage hooks failed ({type(exc).__name__}: {exc})"
         ) from exc
     for name, p in own.items():
-        state = decoded[name]
-        got = state[PARAM]
+        state = decoded.get(name) if isinstance(decoded, Mapping) else None
+        got = state.get(PARAM) if isinstance(state, Mapping) else None
         if not isinstance(got, Tensor) or got.shape != p.shape:
             shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
             raise ProtocolError(
@@ -87,6 +88,7 @@ def check_received(
                 f"data from {sender!r}: {name!r} is {_kind(got)} ({got.dtype}), "
                 f"the model's is {_kind(p)} ({p.dtype})"
             )
+        assert isinstance(state, Mapping)  # it holds a param tensor
         for field, value in state.items():
             if field == PARAM:
                 continue
@@ -95,10 +97,13 @@ def check_received(
                     f"data from {sender!r}: field {field!r} of {name!r} is not accepted here "
                     f"(accepted: {sorted(fields) or 'param only'})"
                 )
-            if isinstance(value, Tensor) and value.dim() and value.shape != p.shape:
+            if isinstance(value, Tensor) and (
+                value.shape != p.shape or _kind(value) not in ("floating-point", _kind(p))
+            ):
                 raise ProtocolError(
-                    f"data from {sender!r}: field {field!r} of {name!r} has shape "
-                    f"{list(value.shape)}, expected {list(p.shape)} or a scalar"
+                    f"data from {sender!r}: field {field!r} of {name!r} is {_kind(value)} of "
+                    f"shape {list(value.shape)}; state travels floating-point (or as the "
+                    f"parameter, {_kind(p)}) in the parameter's shape {list(p.shape)}"
                 )
     return decoded
 

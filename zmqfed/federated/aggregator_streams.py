@@ -239,6 +239,13 @@ class StreamDesk:
                 )
                 self.drop(pipe)
 
+    def pause_idle(self, away: float) -> None:
+        """The transport was away from its port for ``away`` seconds: that is no stream's idling."""
+        if away > 1.0:
+            for pipe in self.t.roster.values():
+                if pipe.in_stream is not None:
+                    pipe.in_stream.touched += away
+
     def next_expiry(self) -> float:
         """When :meth:`expire` may next drop a stream (``math.inf``: none is open)."""
         touched = [p.in_stream.touched for p in self.t.roster.values() if p.in_stream is not None]
@@ -256,13 +263,14 @@ class StreamDesk:
                 self._admission.remove(pipe)
         if pipe.in_stream is not None:
             self._release(pipe)
-        pipe.out_stream = None  # the peer discards what is still queued for it
+        self._end(pipe)  # the peer discards what is still queued for it
 
     # -- downloads -------------------------------------------------------------
     def start(
         self, pipe: AggregatorPipe, seq: int, meta: dict[str, Any], encoded: EncodedTensors
     ) -> bool:
         """Answer ``pipe``'s request ``seq`` with the model in chunks: announce, then pump."""
+        self._end(pipe)  # a request sent again: its earlier stream is void
         chunk = self.config.chunk_within(self.t.peer_limits(pipe))
         stream = OutStream(
             new_stream_id(),
@@ -328,7 +336,8 @@ class StreamDesk:
         """Before the served tensors may change: end unfinished downloads, wait for the port.
 
         Collaborators whose download was cut are told ``stream-aborted`` and
-        ask again; zero-copy chunks already handed to the port are waited for.
+        ask again; zero-copy chunks already handed to the port are waited for,
+        ``timeout`` seconds at most for all of them together.
         """
         for pipe in self.t.roster.values():
             stream = self._end(pipe)
@@ -339,7 +348,9 @@ class StreamDesk:
                     ErrorCode.STREAM_ABORTED,
                     "the served model changed",
                 )
+        deadline = time.monotonic() + timeout
         for stream in self._sent:
-            if not stream.wait_sent(timeout):
+            if not stream.wait_sent(max(0.0, deadline - time.monotonic())):
                 log.warning("%s: chunks still unsent after %.0f s", self.t.name, timeout)
+                break
         self._sent.clear()

@@ -31,6 +31,7 @@ from zmqfed.errors import ProtocolError
 from zmqfed.federated.aggregator_streams import Packaged, ServedModel, StreamDesk
 from zmqfed.federated.channel_ends import AggregatorChannelEnd
 from zmqfed.federated.events import PeerEvent, PeerEventKind, RefusalLog, TransportStats
+from zmqfed.federated.members import Membership
 from zmqfed.federated.pipe import AggregatorPipe
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, WouldBlock
 from zmqfed.federated.protocol import (
@@ -39,11 +40,9 @@ from zmqfed.federated.protocol import (
     ErrorCode,
     discard_rest,
     error_meta,
-    hello_problem,
-    peer_frame_bound,
+    parse_chunk,
     recv_message,
     stamp,
-    welcome_meta,
 )
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions
@@ -59,8 +58,7 @@ from zmqfed.wire import (
     decode,
     encode,
 )
-from zmqfed.wire.header import parse_header
-from zmqfed.wire.stream import parse_chunk_meta, parse_credit_meta
+from zmqfed.wire.stream import parse_credit_meta
 
 __all__ = ["AggregatorTransport"]
 
@@ -70,13 +68,6 @@ log = logging.getLogger(__name__)
 REPROBE_DELAYS = (0.25, 1.0, 3.0)
 #: Messages handled per :meth:`AggregatorTransport.events` call: a flood must not starve timers.
 DRAIN_BATCH = 512
-#: Accepted uploads remembered per peer for idempotent retries.
-KEEP_ACCEPTED = 64
-#: Seconds a replaced session of a member is remembered: if it says HELLO
-#: again meanwhile, two processes share the name.
-SUPERSEDED_TTL = 600.0
-#: ... and at most this many of them (a member cycling sessions cannot grow memory).
-KEEP_SUPERSEDED = 16
 
 
 class AggregatorTransport:
@@ -129,11 +120,13 @@ class AggregatorTransport:
         }
         self.served = ServedModel(served, codec=codec, limits=limits, stream=stream)
         self.streams = StreamDesk(self, stream, upload_names)
+        self.members = Membership(self)
         #: The pipe-level channel (``Pipe.direct_set``, ``upload``, ...) of every pipe.
         self.channel = AggregatorChannelEnd(self)
         #: Peers whose streamed upload completed outside a message of theirs.
         self.completed: list[AggregatorPipe] = []
         self._log_refusal = RefusalLog(log, self.name)
+        self._read_at = time.monotonic()  # when events() last ran
         self._reprobe: list[float] = []
         self._closed = False
 
@@ -166,6 +159,11 @@ class AggregatorTransport:
         """
         ready = self.port.wait(wait_ms)
         yield from self._liveness(probe=ready)
+        # An incoming stream idles only while it could be read: time away from
+        # the port (aggregation, evaluation between steps) does not count.
+        now = time.monotonic()
+        self.streams.pause_idle(now - self._read_at)
+        self._read_at = now
         self.streams.expire()
         while self.completed:
             yield PeerEvent(PeerEventKind.REQUEST, self.completed.pop(0))
@@ -198,8 +196,11 @@ class AggregatorTransport:
             self._reprobe = [t for t in self._reprobe if t > now]
         else:
             return
-        for pipe in self.online():
-            if not self.send(pipe, Kind.PING, seq=0, meta={}):
+        probed = self.online()  # all probed before any event is reported
+        for pipe in probed:
+            self.send(pipe, Kind.PING, seq=0, meta={})
+        for pipe in probed:
+            if not pipe.online:  # unreachable (a full queue is no departure)
                 yield PeerEvent(PeerEventKind.LEFT, pipe)
 
     def _receive(self) -> PeerEvent | None:
@@ -270,13 +271,10 @@ class AggregatorTransport:
             return False
         if self.curve is not None and self.port.user_id(frames[1]) != pipe.nick_name:
             return False
-        try:
-            head = parse_header(frames[1], self.limits)
-            sid, offset, nbytes = parse_chunk_meta(head.meta)
-        except ProtocolError:
+        chunk = parse_chunk(frames[1], self.limits)
+        if chunk is None or chunk[0].sender != pipe.nick_name:
             return False
-        if head.sender != pipe.nick_name or head.tensors:
-            return False
+        head, sid, offset, nbytes = chunk
         pipe.last_seen = time.monotonic()
         done = self.streams.land(pipe, head.seq, sid, offset, nbytes)
         if done is not None:
@@ -303,7 +301,7 @@ class AggregatorTransport:
             )
             return None
         if kind == Kind.HELLO:
-            return self._hello(pipe, env)
+            return self.members.hello(pipe, env)
         if kind == Kind.BYE:
             log.info("%s: %s said BYE", self.name, pipe.nick_name)
             return self.left(pipe)
@@ -335,7 +333,7 @@ class AggregatorTransport:
                 f"this is {self.incarnation!r}",
             )
             return None
-        if kind == Kind.PUSH and self._counted_already(pipe, env):
+        if kind == Kind.PUSH and self.members.counted_already(pipe, env):
             return None
         if env.stream is not None:
             done = self.streams.announce(pipe, env)
@@ -343,104 +341,12 @@ class AggregatorTransport:
         self.request_arrived(pipe, env)
         return PeerEvent(PeerEventKind.REQUEST, pipe)
 
-    def contributed(self, pipe: AggregatorPipe) -> bool:
-        """``pipe``'s member already has an upload counted for the current version."""
-        return pipe.counted is not None and pipe.counted[0] == self.version
-
-    def _counted_already(self, pipe: AggregatorPipe, env: Envelope) -> bool:
-        """Answer a PUSH that must not be counted (True): at most one upload per member per version.
-
-        The same request again (a retry after a lost ACK), or another upload
-        from the same process for a version it already contributed to (a
-        user's retry after a timeout, with a new seq), is acknowledged as a
-        duplicate; an upload from another process of the member (restarted
-        while its round was open) is refused with ``already-counted``.
-        """
-        retry = (pipe.session, env.seq) in pipe.accepted
-        if not retry and not self.contributed(pipe):
-            return False
-        assert pipe.counted is not None or retry
-        if retry or (pipe.counted is not None and pipe.counted[1] == pipe.session):
-            log.debug(
-                "%s: upload %d from %s is a duplicate: acknowledged, not counted",
-                self.name,
-                env.seq,
-                pipe.nick_name,
-            )
-            self.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
-            return True
-        self.refuse_message(
-            pipe.routing_id,
-            env.seq,
-            ErrorCode.ALREADY_COUNTED,
-            f"{pipe.nick_name} already contributed to version {self.version} "
-            "(from an earlier process); this upload is not counted",
-        )
-        return True
-
     def request_arrived(self, pipe: AggregatorPipe, env: Envelope) -> None:
         """``env`` (a whole PUSH or PULL, or a completed stream) now waits on ``pipe``."""
         pipe.bytes_in += env.nbytes
         pipe.request = env
         pipe.told_to_wait = False
         pipe.meta = Meta(env.meta)
-
-    def _hello(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
-        problem = hello_problem(env.meta, self.props)
-        if problem is not None:
-            self.refuse_message(pipe.routing_id, env.seq, *problem)
-            return None
-        session = str(env.meta.get("session", ""))[:64]
-        if self._superseded(pipe, session):
-            log.error(
-                "%s: two processes use the name %r (sessions %s and %s): refused the older one",
-                self.name,
-                pipe.nick_name,
-                session,
-                pipe.session,
-            )
-            self.refuse_message(
-                pipe.routing_id,
-                env.seq,
-                ErrorCode.NAME_IN_USE,
-                f"another process of {pipe.nick_name!r} took over this name; "
-                "two processes must not share one node's name",
-            )
-            return None
-        pipe.peer_frame_bytes = peer_frame_bound(env.meta)
-        if session != pipe.session:
-            # A new collaborator process: whatever the old one asked for is void.
-            pipe.request = None
-            self.streams.drop(pipe)
-            if pipe.session:
-                pipe.superseded[pipe.session] = time.monotonic()
-                while len(pipe.superseded) > KEEP_SUPERSEDED:
-                    del pipe.superseded[next(iter(pipe.superseded))]
-            pipe.session = session
-        joined = not pipe.online
-        pipe.online = True
-        self.send(
-            pipe,
-            Kind.WELCOME,
-            seq=env.seq,
-            meta=welcome_meta(incarnation=self.incarnation, limits=self.limits),
-        )
-        if not joined:
-            return None
-        log.info("%s: %s joined", self.name, pipe.nick_name)
-        return PeerEvent(PeerEventKind.JOINED, pipe)
-
-    def _superseded(self, pipe: AggregatorPipe, session: str) -> bool:
-        """A session a newer process of the same name replaced lately is back: two processes live.
-
-        A restarted process never comes back under its old session, so only a
-        second live process does (ROUTER_HANDOVER hands the name back and forth).
-        """
-        now = time.monotonic()
-        for old, when in list(pipe.superseded.items()):
-            if now - when > SUPERSEDED_TTL:
-                del pipe.superseded[old]
-        return session in pipe.superseded
 
     def left(self, pipe: AggregatorPipe) -> PeerEvent:
         """``pipe``'s peer is gone: its pending request and streams are dropped."""
@@ -453,9 +359,10 @@ class AggregatorTransport:
     def serve(self, pipe: AggregatorPipe, meta: Meta) -> bool:
         """Answer ``pipe``'s download request with the served model (whole or in chunks)."""
         request = pipe.request
-        assert request is not None and request.kind == Kind.PULL
+        if request is None or request.kind != Kind.PULL:
+            return False  # a hook's wait let the peer leave or ask for something else
         pipe.request = None
-        if self.contributed(pipe):  # a restarted member need not train this version again
+        if self.members.contributed(pipe):  # a restarted member need not train this version again
             meta = Meta(meta)
             meta[CONTRIBUTED] = True
         encoded, streamed = self.served.frames_for(self.peer_limits(pipe))
@@ -468,12 +375,10 @@ class AggregatorTransport:
     def accept_upload(self, pipe: AggregatorPipe) -> bool:
         """Count ``pipe``'s upload: ACK it, and ACK (not count) any retry of it."""
         request = pipe.request
-        assert request is not None and request.kind == Kind.PUSH
+        if request is None or request.kind != Kind.PUSH:
+            return False
         pipe.request = None
-        pipe.counted = (self.version, pipe.session)
-        pipe.accepted[(pipe.session, request.seq)] = None
-        while len(pipe.accepted) > KEEP_ACCEPTED:
-            del pipe.accepted[next(iter(pipe.accepted))]
+        self.members.counted(pipe, request.seq)
         return self.send(pipe, Kind.ACK, seq=request.seq, meta={"version": self.version})
 
     def park(self, pipe: AggregatorPipe) -> None:

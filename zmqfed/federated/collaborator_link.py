@@ -44,6 +44,9 @@ POLL_MS = 500
 HELLO_RESEND = 3.0
 #: ``read_replies``: the aggregator said BYE; the request must be sent again.
 RESEND = object()
+#: Bytes per second a link is assumed to move at least, when judging silence
+#: during a transfer (8 Mbit/s; a slower link needs a larger probe_silence_ms).
+MIN_LINK_RATE = 2**20
 
 
 class CollaboratorLink:
@@ -76,6 +79,8 @@ class CollaboratorLink:
         #: ``time.monotonic()`` of the last message heard from the aggregator.
         self.last_heard = time.monotonic()
         self._quiet_from = self.last_heard  # silence counts from here (a request's start)
+        self._transfer_bytes = 0
+        self._next_probe = 0.0
         #: A connection to the aggregator exists (its handshake completed).
         self.connected = False
         #: The aggregator answered HELLO on the current connection.
@@ -105,9 +110,19 @@ class CollaboratorLink:
         """Limits for messages to the aggregator: ours, within the frame bound it announced."""
         return self.limits.within_frame_bound(self.peer_frame_bytes)
 
-    def begin_request(self) -> None:
-        """A request starts: silence before it (local training) is no sign of trouble."""
+    def begin_request(self, transfer_bytes: int = 0) -> None:
+        """A request starts: silence before it (local training) is no sign of trouble.
+
+        ``transfer_bytes``: what the request and its answer may carry; a
+        message is heard only once all of it arrived, so the patience with a
+        silent aggregator grows with it (:data:`MIN_LINK_RATE`).
+        """
         self._quiet_from = time.monotonic()
+        self._transfer_bytes = max(0, int(transfer_bytes))
+
+    def _patience(self) -> float:
+        """Seconds of silence after which the connection is rebuilt."""
+        return 2 * self.probe_after + self._transfer_bytes / MIN_LINK_RATE
 
     def forget_welcome(self) -> None:
         """Say HELLO again before the next request (the aggregator asked for it)."""
@@ -230,7 +245,6 @@ class CollaboratorLink:
         ``hello_until``: the request is a HELLO, sent again after this time or
         once the link came back.
         """
-        probed = False
         while True:
             wait = remaining_ms(deadline)
             if wait == 0:
@@ -243,12 +257,14 @@ class CollaboratorLink:
                 if reply is not None:
                     return None if reply is RESEND else reply
             self.link_events()
-            silent = time.monotonic() - max(self.last_heard, self._quiet_from)
-            if self.connected and silent > 2 * self.probe_after:
+            now = time.monotonic()
+            silent = now - max(self.last_heard, self._quiet_from)
+            if self.connected and silent > self._patience():
                 self._rebuild(silent)
                 return None
-            if self.connected and silent > self.probe_after and not probed:
-                probed = self._probe()
+            if self.connected and silent > self.probe_after and now >= self._next_probe:
+                self._probe()
+                self._next_probe = now + self.probe_after
             if hello_until is not None:
                 # Unanswered: ask again once the link is back, or while it stands
                 # (not while it is down: the port would queue HELLO after HELLO).
@@ -316,12 +332,11 @@ class CollaboratorLink:
                     seq,
                 )
 
-    def _probe(self) -> bool:
+    def _probe(self) -> None:
         """Ask a silent aggregator for a sign of life (its PONG is heard like any message)."""
         ping = stamp(Kind.PING, self.nick_name, seq=self.next_seq(), incarnation=self.incarnation)
         with contextlib.suppress(WouldBlock):
             self.port.send(encode(ping, limits=self.limits))
-        return True
 
     def _rebuild(self, silent: float) -> None:
         """Connect anew: the aggregator stayed silent on a connection that looks alive.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from zmqfed.errors import (
@@ -33,6 +34,7 @@ from zmqfed.federated.protocol import (
     discard_rest,
     land_chunk,
     meta_version,
+    parse_chunk,
     pump,
     stamp,
 )
@@ -48,12 +50,14 @@ from zmqfed.wire import (
     encode,
     encode_tensors,
 )
-from zmqfed.wire.header import parse_header
-from zmqfed.wire.stream import credit_meta, parse_chunk_meta, parse_credit_meta
+from zmqfed.wire.stream import credit_meta, parse_credit_meta
 
 __all__ = ["CollaboratorTransport"]
 
 log = logging.getLogger(__name__)
+
+#: Times a request is sent again after the aggregator dropped its stream.
+MAX_STREAM_RETRIES = 3
 
 
 class CollaboratorTransport:
@@ -105,6 +109,7 @@ class CollaboratorTransport:
         tensors: dict[str, Any] | None = None,
         timeout: float | None = None,
         destination: Destination | None = None,
+        expect_bytes: int = 0,
     ) -> Envelope:
         """Send ``kind`` and block until the aggregator answers it.
 
@@ -113,14 +118,19 @@ class CollaboratorTransport:
         ``timeout`` seconds pass, :class:`RemoteError` on an ERROR answer,
         :class:`AggregatorRewound` when a restarted aggregator is behind the
         version a PULL asks for, :class:`PeerOffline` when the federation ended.
+        ``expect_bytes``: about how much the answer carries (the model, for a
+        PULL), which the link's patience with a silent aggregator allows for.
         """
         if self.closed:
             raise PeerOffline(f"pipe to {self.aggregator_name!r} is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         link = self.link
-        link.begin_request()
+        sending = sum(
+            t.numel() * t.element_size() for f in (tensors or {}).values() for t in f.values()
+        )
+        link.begin_request(sending + expect_bytes)
         seq = link.next_seq()
-        attempts = 0
+        attempts = broken_streams = 0
         while True:
             link.ensure_welcome(deadline, timeout)
             if link.take_restart():
@@ -175,6 +185,9 @@ class CollaboratorTransport:
                 continue
             if code == ErrorCode.STREAM_ABORTED:
                 continue  # the model changed while it streamed: ask again
+            if code == ErrorCode.STREAM and broken_streams < MAX_STREAM_RETRIES:
+                broken_streams += 1  # e.g. dropped while the aggregator was away: send again
+                continue
             raise RemoteError(self.aggregator_name, code, str(reply.meta.get("reason", "")))
 
     def _check_rewound(self, kind: Kind, meta: dict[str, Any]) -> None:
@@ -220,13 +233,10 @@ class CollaboratorTransport:
     # -- streams --------------------------------------------------------------------------
     def _land(self, stream: InStream | None, frames: list[Frame]) -> bool:
         """Land a CHUNK of ``stream`` (True: consumed); drop one of another stream."""
-        try:
-            head = parse_header(frames[0], self.limits)
-            sid, offset, nbytes = parse_chunk_meta(head.meta)
-        except ProtocolError:
+        chunk = parse_chunk(frames[0], self.limits)
+        if chunk is None:
             return False  # the ordinary path logs and drops it
-        if head.tensors:
-            return False
+        _, sid, offset, nbytes = chunk
         if stream is None or sid != stream.id:
             discard_rest(self.link.port)
             return True
@@ -287,14 +297,18 @@ class CollaboratorTransport:
                     f"stream the model ({stream.received} of {stream.total} bytes arrived)",
                 )
             if link.port.wait(wait):
-                reply = link.read_replies(seq, lambda f: self._land(stream, f))
+                reply = link.read_replies(seq, partial(self._land, stream))
                 if stream.broken:
                     log.warning("%s: download stream broke: %s", self.nick_name, stream.broken)
                     return None
                 if reply is RESEND:
                     return None
                 if reply is not None:
-                    if reply.kind == Kind.ERROR:
+                    if reply.kind == Kind.DATA and reply.stream is not None:
+                        # the request went again (a reconnect): its new stream replaces this one
+                        stream = InStream(reply, self.stream.window_bytes, destination)
+                        continue
+                    if reply.kind in (Kind.ERROR, Kind.DATA):
                         return reply
                     log.debug("%s: ignored %s during a download", self.nick_name, reply.kind)
             link.link_events()

@@ -10,7 +10,9 @@ sockets.  What it keeps of ZeroMQ's behaviour:
 * a ROUTER prefixes received messages with the sender's routing id and
   refuses to send to an id that is not connected (ROUTER_MANDATORY);
 * a DEALER connecting with a routing id in use takes it over
-  (ROUTER_HANDOVER); disconnects show up as link events on both sides.
+  (ROUTER_HANDOVER): the old connection stays up, but what it sends is
+  dropped and nothing reaches it any more (docs/zeromq.md §3); other
+  disconnects show up as link events on both sides.
 
 Frames are copied when sent, so a sender may change its tensors at once.
 It has no CURVE, no heartbeats and no size limits: integration tests use
@@ -22,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zmqfed.errors import ConfigError
 from zmqfed.federated.ports import (
@@ -32,9 +34,11 @@ from zmqfed.federated.ports import (
     Unreachable,
     WouldBlock,
 )
-from zmqfed.federated.security import ClientSecurity, ServerSecurity
-from zmqfed.federated.sockets import SocketOptions
-from zmqfed.wire import Limits
+
+if TYPE_CHECKING:
+    from zmqfed.federated.security import ClientSecurity, ServerSecurity
+    from zmqfed.federated.sockets import SocketOptions
+    from zmqfed.wire import Limits
 
 __all__ = ["MemoryFrame", "MemoryNetwork", "MemoryPort"]
 
@@ -72,6 +76,7 @@ class MemoryPort:
         self._outbox: deque[list[bytearray]] = deque()  # a DEALER's, while unconnected
         self.peers: dict[bytes, MemoryPort] = {}  # a ROUTER's connected DEALERs
         self.router: MemoryPort | None = None  # a DEALER's ROUTER
+        self.orphaned = False  # a DEALER whose routing id another connection took over
         self.closed = False
 
     # -- delivery (network lock held) ---------------------------------------
@@ -94,6 +99,8 @@ class MemoryPort:
                 if peer is None:
                     raise Unreachable(bytes(message[0]))
                 peer._deliver(message[1:])
+            elif self.orphaned:
+                pass  # the ROUTER no longer routes this connection: dropped, no error
             elif self.router is None:
                 self._outbox.append(message)  # delivered when a ROUTER is bound
             else:
@@ -171,6 +178,7 @@ class MemoryNetwork:
                 raise ConfigError(f"cannot bind {endpoint}: address already in use")
             self._routers[endpoint] = port
             for dealer in self._dealers.get(endpoint, []):
+                dealer.orphaned = False
                 self._attach(dealer, port)
         return port
 
@@ -201,10 +209,8 @@ class MemoryNetwork:
     def _attach(self, dealer: MemoryPort, router: MemoryPort) -> None:
         assert dealer.routing_id is not None
         old = router.peers.get(dealer.routing_id)
-        if old is not None:  # handover: the new connection takes the id
-            old.router = None
-            old._event(LinkEventKind.DISCONNECTED)
-            router._event(LinkEventKind.DISCONNECTED)
+        if old is not None:  # handover: the new connection takes the id, silently
+            old.orphaned = True
         router.peers[dealer.routing_id] = dealer
         dealer.router = router
         dealer._event(LinkEventKind.CONNECTED)
@@ -219,9 +225,11 @@ class MemoryNetwork:
             port._cond.notify_all()
             if port.routed:
                 self._routers.pop(port.endpoint, None)
-                for dealer in port.peers.values():
-                    dealer.router = None
-                    dealer._event(LinkEventKind.DISCONNECTED)
+                for dealer in self._dealers.get(port.endpoint, []):
+                    if dealer.router is port:
+                        dealer.router = None
+                        dealer.orphaned = False
+                        dealer._event(LinkEventKind.DISCONNECTED)
                 port.peers.clear()
                 return
             self._dealers[port.endpoint].remove(port)

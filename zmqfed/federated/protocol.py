@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.ports import Frame, Port, Tracker
 from zmqfed.wire import PROTOCOL_VERSION, Envelope, Kind, Limits
+from zmqfed.wire.header import Header, parse_header
 from zmqfed.wire.limits import announced_frame_bound
-from zmqfed.wire.stream import CHUNK_PREFIX
+from zmqfed.wire.stream import CHUNK_PREFIX, parse_chunk_meta
 
 if TYPE_CHECKING:
     from zmqfed.federated.chunked import InStream, OutStream
@@ -49,6 +50,7 @@ __all__ = [
     "hello_problem",
     "land_chunk",
     "meta_version",
+    "parse_chunk",
     "peer_frame_bound",
     "pump",
     "recv_message",
@@ -200,6 +202,21 @@ def recv_message(port: Port, land: Callable[[list[Frame]], bool]) -> list[Frame]
     while frames[-1].more:
         frames.append(port.recv_frame())
     return frames
+
+
+def parse_chunk(frame: Frame, limits: Limits) -> tuple[Header, str, int, int] | None:
+    """``(header, stream id, offset, nbytes)`` of a well-formed CHUNK header, else None.
+
+    None leaves the message to the ordinary path, which refuses it.
+    """
+    try:
+        head = parse_header(frame, limits)
+        sid, offset, nbytes = parse_chunk_meta(head.meta)
+    except ProtocolError:
+        return None
+    if head.tensors:  # a CHUNK's payload is one raw frame, described by its meta
+        return None
+    return head, sid, offset, nbytes
 
 
 def land_chunk(port: Port, stream: InStream, offset: int, nbytes: int) -> None:

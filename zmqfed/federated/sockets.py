@@ -120,6 +120,8 @@ class SocketOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"SocketOptions.{name} must be a non-negative int, got {value!r}")
+        if self.probe_silence_ms <= 0:
+            raise ConfigError("SocketOptions.probe_silence_ms must be positive")
         if self.reconnect_ivl_ms is not None and self.reconnect_ivl_ms <= 0:
             raise ConfigError("SocketOptions.reconnect_ivl_ms must be positive")
 
