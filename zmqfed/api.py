@@ -163,6 +163,8 @@ class API(threading.Thread):
         #: The latest rounds (``keep_records`` of them; ``record_path`` has them all).
         self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
+        #: Why the rounds ended before ``rounds`` (a hook's ``end_training``), or None.
+        self.ended_early: str | None = None
         maintainer.on(step_points.upload_received, stale_check, nice=40)
         # A rule that needs hooks on the maintainer (paillier_aggregation: accept
         # encrypted uploads) says so with a setup_maintainer attribute.
@@ -198,6 +200,17 @@ class API(threading.Thread):
                     test = self._round(r, "test")
                     bar.set_postfix(_postfix(test), refresh=False)
                 bar.update(1)
+                reason = self.maintainer.end_reason
+                if reason is not None:
+                    self.ended_early = reason
+                    log.warning(
+                        "%s: training ends after round %d of %d: %s",
+                        self.maintainer.nick_name,
+                        r,
+                        self.rounds,
+                        reason,
+                    )
+                    break
         finally:
             bar.close()
 
@@ -208,6 +221,7 @@ class API(threading.Thread):
         m.meta["mode"] = mode
         m.meta["round"] = r
         m.meta["rounds"] = self.rounds
+        m.round_metrics.clear()
         if mode == "train":
             m.package(self.optim_list)
         m.step(timeout=self.step_timeout)
@@ -218,6 +232,7 @@ class API(threading.Thread):
             metrics = dict(self.reduce_func(m.meta_list, **self.reduce_func_kwargs) or {})
         if self.evaluate is not None and mode == "train":
             metrics.update(self.evaluate())
+        metrics.update(m.round_metrics)
         after_in, after_out = _traffic(m)
         record = RoundRecord(
             round=r,
@@ -260,7 +275,8 @@ def aggregate_and_step(
     through :func:`~zmqfed.functional.agg_rule.call_rule` with the
     optimizers and ``agg_kwargs``, so it installs its result (buffers into the
     model, pseudo-gradients and optimizer state into the optimizers) before
-    they step.
+    they step. Then the ``aggregated`` step hooks run, before the
+    optimizers step.
     """
     optims = optim_as_list(optim_list)
     # An aggregation rule sets p.grad only for tensors some upload carries:
@@ -269,6 +285,8 @@ def aggregate_and_step(
     for optim in optims:
         optim.zero_grad()
     call_rule(agg_func, m.data_list, m.meta_list, optims, **agg_kwargs)
+    # hooks that act on the installed aggregate (differential privacy's noise)
+    m.run_step_point(step_points.aggregated, None)
     for optim in optims:
         optim.step()
         if hasattr(optim, "round"):

@@ -83,10 +83,14 @@ def test_functional_all_is_pinned():
     f = zmqfed.functional
     assert sorted(f.__all__) == sorted(
         [
+            "AdaptiveClipping",
             "AggregationRule",
             "AutoReducer",
             "Ciphertext",
             "CompressionStats",
+            "DPMechanism",
+            "PrivacyBudgetSpent",
+            "RDPAccountant",
             "RunningFedAvg",
             "PrivateKey",
             "PublicKey",
@@ -95,6 +99,7 @@ def test_functional_all_is_pinned():
             "after_download",
             "after_peer",
             "after_upload",
+            "aggregated",
             "at_failed",
             "at_first",
             "at_invalid_state",
@@ -107,6 +112,7 @@ def test_functional_all_is_pinned():
             "before_peer",
             "before_upload",
             "call_rule",
+            "central_dp",
             "count_step",
             "deadline_step",
             "device_alignment",
@@ -122,6 +128,7 @@ def test_functional_all_is_pinned():
             "krum_aggregation",
             "krum_select",
             "load_param_states",
+            "local_dp",
             "long_to_float",
             "median_aggregation",
             "meta_reduce",

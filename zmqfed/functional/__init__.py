@@ -11,6 +11,7 @@ from zmqfed.core.step_points import (
     after_download,
     after_peer,
     after_upload,
+    aggregated,
     at_failed,
     at_first,
     at_invalid_state,
@@ -53,6 +54,9 @@ from zmqfed.functional.compress import (
     int8_quantization,
     topk_sparsification,
 )
+from zmqfed.functional.dp import DPMechanism, PrivacyBudgetSpent, central_dp, local_dp
+from zmqfed.functional.dp_accountant import RDPAccountant
+from zmqfed.functional.dp_mechanism import AdaptiveClipping
 from zmqfed.functional.hooks import (
     device_alignment,
     running_fedavg,
@@ -81,18 +85,23 @@ from zmqfed.functional.policies import (
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 
 __all__ = [
+    "AdaptiveClipping",
     "AggregationRule",
     "AutoReducer",
     "Ciphertext",
     "CompressionStats",
+    "DPMechanism",
+    "PrivacyBudgetSpent",
     "PrivateKey",
     "PublicKey",
+    "RDPAccountant",
     "RunningFedAvg",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
     "after_peer",
     "after_upload",
+    "aggregated",
     "at_failed",
     "at_first",
     "at_invalid_state",
@@ -105,6 +114,7 @@ __all__ = [
     "before_peer",
     "before_upload",
     "call_rule",
+    "central_dp",
     "count_step",
     "deadline_step",
     "device_alignment",
@@ -120,6 +130,7 @@ __all__ = [
     "krum_aggregation",
     "krum_select",
     "load_param_states",
+    "local_dp",
     "long_to_float",
     "median_aggregation",
     "meta_reduce",
