@@ -48,6 +48,7 @@ from zmqfed.functional.aggregate import (
     naive_aggregation,
     trimmed_mean_aggregation,
 )
+from zmqfed.functional.ckks import CKKSKeys, ckks_aggregation, ckks_key_gen, ckks_package
 from zmqfed.functional.compress import (
     CompressionStats,
     half_precision,
@@ -88,6 +89,7 @@ __all__ = [
     "AdaptiveClipping",
     "AggregationRule",
     "AutoReducer",
+    "CKKSKeys",
     "Ciphertext",
     "CompressionStats",
     "DPMechanism",
@@ -115,6 +117,9 @@ __all__ = [
     "before_upload",
     "call_rule",
     "central_dp",
+    "ckks_aggregation",
+    "ckks_key_gen",
+    "ckks_package",
     "count_step",
     "deadline_step",
     "device_alignment",
