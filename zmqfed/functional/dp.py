@@ -461,5 +461,6 @@ class _LocalCollaborator:
             self.m.meta[CLIP_BIT] = bit
         mech.accountant.step(mech.accounted_multiplier, 1.0)
         mech.history.append({"epsilon": mech.epsilon, CLIP_KEY: clip})
-        self.m.meta["dp_epsilon"] = mech.epsilon
+        if math.isfinite(mech.epsilon):  # (no noise: infinite, and meta is JSON)
+            self.m.meta["dp_epsilon"] = mech.epsilon
         return {n: self.served[n] + clipped[n] + noise[n] for n in self.params}
