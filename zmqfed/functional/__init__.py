@@ -58,6 +58,7 @@ from zmqfed.functional.compress import (
 from zmqfed.functional.dp import DPMechanism, PrivacyBudgetSpent, central_dp, local_dp
 from zmqfed.functional.dp_accountant import RDPAccountant
 from zmqfed.functional.dp_mechanism import AdaptiveClipping
+from zmqfed.functional.dp_sgd import DPSGD, dp_sgd
 from zmqfed.functional.hooks import (
     device_alignment,
     running_fedavg,
@@ -86,6 +87,7 @@ from zmqfed.functional.policies import (
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 
 __all__ = [
+    "DPSGD",
     "AdaptiveClipping",
     "AggregationRule",
     "AutoReducer",
@@ -126,6 +128,7 @@ __all__ = [
     "dispatch_step",
     "download_requested",
     "download_served",
+    "dp_sgd",
     "elastic_aggregation",
     "float_to_long",
     "half_precision",
