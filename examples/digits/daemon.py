@@ -17,6 +17,12 @@ collaborators), with ``noise`` (noise multiplier, 1.0), ``clip`` (update
 clip, or DP-SGD's per-example gradient clip, 1.0), ``delta`` (1e-5),
 ``target_epsilon`` (stop before exceeding it) and ``adaptive`` (1: adaptive
 clipping to the median norm). Epsilon joins every round's record.
+
+Homomorphic aggregation (CKKS, docs/privacy.md): ``he`` = ``all`` or
+``head`` (the output layer only) with ``he_keys`` = a directory holding
+``public.ckks`` (the aggregator's) and ``secret.ckks`` (the collaborators').
+The aggregator then adds ciphertexts it cannot read: its own model (and so
+its held-out accuracy) stays where it started for the encrypted layers.
 """
 
 from __future__ import annotations
@@ -39,7 +45,14 @@ from examples.digits.app import (
 from zmqfed.app import App, NodeContext
 from zmqfed.core import Maintainer
 from zmqfed.errors import ConfigError
-from zmqfed.functional import AdaptiveClipping, central_dp, dp_sgd, local_dp
+from zmqfed.functional import (
+    AdaptiveClipping,
+    central_dp,
+    ckks_aggregation,
+    ckks_package,
+    dp_sgd,
+    local_dp,
+)
 from zmqfed.meta import Meta
 from zmqfed.optim import FederatedOptimizer, ProxOptimizer, ScaffoldOptimizer
 from zmqfed.props import AGGREGATOR, COLLABORATOR
@@ -98,10 +111,28 @@ def factory(ctx: NodeContext) -> App:
 
         app.train = train
         app.local_optim = local
+    he = opt.get("he", "")
+    if he:
+        _add_he(app, ctx, he, opt)
     dp = opt.get("dp", "")
     if dp:
         _add_dp(app, ctx, dp, opt, x if ctx.collaborator else None, y if ctx.collaborator else None)
     return app
+
+
+def _add_he(app: App, ctx: NodeContext, he: str, opt: dict[str, str]) -> None:
+    """CKKS aggregation of ``all`` layers or the output layer (``head``)."""
+    if he not in ("all", "head"):
+        raise ConfigError(f"he must be all or head, got {he!r}")
+    folder = opt.get("he_keys")
+    if not folder:
+        raise ConfigError("he needs he_keys=DIR with public.ckks and secret.ckks")
+    if ctx.aggregator and not ctx.collaborator:
+        app.agg_func = ckks_aggregation
+        app.agg_kwargs = {"keys": f"{folder}/public.ckks"}
+        return
+    layers = None if he == "all" else "2.*"
+    app.configure = lambda m: ckks_package(f"{folder}/secret.ckks", layers=layers)
 
 
 def _add_dp(app: App, ctx: NodeContext, dp: str, opt: dict[str, str], x: Any, y: Any) -> None:

@@ -169,3 +169,31 @@ def test_layers_select_what_is_encrypted_and_aggregator_refuses_secret_keys(keys
         ckks_package(secret, layers=[""])
     agg.close()
     col.close()
+
+
+def test_blind_aggregation_installs_only_the_clear_part(keys):
+    public, secret = keys
+    network = MemoryNetwork()
+    agg, col, state = _maintainers(network)
+    with col:
+        ckks_package(secret, layers=["1.*"])
+    with agg:
+        ckks_package(public)
+    params = [state["0.weight"].requires_grad_(), state["1.weight"].requires_grad_()]
+    optim = torch.optim.SGD(params, lr=1.0)
+    col.package()
+    upload = agg.receive(col.apply_hooks(col.packaged_data, unpackage=False), "client0")
+    agg.record_upload(upload, {})
+    agg.record_upload(upload, {})
+    result = ckks_aggregation(agg.data_list, agg.meta_list, optim_list=optim, keys=public)
+    w1 = state["1.weight"]
+    assert (
+        isinstance(result[w1]["param.ckks"], CKKSCiphertext)
+        and result[w1]["param.ckks"].summands == 2
+    )
+    # the encrypted layer gets no gradient (it cannot be read); the clear one its pseudo-gradient
+    assert w1.grad is None and state["0.weight"].grad is not None
+    # ciphertexts are served, never loaded as optimizer state (nor checkpointed with it)
+    assert all(isinstance(v, torch.Tensor) for s in optim.state.values() for v in s.values())
+    agg.close()
+    col.close()

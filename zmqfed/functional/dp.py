@@ -287,13 +287,14 @@ class _CentralHooks:
             name = by_tensor.get(id(p))
             if name is None:
                 continue
-            state[PARAM] = (p.detach().to(torch.float32) + clipped[name]).to(p.dtype)
             if name in self.sums:
                 self.sums[name].add_(clipped[name])
             else:
                 self.sums[name] = clipped[name].clone()
                 if not p.requires_grad:
                     self.base[name] = p.detach().clone()
+            # what later hooks and the rule see: the served model plus the clipped update
+            state[PARAM] = clipped[name].add_(p.detach()).to(p.dtype)
         self.count += 1
         self.within += int(norm <= self.mech.clip)
 

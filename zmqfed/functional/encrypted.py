@@ -261,7 +261,15 @@ def aggregate_encrypted(
             if isinstance(p, Tensor):
                 served.put(p, fields)
             param_states.setdefault(p, {}).update({f + suffix: v for f, v in fields.items()})  # type: ignore[misc]
-        return install_if_given(add_pseudo_gradients(param_states), optim_list)
+        add_pseudo_gradients(param_states)
+        # the optimizers get the clear part only: ciphertexts are served, not optimizer state
+        # (which would also end up in checkpoints)
+        clear_part = {
+            p: {k: v for k, v in state.items() if isinstance(v, Tensor)}
+            for p, state in param_states.items()
+        }
+        install_if_given(clear_part, optim_list)
+        return param_states
     for p, fields in sums.items():
         state = param_states.setdefault(p, {})
         for field, value in fields.items():
