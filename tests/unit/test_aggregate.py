@@ -366,7 +366,7 @@ def test_call_rule_gives_elastic_the_optimizers_by_keyword_and_its_quantile():
 def test_aggregate_and_step_runs_elastic_with_kwargs():
     p, ups, metas, fed = elastic_case()
     expected = p.detach() - elastic_aggregation(ups, metas, quantile=0.3)[p]["grad"]
-    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    m = SimpleNamespace(data_list=ups, meta_list=metas, run_step_point=lambda point, pipe: None)
     aggregate_and_step(m, [fed], elastic_aggregation, quantile=0.3)  # type: ignore[arg-type]
     torch.testing.assert_close(p.detach(), expected)
 
@@ -378,7 +378,7 @@ def test_optimizers_as_a_list_one_way_everywhere():
     # aggregate_and_step takes one optimizer as well as a list
     p, ups, metas, fed = elastic_case()
     expected = p.detach() - naive_aggregation(ups, metas)[p]["grad"]
-    m = SimpleNamespace(data_list=ups, meta_list=metas)
+    m = SimpleNamespace(data_list=ups, meta_list=metas, run_step_point=lambda point, pipe: None)
     aggregate_and_step(m, fed, naive_aggregation)  # type: ignore[arg-type]
     torch.testing.assert_close(p.detach(), expected)
     aggregator = SimpleNamespace(aggregator=True, nick_name="agg")
