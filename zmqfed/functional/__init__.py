@@ -55,8 +55,10 @@ from zmqfed.functional.compress import (
     int8_quantization,
     topk_sparsification,
 )
-from zmqfed.functional.dp import DPMechanism, PrivacyBudgetSpent, central_dp, local_dp
+from zmqfed.functional.dp import DPMechanism, PrivacyBudgetSpent
 from zmqfed.functional.dp_accountant import RDPAccountant
+from zmqfed.functional.dp_central import central_dp
+from zmqfed.functional.dp_local import local_dp
 from zmqfed.functional.dp_mechanism import AdaptiveClipping
 from zmqfed.functional.dp_sgd import DPSGD, dp_sgd
 from zmqfed.functional.hooks import (
