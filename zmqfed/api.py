@@ -181,6 +181,8 @@ class API(threading.Thread):
         #: The latest rounds (``keep_records`` of them; ``record_path`` has them all).
         self.records: deque[RoundRecord] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
+        #: Why the rounds ended before ``rounds`` (a hook's ``end_training``), or None.
+        self.ended_early: str | None = None
         maintainer.on(step_points.upload_received, stale_check, nice=40)
         prepare_for_rule(maintainer, agg_func, self.agg_func_kwargs)
 
@@ -212,6 +214,17 @@ class API(threading.Thread):
                     test = self._round(r, "test")
                     bar.set_postfix(_postfix(test), refresh=False)
                 bar.update(1)
+                reason = self.maintainer.end_reason
+                if reason is not None:
+                    self.ended_early = reason
+                    log.warning(
+                        "%s: training ends after round %d of %d: %s",
+                        self.maintainer.nick_name,
+                        r,
+                        self.rounds,
+                        reason,
+                    )
+                    break
         finally:
             bar.close()
 
@@ -223,6 +236,7 @@ class API(threading.Thread):
         m.meta["round"] = r
         m.meta["rounds"] = self.rounds
         m.meta["test_rounds"] = self.with_test_round
+        m.round_metrics.clear()
         if mode == "train":
             m.package(self.optim_list)
         m.step(timeout=self.step_timeout)
@@ -233,6 +247,7 @@ class API(threading.Thread):
             metrics = reduce_isolated(m, self.reduce_func, **self.reduce_func_kwargs)
         if self.evaluate is not None and mode == "train":
             metrics.update(self.evaluate())
+        metrics.update(m.round_metrics)
         after_in, after_out = _traffic(m)
         record = RoundRecord(
             round=r,
@@ -293,10 +308,13 @@ def aggregate_and_step(
     model, pseudo-gradients and optimizer state into the optimizers) before
     they step.  An update the rule cannot aggregate (or that makes the
     aggregate non-finite) is dropped with a warning, and the rest aggregated
-    (:func:`zmqfed.isolation.aggregate_isolated`).
+    (:func:`zmqfed.isolation.aggregate_isolated`). Then the ``aggregated``
+    step hooks run, before the optimizers step.
     """
     optims = optim_as_list(optim_list)
     aggregate_isolated(m, optims, agg_func, **agg_kwargs)
+    # hooks that act on the installed aggregate (differential privacy's noise)
+    m.run_step_point(step_points.aggregated, None)
     for optim in optims:
         optim.step()
         if hasattr(optim, "round"):

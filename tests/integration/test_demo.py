@@ -29,3 +29,56 @@ def test_demo_reaches_the_target_accuracy_and_plots(run_python, tmp_path, slow_f
     png = out_dir / "demo.png"
     width, height = _png_size(png.read_bytes())
     assert (width, height) == (1000, 400)
+
+
+def test_demo_with_central_dp_stops_at_the_target_epsilon(run_python, tmp_path, slow_factor):
+    # noise 0.5, 8 collaborators, all in every round: epsilon 10.7, 16.5, 21.4, 25.9 (delta 1e-5)
+    proc = run_python(
+        module="zmqfed.demo",
+        args=[
+            "--out",
+            str(tmp_path / "demo"),
+            "--rounds",
+            "6",
+            "--dp",
+            "central",
+            "--target-epsilon",
+            "24",
+            "--min-accuracy",
+            "0",
+        ],
+    )
+    out, err = proc.communicate(timeout=600 * slow_factor)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    text = out + err
+    assert "central DP (noise 0.5, clip 1.0)" in text
+    # one table line per round, epsilon last; the third round is the last that fits
+    rows = re.findall(
+        r"^\s*(\d+)\s+0\.\d{4}\s+\d+\.\d{4}\s+8\s.*\s(\d+\.\d{3})$", text, re.MULTILINE
+    )
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    assert [round(float(r[1]), 1) for r in rows] == [10.7, 16.5, 21.4]
+    assert re.search(r"after 3 rounds, \(21\.4, 1e-05\)-DP \(central\)", text), text[-2000:]
+
+
+def test_demo_with_dp_sgd_reports_record_level_epsilon(run_python, tmp_path, slow_factor):
+    proc = run_python(
+        module="zmqfed.demo",
+        args=[
+            "--out",
+            str(tmp_path / "demo"),
+            "--rounds",
+            "2",
+            "--dp",
+            "dpsgd",
+            "--min-accuracy",
+            "0",
+        ],
+    )
+    out, err = proc.communicate(timeout=600 * slow_factor)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    rows = re.findall(
+        r"^\s*(\d+)\s+0\.\d{4}\s+\d+\.\d{4}\s+8\s.*\s(\d+\.\d{3})$", out + err, re.MULTILINE
+    )
+    assert [int(r[0]) for r in rows] == [1, 2]
+    assert 0 < float(rows[0][1]) < float(rows[1][1])  # record-level epsilon grows with rounds

@@ -397,6 +397,7 @@ def _uploads(ups, metas, p) -> SimpleNamespace:
         sender_list=[f"c{i}" for i in range(len(ups))],
         state_dict={"p": p},
         nick_name="agg",
+        run_step_point=lambda point, pipe: None,
     )
 
 

@@ -70,15 +70,19 @@ class CollaboratorSide:
     ) -> StepResult:
         m, t = self.m, self.transport
         deadline = None if timeout is None else time.monotonic() + timeout
-        out_meta = Meta(meta if meta is not None else m.meta).to_json_dict()
+        tensors: dict[str, dict[str, Tensor]] = {}
         if upload:
             if not m.packaged_data:
                 m.package()
+            # hooks first: a package hook may add to the upload's meta (local DP's clip bit)
+            tensors = m.apply_hooks(m.packaged_data, unpackage=False)
+        out_meta = Meta(meta if meta is not None else m.meta).to_json_dict()
+        if upload:
             t.request(
                 Kind.PUSH,
                 meta=out_meta,
                 version=max(m.version, 0),
-                tensors=m.apply_hooks(m.packaged_data, unpackage=False),
+                tensors=tensors,
                 timeout=_left(deadline),
             )
         if download:

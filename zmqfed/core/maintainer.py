@@ -162,6 +162,11 @@ class Maintainer:
         self.pipe: Pipe | None = None
         #: The step point being run.
         self.current_step: str | None = None
+        #: Metrics hooks report about the current round (e.g. DP's ``epsilon``);
+        #: ``API`` adds them to the round's record and clears them.
+        self.round_metrics: dict[str, Any] = {}
+        #: Why training must end after the current round (:meth:`end_training`), or None.
+        self.end_reason: str | None = None
         self._hooks = HookRegistry()
         self._closed = False
         transport: dict[str, Any] = {
@@ -402,6 +407,15 @@ class Maintainer:
     def all_pipes(self) -> list[Pipe]:
         """Every pipe of the group, online or not (the aggregator's roster)."""
         return self._side.pipes()
+
+    def end_training(self, reason: str) -> None:
+        """From a hook: ask the round runner to stop after the current round.
+
+        ``API`` logs ``reason`` and runs no further round (a privacy budget
+        spent, for instance); the first reason given is kept.
+        """
+        if self.end_reason is None:
+            self.end_reason = str(reason)
 
     def manual_stop(self) -> None:
         """End the aggregator's current ``step()`` after the hook that calls it."""

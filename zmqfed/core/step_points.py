@@ -15,6 +15,11 @@ the peer is gone      ``peer_leaving`` -> ``peer_left``
 none of these         ``peer_invalid``
 ====================  =====================================================
 
+After a step, ``aggregated`` runs once (no peer) when a round runner
+(``API``, the node runner) has aggregated the step's uploads: the rule has
+installed its result (``p.grad`` holds the pseudo-gradient) and the server
+optimizer has not stepped yet. Differential privacy adds its noise there.
+
 OpenFed named the points from the aggregator's side of a transfer (it
 "downloads" an upload); those names are kept as aliases of the same values:
 ``before_download`` is ``upload_received``, ``before_upload`` is
@@ -30,6 +35,7 @@ __all__ = [
     "after_download",
     "after_peer",
     "after_upload",
+    "aggregated",
     "at_failed",
     "at_first",
     "at_invalid_state",
@@ -65,6 +71,7 @@ request_parked = "request_parked"
 peer_leaving = "peer_leaving"
 peer_left = "peer_left"
 after_peer = "after_peer"
+aggregated = "aggregated"  # after the rule installed the aggregate, before the server step
 
 #: Every step point, in the order a step meets them.
 STEP_NAMES = (
@@ -80,6 +87,7 @@ STEP_NAMES = (
     peer_leaving,
     peer_left,
     after_peer,
+    aggregated,
 )
 
 # OpenFed's names (the aggregator "downloads" what a collaborator uploads).

@@ -11,6 +11,7 @@ from zmqfed.core.step_points import (
     after_download,
     after_peer,
     after_upload,
+    aggregated,
     at_failed,
     at_first,
     at_invalid_state,
@@ -47,12 +48,19 @@ from zmqfed.functional.aggregate import (
     naive_aggregation,
     trimmed_mean_aggregation,
 )
+from zmqfed.functional.ckks import CKKSKeys, ckks_aggregation, ckks_key_gen, ckks_package
 from zmqfed.functional.compress import (
     CompressionStats,
     half_precision,
     int8_quantization,
     topk_sparsification,
 )
+from zmqfed.functional.dp import DPMechanism, PrivacyBudgetSpent
+from zmqfed.functional.dp_accountant import RDPAccountant
+from zmqfed.functional.dp_central import central_dp
+from zmqfed.functional.dp_local import local_dp
+from zmqfed.functional.dp_mechanism import AdaptiveClipping
+from zmqfed.functional.dp_sgd import DPSGD, dp_sgd
 from zmqfed.functional.hooks import (
     device_alignment,
     running_fedavg,
@@ -81,18 +89,25 @@ from zmqfed.functional.policies import (
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
 
 __all__ = [
+    "DPSGD",
+    "AdaptiveClipping",
     "AggregationRule",
     "AutoReducer",
+    "CKKSKeys",
     "Ciphertext",
     "CompressionStats",
+    "DPMechanism",
+    "PrivacyBudgetSpent",
     "PrivateKey",
     "PublicKey",
+    "RDPAccountant",
     "RunningFedAvg",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
     "after_peer",
     "after_upload",
+    "aggregated",
     "at_failed",
     "at_first",
     "at_invalid_state",
@@ -105,12 +120,17 @@ __all__ = [
     "before_peer",
     "before_upload",
     "call_rule",
+    "central_dp",
+    "ckks_aggregation",
+    "ckks_key_gen",
+    "ckks_package",
     "count_step",
     "deadline_step",
     "device_alignment",
     "dispatch_step",
     "download_requested",
     "download_served",
+    "dp_sgd",
     "elastic_aggregation",
     "float_to_long",
     "half_precision",
@@ -120,6 +140,7 @@ __all__ = [
     "krum_aggregation",
     "krum_select",
     "load_param_states",
+    "local_dp",
     "long_to_float",
     "median_aggregation",
     "meta_reduce",

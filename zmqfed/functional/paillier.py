@@ -70,8 +70,7 @@ import logging
 import math
 import os
 import secrets
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +79,19 @@ import torch
 from torch import Tensor
 
 from zmqfed.errors import ConfigError, ProtocolError
-from zmqfed.functional.agg_common import (
-    ParamStates,
-    Update,
-    add_pseudo_gradients,
-    install_if_given,
+from zmqfed.functional.agg_common import ParamStates, Update
+from zmqfed.functional.encrypted import (
+    EncryptedValue,
+    ServedAggregate,
+    aggregate_encrypted,
+    register_encryption,
 )
-from zmqfed.functional.running_mean import RunningFedAvg
 
 __all__ = [
     "BIGINT_BACKEND",
     "SUFFIX",
     "Ciphertext",
+    "PaillierScheme",
     "PrivateKey",
     "PublicKey",
     "float_to_long",
@@ -125,8 +125,6 @@ PARAM = "param"
 _KIND_PUBLIC = "zmqfed-paillier-public-key"
 _KIND_PRIVATE = "zmqfed-paillier-private-key"
 _MIN_KEY_SIZE = 1024  # below this, factoring n is practical
-_ENCRYPT_NICE = 200  # after every other package hook (device_alignment: 100)
-_DECRYPT_NICE = -100  # before every other unpackage hook (device_alignment: 0)
 
 
 # --------------------------------------------------------------------------- keys
@@ -694,36 +692,61 @@ def paillier_dec(private_key: PrivateKey | str | os.PathLike[str], c: Ciphertext
 # -------------------------------------------------------------------- the hooks
 
 
-class _EncryptedModel:
-    """The aggregator's blind aggregate per tensor, kept until it is served."""
+class PaillierScheme:
+    """Paillier as a :class:`~zmqfed.functional.encrypted.Scheme`: fixed point, packed, summed.
 
-    def __init__(self) -> None:
-        self._items: dict[int, tuple[weakref.ref[Tensor], dict[str, Ciphertext]]] = {}
+    With the private key it decrypts, and encrypts by the CRT (about 3x faster).
+    """
 
-    def put(self, p: Tensor, fields: dict[str, Ciphertext]) -> None:
-        key = id(p)
-        self._items[key] = (weakref.ref(p, lambda _ref: self._items.pop(key, None)), fields)
+    name = "paillier"
+    suffix = SUFFIX
 
-    def get(self, p: Tensor) -> dict[str, Ciphertext] | None:
-        item = self._items.get(id(p))
-        return item[1] if item is not None and item[0]() is p else None
+    def __init__(self, public_key: PublicKey, private_key: PrivateKey | None = None) -> None:
+        self.public_key = public_key
+        self.private_key = private_key
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public_key.fingerprint
+
+    @property
+    def can_decrypt(self) -> bool:
+        return self.private_key is not None
+
+    def encrypt(self, value: Tensor) -> Ciphertext:
+        key = self.private_key if self.private_key is not None else self.public_key
+        return paillier_enc(key, float_to_long(self.public_key, value))
+
+    def from_wire(self, data: Tensor, marker: Tensor) -> Ciphertext:
+        ct = Ciphertext.from_wire(data, marker, self.public_key)
+        _ = ct.ints  # range-check every ciphertext now, not in the middle of an aggregation
+        return ct
+
+    def owns(self, value: Any) -> bool:
+        if not isinstance(value, Ciphertext):
+            return False
+        if value.public_key.n != self.public_key.n:
+            raise ConfigError(
+                f"an upload was encrypted with key {value.public_key.fingerprint}, "
+                f"not {self.public_key.fingerprint}"
+            )
+        return True
+
+    def decrypt_mean(self, value: EncryptedValue) -> Tensor:
+        assert isinstance(value, Ciphertext) and self.private_key is not None
+        return long_to_float(
+            self.private_key, paillier_dec(self.private_key, value), value.summands
+        )
 
 
-_served = _EncryptedModel()
-
-
-def _encrypted_fields(state: Mapping[str, Any]) -> list[str]:
-    return [k[: -len(SUFFIX)] for k in state if k.endswith(SUFFIX) and k[: -len(SUFFIX)] in state]
-
-
-def _placeholder(p: Tensor, shape: Sequence[int]) -> Tensor:
-    """A tensor of ``shape`` that takes no memory: the decrypted value is not known here."""
-    return torch.zeros((), dtype=p.dtype if p.is_floating_point() else torch.float32).expand(*shape)
+_served = ServedAggregate()
 
 
 def paillier_package(
     public_key: PublicKey | str | os.PathLike[str],
     private_key: PrivateKey | str | os.PathLike[str] | None = None,
+    *,
+    layers: str | Iterable[str] | Callable[[str], bool] | None = None,
 ) -> None:
     """Encrypt what this node sends and handle what it receives (inside ``with maintainer:``).
 
@@ -731,7 +754,9 @@ def paillier_package(
     with ``public_key``; a download holding an encrypted model (a blind
     aggregator's) is decrypted with ``private_key`` to the mean of the
     updates it sums, so ``unpackage`` sees a plain model. With the private
-    key, encryption uses the CRT, about 3x faster.
+    key, encryption uses the CRT, about 3x faster. ``layers`` (name patterns
+    such as ``'fc.*'``, or a predicate on the tensor's name) limits
+    encryption to those tensors; the others travel in the clear.
 
     On an **aggregator**: encrypted uploads are accepted (each ``param``
     becomes a placeholder of the right shape, the ciphertexts stay in
@@ -740,7 +765,8 @@ def paillier_package(
     the next downloads carry. ``API`` registers this by itself when its
     ``agg_func`` is :func:`paillier_aggregation`.
 
-    Only the ``public_key`` argument existed in OpenFed.
+    Only the ``public_key`` argument existed in OpenFed. The hooks are the
+    scheme-independent ones of :mod:`zmqfed.functional.encrypted`.
     """
     from zmqfed.core import current_maintainer
 
@@ -751,52 +777,7 @@ def paillier_package(
         raise ConfigError(
             f"private key {sk.fingerprint} does not belong to public key {pk.fingerprint}"
         )
-    registered = getattr(maintainer, "_paillier_key", None)
-    if registered is not None:
-        if registered.n != pk.n:
-            raise ConfigError(
-                f"{maintainer.nick_name}: paillier_package was already called with key "
-                f"{registered.fingerprint}, not {pk.fingerprint}"
-            )
-        return
-    maintainer._paillier_key = pk  # type: ignore[attr-defined]
-    if maintainer.aggregator:  # uploads then carry the encrypted sum's field
-        maintainer.upload_fields.add(PARAM + SUFFIX)
-    encryptor: PublicKey | PrivateKey = sk if sk is not None else pk
-
-    def receive(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
-        for field in _encrypted_fields(state):
-            ct = Ciphertext.from_wire(state[field], state.pop(field + SUFFIX), pk)
-            _ = ct.ints  # range-check every ciphertext now, not in the middle of an aggregation
-            if maintainer.aggregator:  # keep the ciphertext; the aggregation adds them up
-                state[field] = _placeholder(p, ct.shape)
-                state[field + SUFFIX] = ct
-            else:
-                if sk is None:
-                    raise ProtocolError(
-                        "the aggregator served an encrypted model, but this node has no private "
-                        "key: call paillier_package(public_key, private_key)"
-                    )
-                mean = long_to_float(sk, paillier_dec(sk, ct), ct.summands)
-                state[field] = mean.to(p.dtype if p.is_floating_point() else torch.float32)
-        return state
-
-    def send(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
-        if maintainer.aggregator:
-            served = _served.get(p)
-            for field, ct in (served or {}).items():
-                state[field] = ct.data
-                state[field + SUFFIX] = ct.marker()
-            return state
-        for field, value in list(state.items()):
-            if isinstance(value, Tensor) and value.is_floating_point():
-                ct = paillier_enc(encryptor, float_to_long(pk, value.cpu()))
-                state[field] = ct.data
-                state[field + SUFFIX] = ct.marker()
-        return state
-
-    maintainer.register_unpackage_hook(_DECRYPT_NICE, receive)
-    maintainer.register_package_hook(_ENCRYPT_NICE, send)
+    register_encryption(maintainer, PaillierScheme(pk, sk), _served, layers)
 
 
 # --------------------------------------------------------------- the aggregation
@@ -832,43 +813,9 @@ def paillier_aggregation(
             "(keep it encrypted for the key holders)"
         )
     pk = key.public_key if key is not None else _as_public(public_key)  # type: ignore[arg-type]
-    sums: dict[Any, dict[str, Ciphertext]] = {}
-    plain = RunningFedAvg()
-    for update in data_list:
-        clear: dict[Any, dict[str, Tensor]] = {}
-        for p, state in update.items():
-            encrypted = set(_encrypted_fields(state))
-            for name, value in state.items():
-                if isinstance(value, Ciphertext):
-                    field = name[: -len(SUFFIX)]
-                    if value.public_key.n != pk.n:
-                        raise ConfigError(
-                            f"an upload was encrypted with key {value.public_key.fingerprint}, "
-                            f"not {pk.fingerprint}"
-                        )
-                    slot = sums.setdefault(p, {})
-                    slot[field] = slot[field] + value if field in slot else value
-                elif name not in encrypted:
-                    clear.setdefault(p, {})[name] = value
-        if clear:
-            plain.add(clear, 1.0)
-    param_states: ParamStates = plain.result() if plain.count else {}
-    if key is None:
-        for p, fields in sums.items():
-            if isinstance(p, Tensor):
-                _served.put(p, fields)
-            param_states.setdefault(p, {}).update({f + SUFFIX: ct for f, ct in fields.items()})  # type: ignore[misc]
-        # the buffers sent in the clear are installed like any rule's
-        return install_if_given(add_pseudo_gradients(param_states), optim_list)
-    for p, fields in sums.items():
-        state = param_states.setdefault(p, {})
-        for field, ct in fields.items():
-            mean = long_to_float(key, paillier_dec(key, ct), ct.summands)
-            dtype = p.dtype if isinstance(p, Tensor) and p.is_floating_point() else torch.float32
-            state[field] = mean.to(dtype)
-        if isinstance(p, Tensor):
-            _served.put(p, {})  # the model is served in the clear again
-    return install_if_given(add_pseudo_gradients(param_states), optim_list)
+    return aggregate_encrypted(
+        data_list, PaillierScheme(pk, key), _served, decrypt=key is not None, optim_list=optim_list
+    )
 
 
 def _setup_maintainer(maintainer: Any, **agg_kwargs: Any) -> None:
