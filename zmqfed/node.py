@@ -31,6 +31,7 @@ from zmqfed.errors import ConfigError
 from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
 from zmqfed.meta import Meta
+from zmqfed.names import name_path
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
@@ -77,6 +78,8 @@ class NodeRunner:
         keys_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name = name
+        if state_dir is not None:
+            name_path(state_dir, name)  # every file of this node is named after it
         topology.validate(acyclic=True)  # groups are stepped bottom-up: a cycle never ends
         self.props = tuple(analysis(topology, name))
         self.ctx = NodeContext(name=name, props=self.props, rounds=rounds, options=options or {})
@@ -99,7 +102,7 @@ class NodeRunner:
     # -- persistence ---------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / f"{self.name}.ckpt"
+        return None if self.state_dir is None else name_path(self.state_dir, self.name, ".ckpt")
 
     def write_status(self, state: str) -> None:
         """Write ``status.json`` for operators (``zmqfed-node status``)."""
@@ -122,9 +125,10 @@ class NodeRunner:
             "last_record": self.records[-1] if self.records else None,
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".{self.name}.status.json"
+        path = name_path(self.state_dir, self.name, ".status.json")
+        tmp = path.with_name(f".{path.name}")
         tmp.write_text(json.dumps(status, indent=2))
-        os.replace(tmp, self.state_dir / f"{self.name}.status.json")
+        os.replace(tmp, path)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
@@ -216,7 +220,7 @@ class NodeRunner:
             keep_records=KEEP_RECORDS,
             record_path=None
             if self.state_dir is None
-            else self.state_dir / f"{self.name}.rounds.jsonl",
+            else name_path(self.state_dir, self.name, ".rounds.jsonl"),
         )
         self.write_status("running")
         api.run()

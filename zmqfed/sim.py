@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zmqfed.errors import ConfigError, PipeError
+from zmqfed.names import name_path
 from zmqfed.topo import Topology, star
 
 __all__ = ["NodeFailed", "Simulation", "star_topology"]
@@ -132,7 +133,7 @@ class Simulation:
                 cmd += ["--rounds", str(self.rounds)]
             for option in self.options:
                 cmd += ["--set", option]
-            log_path = self.logdir / f"{name}.log"
+            log_path = name_path(self.logdir, name, ".log")
             with open(log_path, "wb") as out:
                 proc = subprocess.Popen(
                     cmd,
@@ -173,7 +174,7 @@ class Simulation:
 
     def tail(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a node's log."""
-        path = self.logdir / f"{name}.log"
+        path = name_path(self.logdir, name, ".log")
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 

@@ -257,3 +257,15 @@ def test_props_round_trip_and_fingerprint(tmp_path):
         FederatedProperties.unserialize({"role": "aggregator"})
     with pytest.raises(ConfigError, match="not a collaborator"):
         FederatedProperties("collaborator", "z", Address("tcp://h:1"), "agg", ("a",))
+
+
+def test_names_all_is_pinned():
+    from zmqfed import names
+
+    assert sorted(names.__all__) == [
+        "MAX_NAME_BYTES",
+        "check_name",
+        "name_path",
+        "nick_name_problem",
+    ]
+    assert zmqfed.topo.graph.check_nick_name("a-b.c_1") == "a-b.c_1"

@@ -121,10 +121,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from zmqfed.errors import ConfigError
+    from zmqfed.names import name_path
 
     state_dir = Path(args.state_dir)
-    pattern = f"{args.node}.status.json" if args.node else "*.status.json"
-    files = sorted(state_dir.glob(pattern))
+    if args.node:
+        path = name_path(state_dir, args.node, ".status.json")
+        pattern, files = path.name, [path] if path.exists() else []
+    else:
+        pattern, files = "*.status.json", sorted(state_dir.glob("*.status.json"))
     if not files:
         raise ConfigError(f"no status file matching {pattern} in {state_dir}")
     for path in files:

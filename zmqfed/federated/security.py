@@ -26,6 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from zmqfed.errors import SecurityError
+from zmqfed.names import name_path
 
 __all__ = [
     "ClientSecurity",
@@ -45,10 +46,16 @@ def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path
     Refuses to overwrite an existing key pair.
     """
     directory = Path(keys_dir)
+    public, secret = name_path(directory, name, ".key"), name_path(directory, name, ".key_secret")
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
-    if public.exists() or secret.exists():
-        raise SecurityError(f"a key pair for {name!r} already exists in {directory}")
+    for path in (public, secret):
+        # lexists: pyzmq would write the key wherever a dangling symlink points
+        if path.is_symlink() and not path.exists():
+            raise SecurityError(
+                f"cannot create a key pair for {name!r}: {path} is a dangling symlink"
+            )
+        if os.path.lexists(path):
+            raise SecurityError(f"a key pair for {name!r} already exists in {directory}")
     old = os.umask(0o077)  # pyzmq writes the secret 0644 otherwise
     try:
         zmq.auth.create_certificates(directory, name)
@@ -57,6 +64,12 @@ def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path
     os.chmod(secret, 0o600)
     os.chmod(public, 0o644)
     return public, secret
+
+
+def _missing(path: Path) -> str:
+    if path.is_symlink():
+        return f"{path} is a dangling symlink to {os.readlink(path)}"
+    return f"{path} is missing"
 
 
 @dataclass(frozen=True)
@@ -72,17 +85,17 @@ class Curve:
 
     def public_key(self, name: str) -> bytes:
         """The z85 public key of node ``name``."""
-        path = self.keys_dir / f"{name}.key"
+        path = name_path(self.keys_dir, name, ".key")
         if not path.exists():
-            raise SecurityError(f"no public key for node {name!r} ({path} is missing)")
+            raise SecurityError(f"no public key for node {name!r} ({_missing(path)})")
         public, _ = zmq.auth.load_certificate(path)
         return public
 
     def key_pair(self, name: str) -> tuple[bytes, bytes]:
         """This node's (public, secret) z85 keys; the secret file must be private."""
-        path = self.keys_dir / f"{name}.key_secret"
+        path = name_path(self.keys_dir, name, ".key_secret")
         if not path.exists():
-            raise SecurityError(f"no secret key for node {name!r} ({path} is missing)")
+            raise SecurityError(f"no secret key for node {name!r} ({_missing(path)})")
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise SecurityError(
