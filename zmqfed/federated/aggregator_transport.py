@@ -20,6 +20,7 @@ verdicts into these actions, and never writes a peer's fields.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -42,7 +43,7 @@ from zmqfed.federated.protocol import (
     stamp,
     welcome_meta,
 )
-from zmqfed.federated.security import Curve
+from zmqfed.federated.security import Curve, require_curve_for_pickle
 from zmqfed.federated.sockets import SocketOptions
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
@@ -97,10 +98,13 @@ class AggregatorTransport:
         stream: StreamConfig = DEFAULT_STREAM,
     ) -> None:
         assert props.address.endpoint is not None
+        require_curve_for_pickle(limits, curve)
         self.props = props
         self.name = props.nick_name
         self.endpoint = props.address.endpoint
         self.limits = limits
+        #: For peers that have not said HELLO: an object frame is never decoded for them.
+        self.limits_before_hello = dataclasses.replace(limits, allow_pickle=False)
         self.codec = codec
         self.curve = curve
         #: Random per process start; requests addressed to another one are stale.
@@ -203,7 +207,9 @@ class AggregatorTransport:
         if not self._authentic(pipe, frames):
             return None
         try:
-            env = decode(frames[1:], limits=self.limits)
+            env = decode(
+                frames[1:], limits=self.limits if pipe.online else self.limits_before_hello
+            )
         except ProtocolError as exc:
             self._log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
             self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))

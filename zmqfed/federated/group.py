@@ -6,6 +6,7 @@ from zmqfed.federated.aggregator_transport import AggregatorTransport
 from zmqfed.federated.collaborator_transport import CollaboratorTransport
 from zmqfed.federated.pipe import Pipe
 from zmqfed.federated.ports import Network
+from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions, close_at_exit
 from zmqfed.federated.zmq_port import default_network
 from zmqfed.props import FederatedProperties
@@ -25,24 +26,32 @@ def init_federated_group(
     limits: Limits = DEFAULT_LIMITS,
     codec: str = "raw",
     network: Network | None = None,
+    curve: Curve | None = None,
 ) -> list[Pipe]:
     """The pipes of ``fed_props``'s group: the aggregator's roster, or a collaborator's one pipe.
 
     The aggregator's pipes share one bound ROUTER; a collaborator's pipe owns
     a DEALER connected to the aggregator.  The transport behind them is
     closed at interpreter exit (or by closing a collaborator's pipe).  Most
-    users get pipes through a ``Maintainer`` instead.
+    users get pipes through a ``Maintainer`` instead.  ``curve`` encrypts and
+    authenticates the group (required for ``limits.allow_pickle``).
     """
     network = network or default_network()
     if fed_props.aggregator:
         transport = AggregatorTransport(
-            fed_props, network=network, served=dict, options=options, limits=limits, codec=codec
+            fed_props,
+            network=network,
+            served=dict,
+            options=options,
+            limits=limits,
+            codec=codec,
+            curve=curve,
         )
         _transports.append(transport)
         close_at_exit(transport)
         return list(transport.roster.values())
     link = CollaboratorTransport(
-        fed_props, network=network, options=options, limits=limits, codec=codec
+        fed_props, network=network, options=options, limits=limits, codec=codec, curve=curve
     )
     _transports.append(link)
     close_at_exit(link)

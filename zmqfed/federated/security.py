@@ -25,7 +25,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from zmqfed.errors import SecurityError
+from zmqfed.errors import ConfigError, SecurityError
 from zmqfed.names import name_path
 
 __all__ = [
@@ -34,10 +34,30 @@ __all__ = [
     "ServerSecurity",
     "create_keys",
     "group_authenticator",
+    "require_curve_for_pickle",
     "stop_authenticator",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def require_curve_for_pickle(limits: Any, curve: Curve | None) -> None:
+    """Refuse ``limits.allow_pickle`` without CURVE: unpickling runs the sender's code.
+
+    Every transport calls this before it makes a socket (docs/security.md), so
+    no way of building a group -- ``Maintainer``, ``init_federated_group`` or a
+    transport made directly -- accepts pickles from unauthenticated peers.
+
+    Raises
+    ------
+    ConfigError
+        ``limits.allow_pickle`` is set and ``curve`` is None.
+    """
+    if getattr(limits, "allow_pickle", False) and curve is None:
+        raise ConfigError(
+            "allow_pickle lets peers run code on this node; it is only allowed behind CURVE "
+            "(pass curve=Curve(keys_dir))"
+        )
 
 
 def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
