@@ -215,11 +215,17 @@ class AggregatorTransport:
             self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
             return None
         if env.sender != name:
+            # With CURVE the port named the sender by its key (docs/zeromq.md §20).
+            whose = "key" if self.curve is not None else "routing id"
+            self._log_refusal(
+                ErrorCode.IDENTITY,
+                f"dropped a message claiming to be {env.sender[:64]!r} from {whose} of {name!r}",
+            )
             self.refuse_message(
                 rid,
                 env.seq,
                 ErrorCode.IDENTITY,
-                f"routing id {name!r} does not match sender {env.sender!r}",
+                f"{whose} {name!r} does not match sender {env.sender!r}",
             )
             return None
         pipe.last_seen = time.monotonic()

@@ -222,9 +222,9 @@ def shutdown() -> None:
     with _ctx_lock:
         ctx, _ctx = _ctx, None
     if ctx is not None and _ctx_pid == os.getpid() and not ctx.closed:
-        from zmqfed.federated.security import stop_authenticator
+        from zmqfed.federated.zap import stop_handlers
 
-        stop_authenticator()  # its thread owns a socket of this context
+        stop_handlers()  # the ZAP handler's thread owns a socket of this context
         ctx.destroy()
 
 
@@ -295,7 +295,7 @@ def make_dealer(
     sock = (ctx or context()).socket(zmq.DEALER)
     try:
         _common(sock, options, limits)
-        sock.setsockopt(zmq.ROUTING_ID, rid)
+        sock.setsockopt(zmq.ROUTING_ID, rid)  # with CURVE, curve= replaces it by a random one
         # The aggregator drops this link when our traffic (heartbeats included)
         # stops for this long; libzmq sends the TTL in deciseconds, at most 6553.5 s.
         sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout_ms, 6_553_500))
