@@ -123,7 +123,8 @@ class AggregatorTransport:
         self.streams = StreamDesk(self, stream)
         #: Peers whose streamed upload completed outside a message of theirs.
         self.completed: list[AggregatorPipe] = []
-        self._log_refusal = RefusalLog(log, self.name)
+        #: Refusals are logged here, rate-limited (the step loop logs its own here too).
+        self.log_refusal = RefusalLog(log, self.name)
         self._reprobe: list[float] = []
         self._closed = False
 
@@ -195,7 +196,7 @@ class AggregatorTransport:
         name = rid.decode("utf-8", "replace")
         pipe = self.roster.get(name)
         if pipe is None:
-            self._log_refusal(
+            self.log_refusal(
                 ErrorCode.UNKNOWN_PEER,
                 f"dropped a message from {name[:64]!r}, not a member of the group",
             )
@@ -211,13 +212,13 @@ class AggregatorTransport:
                 frames[1:], limits=self.limits if pipe.online else self.limits_before_hello
             )
         except ProtocolError as exc:
-            self._log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
+            self.log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
             self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
             return None
         if env.sender != name:
             # With CURVE the port named the sender by its key (docs/zeromq.md §20).
             whose = "key" if self.curve is not None else "routing id"
-            self._log_refusal(
+            self.log_refusal(
                 ErrorCode.IDENTITY,
                 f"dropped a message claiming to be {env.sender[:64]!r} from {whose} of {name!r}",
             )
@@ -238,7 +239,7 @@ class AggregatorTransport:
         claimed_by = self.port.user_id(frames[1])
         if claimed_by == pipe.nick_name:
             return True
-        self._log_refusal(
+        self.log_refusal(
             ErrorCode.IDENTITY,
             f"dropped a message claiming to be {pipe.nick_name!r} from key of {claimed_by!r}",
         )

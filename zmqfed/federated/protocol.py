@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "MAX_REASON_CHARS",
     "REHELLO_ERRORS",
     "ErrorCode",
     "Kind",
@@ -101,8 +102,14 @@ def stamp(
     )
 
 
+#: Characters of an ERROR's reason: it may quote what the peer sent (tensor names).
+MAX_REASON_CHARS = 500
+
+
 def error_meta(code: ErrorCode, reason: str) -> dict[str, Any]:
-    """The meta of an ERROR message."""
+    """The meta of an ERROR message (a long reason is cut to ``MAX_REASON_CHARS``)."""
+    if len(reason) > MAX_REASON_CHARS:
+        reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)"
     return {"code": code.value, "reason": reason}
 
 
