@@ -54,6 +54,16 @@ def star_topology(n: int, workdir: Path, transport: str = "ipc") -> Topology:
     return star(n, endpoint)
 
 
+#: How a node process starts: the working directory (where ``--app`` modules
+#: usually live) goes to the *end* of ``sys.path``, so a file there named like
+#: an installed module (``lz4.py``, ``json.py``) is never imported instead of
+#: it; ``python -m`` and ``PYTHONPATH`` would put it first (docs/security.md).
+NODE_BOOTSTRAP = (
+    "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+    "sys.path.append(os.getcwd()); from zmqfed.cli.node import console_main; console_main()"
+)
+
+
 @dataclass
 class _Node:
     name: str
@@ -110,12 +120,11 @@ class Simulation:
             os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1"
         )
         cwd = os.getcwd()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
         for name in self.node_names():
             cmd = [
                 sys.executable,
-                "-m",
-                "zmqfed.cli.node",
+                "-c",
+                NODE_BOOTSTRAP,
                 "run",
                 "--topology",
                 str(self.topology_path),

@@ -278,10 +278,16 @@ class Maintainer:
 
     @torch.no_grad()
     def unpackage(self, optim_list: Any = None, state_keys: list[str] | None = None) -> None:
-        """Copy the received ``param`` into each tensor and optimizer state into ``optim_list``."""
+        """Copy the received ``param`` into each tensor and optimizer state into ``optim_list``.
+
+        Optimizer state that cannot belong to its tensor (another shape, not
+        a scalar; a dtype it cannot take) is skipped with a warning: planted
+        by a peer, it would make the next optimizer step fail (docs/security.md).
+        """
         if not self.data:
             raise ConfigError(f"{self.nick_name}: nothing to unpackage; download with step() first")
         optims = optim_as_list(optim_list)
+        skipped: list[str] = []
         for name, p in self.state_dict.items():
             entry = self.data.get(name)
             if entry is None or "param" not in entry:
@@ -291,8 +297,21 @@ class Maintainer:
             for optim in optims:
                 keys = state_keys if state_keys is not None else [k for k in entry if k != "param"]
                 for key in keys:
-                    if key in entry:
-                        optim.state[p][key] = entry[key].clone()
+                    if key not in entry:
+                        continue
+                    value = _state_for(p, entry[key])
+                    if value is None:
+                        skipped.append(f"{name}/{key} {list(entry[key].shape)}")
+                    else:
+                        optim.state[p][key] = value
+        if skipped:
+            log.warning(
+                "%s: ignored %d received optimizer state tensors that do not fit the model, "
+                "e.g. %s",
+                self.nick_name,
+                len(skipped),
+                ", ".join(s[:80] for s in skipped[:3]),
+            )
 
     def _served(self) -> dict[str, dict[str, Tensor]]:
         """What an aggregator serves: the packaged data, else its state, after the package hooks."""
@@ -413,3 +432,21 @@ class Maintainer:
             return "|" + "|".join(c.center(w) for c, w in zip(cells, widths, strict=True)) + "|"
 
         return "\n".join(["<zmqfed> Maintainer", sep, line(head), sep, line(row), sep])
+
+
+def _state_for(p: Tensor, value: Tensor) -> Tensor | None:
+    """A private copy of ``value`` as optimizer state of ``p``, or None if it cannot be that.
+
+    State is a scalar (Adam's ``step``) or a tensor of ``p``'s shape
+    (``momentum_buffer``, ``exp_avg``, SCAFFOLD's ``c``); floating-point
+    state follows ``p``'s floating dtype.
+    """
+    if not isinstance(value, Tensor):
+        return None
+    if value.dim() == 0:
+        return value.clone()
+    if value.shape != p.shape:
+        return None
+    if p.is_floating_point() and (value.is_floating_point() or value.is_complex()):
+        return value.to(dtype=p.dtype, copy=True) if not value.is_complex() else None
+    return value.clone() if value.dtype == p.dtype else None

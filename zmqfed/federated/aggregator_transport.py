@@ -347,7 +347,7 @@ class AggregatorTransport:
         pipe.meta = Meta(env.meta)
 
     def _hello(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
-        problem = hello_problem(env.meta, self.props)
+        problem = hello_problem(env.meta, self.props, authenticated=self.curve is not None)
         if problem is not None:
             self.refuse_message(pipe.routing_id, env.seq, *problem)
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ from zmqfed.wire import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "SocketOptions",
+    "beyond_loopback",
     "close_at_exit",
     "context",
     "make_dealer",
@@ -231,6 +233,24 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def beyond_loopback(endpoint: str) -> bool:
+    """True when ``endpoint`` is a tcp endpoint other hosts may reach (not 127.0.0.0/8 or ::1).
+
+    ``ipc://`` and ``inproc://`` endpoints stay on this host; ``tcp://*``,
+    ``0.0.0.0``, interface names and every other address count as reachable.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface or a host name
+        return True
+
+
 def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:
     sock.setsockopt(zmq.LINGER, options.linger_ms)
     sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
@@ -245,6 +265,28 @@ def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:
 def _apply(sock: zmq.Socket, extra: dict[int, Any] | None) -> None:
     for option, value in (extra or {}).items():
         sock.setsockopt(option, value)
+
+
+_umask_lock = threading.Lock()
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind; an ipc socket file is created owner-only, whatever the process umask.
+
+    libzmq creates the file with the process umask, so under a permissive
+    umask (000) any local user could connect. The umask is narrowed for the
+    bind itself: a chmod afterwards would leave a window in which a
+    connection made stays made (docs/security.md).
+    """
+    if not endpoint.startswith("ipc://"):
+        sock.bind(endpoint)
+        return
+    with _umask_lock:
+        old = os.umask(0o077)
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old)
 
 
 def make_router(
@@ -266,12 +308,18 @@ def make_router(
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer gets its id back
         sock.setsockopt(zmq.BACKLOG, options.backlog)
         _apply(sock, curve)  # CURVE keys and ZAP domain, before bind
-        sock.bind(endpoint)
+        _bind(sock, endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"cannot bind {endpoint}: address already in use") from exc
         raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
+    if curve is None and beyond_loopback(endpoint):
+        log.warning(
+            "%s is reachable from other hosts and has no CURVE keys: anyone who can connect "
+            "can claim to be any member, read the model and send updates (docs/security.md)",
+            endpoint,
+        )
     log.debug("ROUTER bound to %s", endpoint)
     return sock
 
