@@ -12,8 +12,9 @@ domain asked about. Two federations in one process therefore never share a
 table: neither one with the same aggregator name nor a key that has
 different names in different groups can let a member of one group in as
 somebody in the other. pyzmq's ``ThreadAuthenticator`` was replaced for this:
-it maps keys to ``User-Id`` without the domain, and its handler's signature
-changed between pyzmq releases; this handler is a REP socket and a thread.
+it maps keys to ``User-Id`` without the domain, and changing that means
+overriding an internal coroutine of pyzmq's (docs/zeromq.md §19); this
+handler is a REP socket and a thread.
 
 Only CURVE is answered; any other mechanism, a malformed request or an
 unknown domain is refused (status 400). Refusals are logged at most once
