@@ -39,6 +39,7 @@ from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
 from zmqfed.isolation import reduce_isolated
 from zmqfed.meta import Meta
+from zmqfed.names import name_path
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
@@ -85,6 +86,8 @@ class NodeRunner:
         keys_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name = name
+        if state_dir is not None:
+            name_path(state_dir, name)  # every file of this node is named after it
         topology.validate(acyclic=True)  # groups are stepped bottom-up: a cycle never ends
         self.props = tuple(analysis(topology, name))
         self.ctx = NodeContext(name=name, props=self.props, rounds=rounds, options=options or {})
@@ -107,7 +110,7 @@ class NodeRunner:
     # -- persistence ---------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / f"{self.name}.ckpt"
+        return None if self.state_dir is None else name_path(self.state_dir, self.name, ".ckpt")
 
     def write_status(self, state: str) -> None:
         """Write ``status.json`` for operators (``zmqfed-node status``)."""
@@ -130,9 +133,10 @@ class NodeRunner:
             "last_record": self.records[-1] if self.records else None,
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".{self.name}.status.json"
+        path = name_path(self.state_dir, self.name, ".status.json")
+        tmp = path.with_name(f".{path.name}")
         tmp.write_text(json.dumps(status, indent=2))
-        os.replace(tmp, self.state_dir / f"{self.name}.status.json")
+        os.replace(tmp, path)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
@@ -230,7 +234,11 @@ class NodeRunner:
     @property
     def records_path(self) -> Path | None:
         """``NAME.rounds.jsonl``: one line per completed round."""
-        return None if self.state_dir is None else self.state_dir / f"{self.name}.rounds.jsonl"
+        return (
+            None
+            if self.state_dir is None
+            else name_path(self.state_dir, self.name, ".rounds.jsonl")
+        )
 
     def _resume(self, m: Maintainer, server: Any) -> int:
         path = self.checkpoint_path

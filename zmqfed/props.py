@@ -15,6 +15,7 @@ from typing import Any
 
 from zmqfed.address import Address
 from zmqfed.errors import ConfigError
+from zmqfed.names import check_name
 
 __all__ = [
     "AGGREGATOR",
@@ -94,6 +95,8 @@ class FederatedProperties:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", normalize_role(self.role))
+        for name in (self.nick_name, self.aggregator_name, *self.collaborators):
+            check_name(name)  # props files are an entry point for names too
         if self.address.empty:
             raise ConfigError(
                 f"group of aggregator {self.aggregator_name!r} has no endpoint to bind or connect to"

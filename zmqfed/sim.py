@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zmqfed.errors import ConfigError, PipeError
+from zmqfed.names import name_path
 from zmqfed.topo import Topology, star
 
 __all__ = ["NodeFailed", "Simulation", "star_topology"]
@@ -51,6 +52,16 @@ def star_topology(n: int, workdir: Path, transport: str = "ipc") -> Topology:
     else:
         raise ConfigError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
     return star(n, endpoint)
+
+
+#: How a node process starts: the working directory (where ``--app`` modules
+#: usually live) goes to the *end* of ``sys.path``, so a file there named like
+#: an installed module (``lz4.py``, ``json.py``) is never imported instead of
+#: it; ``python -m`` and ``PYTHONPATH`` would put it first (docs/security.md).
+NODE_BOOTSTRAP = (
+    "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+    "sys.path.append(os.getcwd()); from zmqfed.cli.node import console_main; console_main()"
+)
 
 
 @dataclass
@@ -109,12 +120,11 @@ class Simulation:
             os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1"
         )
         cwd = os.getcwd()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
         for name in self.node_names():
             cmd = [
                 sys.executable,
-                "-m",
-                "zmqfed.cli.node",
+                "-c",
+                NODE_BOOTSTRAP,
                 "run",
                 "--topology",
                 str(self.topology_path),
@@ -132,7 +142,7 @@ class Simulation:
                 cmd += ["--rounds", str(self.rounds)]
             for option in self.options:
                 cmd += ["--set", option]
-            log_path = self.logdir / f"{name}.log"
+            log_path = name_path(self.logdir, name, ".log")
             with open(log_path, "wb") as out:
                 proc = subprocess.Popen(
                     cmd,
@@ -173,7 +183,7 @@ class Simulation:
 
     def tail(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a node's log."""
-        path = self.logdir / f"{name}.log"
+        path = name_path(self.logdir, name, ".log")
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 

@@ -305,10 +305,10 @@ def test_generators_print_json_and_reject_bad_arguments(cli: Run) -> None:
 SCRIPT = """\
 add_node agg tcp://127.0.0.1:2300 codec=lz4 timeout=30
 add_node edge ipc://{tmp}/edge.ipc
-add_node "leaf a"
+add_node "leaf-a"
 add_node tmp
 add_edge edge agg
-add_edge "leaf a" edge
+add_edge "leaf-a" edge
 add_edge tmp edge
 remove_edge tmp edge
 remove_node tmp
@@ -327,8 +327,8 @@ def test_shell_builds_and_saves_from_a_pipe(cli: Run, tmp_path: Path) -> None:
     assert result.stderr == "" and "(zmqfed-topo)" not in result.stdout  # no prompt in a pipe
     assert "saved built.yaml" in result.stdout
     loaded = topo.Topology.load(tmp_path / "built.yaml")
-    assert [n.nick_name for n in loaded.nodes] == ["agg", "edge", "leaf a"]
-    assert [e.names for e in loaded.edges] == [("edge", "agg"), ("leaf a", "edge")]
+    assert [n.nick_name for n in loaded.nodes] == ["agg", "edge", "leaf-a"]
+    assert [e.names for e in loaded.edges] == [("edge", "agg"), ("leaf-a", "edge")]
     assert loaded.nodes[0].settings == {"codec": "lz4", "timeout": 30}
     check_dot((tmp_path / "built.dot").read_text(encoding="utf-8"), loaded)
     again = cli("shell", "built.yaml", stdin="add_node extra\nadd_edge extra agg\nsave b2.json\n")

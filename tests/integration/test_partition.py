@@ -194,6 +194,7 @@ def _federation(net: Lab, tmp_path: Path, rounds: int):
             "--set",
             "delay=0.5",
             "--no-progress",
+            "--insecure",  # plaintext between namespaces: the point is the network
         ]
         procs.append(net.run(host, argv, log))
         logs.append(log)

@@ -183,8 +183,8 @@ def test_blind_aggregation_installs_only_the_clear_part(keys):
     optim = torch.optim.SGD(params, lr=1.0)
     col.package()
     upload = agg.receive(col.apply_hooks(col.packaged_data, unpackage=False), "client0")
-    agg.record_upload(upload, {})
-    agg.record_upload(upload, {})
+    agg.record_upload(upload, {}, "c")
+    agg.record_upload(upload, {}, "c")
     result = ckks_aggregation(agg.data_list, agg.meta_list, optim_list=optim, keys=public)
     w1 = state["1.weight"]
     assert (

@@ -293,3 +293,31 @@ def test_props_round_trip_and_fingerprint(tmp_path):
         FederatedProperties.unserialize({"role": "aggregator"})
     with pytest.raises(ConfigError, match="not a collaborator"):
         FederatedProperties("collaborator", "z", Address("tcp://h:1"), "agg", ("a",))
+
+
+def test_names_all_is_pinned():
+    from zmqfed import names
+
+    assert sorted(names.__all__) == [
+        "MAX_NAME_BYTES",
+        "check_name",
+        "name_path",
+        "nick_name_problem",
+    ]
+    assert zmqfed.topo.graph.check_nick_name("a-b.c_1") == "a-b.c_1"
+
+
+def test_security_and_zap_all_are_pinned():
+    from zmqfed.federated import security, zap
+
+    assert sorted(security.__all__) == [
+        "ClientSecurity",
+        "Curve",
+        "ServerSecurity",
+        "create_keys",
+        "require_curve_for_pickle",
+    ]
+    assert sorted(zap.__all__) == ["ZAP_ENDPOINT", "ZapHandler", "stop_handlers", "zap_handler"]
+    for module in (security, zap):
+        for name in module.__all__:
+            assert hasattr(module, name), name

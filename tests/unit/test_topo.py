@@ -101,11 +101,20 @@ def test_node_with_a_bad_endpoint_is_named() -> None:
     [
         ("", "empty or whitespace"),
         (" \t ", "empty or whitespace"),
-        ("\0peer", "NUL byte"),
+        ("\0peer", r"may not start with '\\x00'"),
         ("a" * 256, "256 bytes"),
         ("\u00e9" * 128, "256 bytes"),  # 128 characters, but 2 bytes each
-        ("a\nb", "control character"),
+        ("a\nb", r"may not contain '\\n'"),
         ("\ud800", "not valid UTF-8"),
+        ("../etc/passwd", "may not start with '.'"),
+        ("a/b", "may not contain '/'"),
+        ("a\\b", r"may not contain '\\\\'"),
+        ("..", "may not start with '.'"),
+        (".hidden", "may not start with '.'"),
+        ("-rf", "may not start with '-'"),
+        ("node ", "may not end with a space"),
+        ('say "hi"', "may not contain"),
+        ("cafe\u0301", "normal form C; write it as 'caf\u00e9'"),
         (7, "must be a string"),
         (None, "must be a string"),
     ],
@@ -115,7 +124,20 @@ def test_bad_nick_names_are_rejected(name: object, match: str) -> None:
         topo.Node(name)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["a", "a" * 255, "\u00e9" * 127, "node 1", "\u7bc0\u70b9"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a",
+        "a" * 255,
+        "\u00e9" * 127,
+        "node_1",
+        "client-0.eu",
+        "_x",
+        "7",
+        "\u7bc0\u70b9",
+        "caf\u00e9",
+    ],
+)
 def test_good_nick_names_are_kept(name: str) -> None:
     assert topo.Node(name).nick_name == name
 

@@ -7,7 +7,9 @@
 
 ``run`` builds the node's groups from the topology and runs the app round after
 round; an aggregator checkpoints after every round into ``--state-dir`` and
-resumes from there after a restart. SIGTERM and SIGINT stop it cleanly: the
+resumes from there after a restart. An aggregator whose endpoint other hosts
+can reach refuses to start without ``--keys`` (CURVE) unless ``--insecure``
+says the network is trusted. SIGTERM and SIGINT stop it cleanly: the
 current message is abandoned, peers get BYE, sockets close, and it exits with
 0 (SIGTERM: stopped on request) or 130 (SIGINT). Other codes are those of
 ``zmqfed.cli.exitcodes`` (1 runtime failure, 2 usage, 3 invalid topology,
@@ -89,6 +91,26 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _refuse_exposed_plaintext(topology: Any, node: str, insecure: bool) -> None:
+    """Without keys, refuse to bind an endpoint other hosts can reach (unless ``--insecure``)."""
+    from zmqfed.errors import ConfigError
+    from zmqfed.federated.sockets import beyond_loopback
+    from zmqfed.topo import analysis
+
+    for props in analysis(topology, node):
+        endpoint = props.address.endpoint or ""
+        if not props.aggregator or not beyond_loopback(endpoint):
+            continue
+        if insecure:
+            log.warning("%s binds %s without CURVE (--insecure)", node, endpoint)
+            continue
+        raise ConfigError(
+            f"{node} would bind {endpoint}, which other hosts can reach, without CURVE: "
+            "anyone who can connect could claim to be any member. Pass --keys DIR "
+            "(keys from zmqfed-keys), or --insecure on a network you trust"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     from zmqfed.app import load_factory
     from zmqfed.node import NodeRunner
@@ -97,6 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_json, args.node)
     _raise_fd_limit()
     topology = Topology.load(args.topology)
+    if args.keys is None:
+        _refuse_exposed_plaintext(topology, args.node, args.insecure)
     factory = load_factory(args.app)
     runner = NodeRunner(
         topology,
@@ -121,10 +145,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from zmqfed.errors import ConfigError
+    from zmqfed.names import name_path
 
     state_dir = Path(args.state_dir)
-    pattern = f"{args.node}.status.json" if args.node else "*.status.json"
-    files = sorted(state_dir.glob(pattern))
+    if args.node:
+        path = name_path(state_dir, args.node, ".status.json")
+        pattern, files = path.name, [path] if path.exists() else []
+    else:
+        pattern, files = "*.status.json", sorted(state_dir.glob("*.status.json"))
     if not files:
         raise ConfigError(f"no status file matching {pattern} in {state_dir}")
     for path in files:
@@ -165,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--keys",
         metavar="DIR",
         help="CurveZMQ key directory (zmqfed-keys): encrypt and authenticate",
+    )
+    p_run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="bind an endpoint other hosts can reach without --keys (a trusted network only)",
     )
     p_run.add_argument("--log-level", default="INFO")
     p_run.add_argument("--log-json", action="store_true", help="one JSON object per log line")

@@ -74,12 +74,8 @@ class AggregatorSide:
     def discard(self, pipe: Pipe | None, reason: str) -> None:
         if not isinstance(pipe, AggregatorPipe) or pipe.request is None:
             return
-        log.info(
-            "%s: discarded %s from %s: %s",
-            self.m.nick_name,
-            pipe.request.kind,
-            pipe.nick_name,
-            reason,
+        self.transport.log_refusal(  # rate-limited: a peer may send such requests in a loop
+            ErrorCode.DISCARDED, f"discarded {pipe.request.kind} from {pipe.nick_name}: {reason}"
         )
         self.transport.refuse(pipe, ErrorCode.DISCARDED, reason)
 
@@ -233,7 +229,10 @@ class AggregatorSide:
             data = m.receive(request.tensors, pipe.nick_name)
             check_upload_meta(request.meta, pipe.nick_name)
         except ProtocolError as exc:
-            log.warning("%s: refused an upload: %s", m.nick_name, exc)
+            # rate-limited and cut short: the reason quotes what the peer sent
+            self.transport.log_refusal(
+                ErrorCode.BAD_UPLOAD, f"refused an upload from {pipe.nick_name}: {exc}"
+            )
             self.transport.refuse(pipe, ErrorCode.BAD_UPLOAD, str(exc))
             return False
         m.record_upload(data, Meta(request.meta), pipe.nick_name)

@@ -131,12 +131,7 @@ class Maintainer:
                 if state_dict
                 else DEFAULT_LIMITS
             )
-        self.limits = limits
-        if self.limits.allow_pickle and curve is None:
-            raise ConfigError(
-                "allow_pickle lets peers run code on this node; it is only allowed behind CURVE "
-                "(pass curve=Curve(keys_dir))"
-            )
+        self.limits = limits  # allow_pickle needs CURVE: the transports refuse it otherwise
         self.codec = codec
         self.download_in_place = download_in_place
         self.state_dict: dict[str, Tensor] = dict(state_dict) if state_dict is not None else {}

@@ -20,6 +20,7 @@ verdicts into these actions, and never writes a peer's fields.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from zmqfed.federated.protocol import (
     recv_message,
     stamp,
 )
-from zmqfed.federated.security import Curve
+from zmqfed.federated.security import Curve, require_curve_for_pickle
 from zmqfed.federated.sockets import SocketOptions
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
@@ -100,10 +101,13 @@ class AggregatorTransport:
         upload_names: Callable[[], Collection[str]] | None = None,
     ) -> None:
         assert props.address.endpoint is not None
+        require_curve_for_pickle(limits, curve)
         self.props = props
         self.name = props.nick_name
         self.endpoint = props.address.endpoint
         self.limits = limits
+        #: For peers that have not said HELLO: an object frame is never decoded for them.
+        self.limits_before_hello = dataclasses.replace(limits, allow_pickle=False)
         self.codec = codec
         self.curve = curve
         #: Random per process start; requests addressed to another one are stale.
@@ -125,7 +129,8 @@ class AggregatorTransport:
         self.channel = AggregatorChannelEnd(self)
         #: Peers whose streamed upload completed outside a message of theirs.
         self.completed: list[AggregatorPipe] = []
-        self._log_refusal = RefusalLog(log, self.name)
+        #: Refusals are logged here, rate-limited (the step loop logs its own here too).
+        self.log_refusal = RefusalLog(log, self.name)
         self._read_at = time.monotonic()  # when events() last ran
         self._reprobe: list[float] = []
         self._closed = False
@@ -213,7 +218,7 @@ class AggregatorTransport:
         name = rid.decode("utf-8", "replace")
         pipe = self.roster.get(name)
         if pipe is None:
-            self._log_refusal(
+            self.log_refusal(
                 ErrorCode.UNKNOWN_PEER,
                 f"dropped a message from {name[:64]!r}, not a member of the group",
             )
@@ -225,17 +230,25 @@ class AggregatorTransport:
         if not self._authentic(pipe, frames):
             return None
         try:
-            env = decode(frames[1:], limits=self.limits)
+            env = decode(
+                frames[1:], limits=self.limits if pipe.online else self.limits_before_hello
+            )
         except ProtocolError as exc:
-            self._log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
+            self.log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
             self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
             return None
         if env.sender != name:
+            # With CURVE the port named the sender by its key (docs/zeromq.md §20).
+            whose = "key" if self.curve is not None else "routing id"
+            self.log_refusal(
+                ErrorCode.IDENTITY,
+                f"dropped a message claiming to be {env.sender[:64]!r} from {whose} of {name!r}",
+            )
             self.refuse_message(
                 rid,
                 env.seq,
                 ErrorCode.IDENTITY,
-                f"routing id {name!r} does not match sender {env.sender!r}",
+                f"{whose} {name!r} does not match sender {env.sender!r}",
             )
             return None
         pipe.last_seen = time.monotonic()
@@ -248,7 +261,7 @@ class AggregatorTransport:
         claimed_by = self.port.user_id(frames[1])
         if claimed_by == pipe.nick_name:
             return True
-        self._log_refusal(
+        self.log_refusal(
             ErrorCode.IDENTITY,
             f"dropped a message claiming to be {pipe.nick_name!r} from key of {claimed_by!r}",
         )

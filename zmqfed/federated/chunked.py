@@ -215,12 +215,21 @@ class InStream:
         return self.received == self.total
 
     def credit(self) -> int:
-        """Bytes to grant now so that ``window`` stays outstanding (0: nothing to send)."""
-        want = min(self.window, self.total - self.received) - (self.granted - self.received)
-        # Grant in chunk-sized steps at least (one CREDIT per chunk, not per
-        # byte), except for the stream's last bytes.
-        if want <= 0 or (want < self.chunk and self.granted + want < self.total):
+        """Bytes to grant now so that ``window`` stays outstanding (0: nothing to send).
+
+        Grants come in chunk-sized steps at least (one CREDIT per chunk, not
+        per landed byte), except when fewer than a chunk's bytes are
+        outstanding: the sender may then be unable to send its next chunk
+        (at most ``chunk`` bytes), and waiting for a whole chunk's worth of
+        room would stall both ends (a small tensor packed into a chunk of its
+        own with a window below two chunks did; docs/protocol.md §6).
+        """
+        outstanding = self.granted - self.received
+        want = min(self.window, self.total - self.received) - outstanding
+        if want <= 0:
             return 0
+        if want < self.chunk and outstanding >= self.chunk and self.granted + want < self.total:
+            return 0  # the sender can still send a whole chunk: batch this grant
         self.granted += want
         return want
 

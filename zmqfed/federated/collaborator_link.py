@@ -29,7 +29,7 @@ from zmqfed.federated.protocol import (
     recv_message,
     stamp,
 )
-from zmqfed.federated.security import Curve
+from zmqfed.federated.security import Curve, require_curve_for_pickle
 from zmqfed.federated.sockets import SocketOptions
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import Envelope, Kind, Limits, decode, encode
@@ -62,6 +62,7 @@ class CollaboratorLink:
         curve: Curve | None = None,
     ) -> None:
         assert props.address.endpoint is not None
+        require_curve_for_pickle(limits, curve)
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
         self.endpoint = props.address.endpoint

@@ -18,6 +18,8 @@ __all__ = ["PeerEvent", "PeerEventKind", "RefusalLog", "TransportStats"]
 
 #: Seconds between log lines about refused messages of one kind.
 REFUSAL_LOG_INTERVAL = 10.0
+#: Characters of a refusal's text that reach the log (it may echo what a peer chose).
+REFUSAL_LOG_CHARS = 300
 
 
 class PeerEventKind(enum.Enum):
@@ -56,7 +58,10 @@ class RefusalLog:
     """Logs refused messages, at most once per ``REFUSAL_LOG_INTERVAL`` for each code.
 
     A flooding peer would otherwise turn into a log flood: the others of an
-    interval are counted and reported with the next line.
+    interval are counted and reported with the next line.  A refusal's text
+    may echo what the peer sent (names, reasons): it is cut to
+    ``REFUSAL_LOG_CHARS`` and control characters are escaped, so one line
+    stays one short line.
     """
 
     def __init__(self, logger: logging.Logger, prefix: str) -> None:
@@ -64,12 +69,22 @@ class RefusalLog:
         self._prefix = prefix
         self._last: dict[str, tuple[float, int]] = {}
 
-    def __call__(self, code: ErrorCode, message: str) -> None:
+    def __call__(self, code: ErrorCode | str, message: str) -> None:
+        key = code.value if isinstance(code, ErrorCode) else str(code)
         now = time.monotonic()
-        last, suppressed = self._last.get(code.value, (-math.inf, 0))
+        last, suppressed = self._last.get(key, (-math.inf, 0))
         if now - last < REFUSAL_LOG_INTERVAL:
-            self._last[code.value] = (last, suppressed + 1)
+            self._last[key] = (last, suppressed + 1)
             return
-        more = f" ({suppressed} more {code} refusals since the last report)" if suppressed else ""
-        self._log.warning("%s: %s%s", self._prefix, message, more)
-        self._last[code.value] = (now, 0)
+        more = f" ({suppressed} more {key} refusals since the last report)" if suppressed else ""
+        self._log.warning("%s: %s%s", self._prefix, _printable(message), more)
+        self._last[key] = (now, 0)
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line of at most ``REFUSAL_LOG_CHARS`` characters."""
+    if len(text) > REFUSAL_LOG_CHARS:
+        text = f"{text[:REFUSAL_LOG_CHARS]}... ({len(text)} characters)"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from zmqfed.errors import ConfigError
 from zmqfed.federated.aggregator_transport import AggregatorTransport
 from zmqfed.federated.collaborator_transport import CollaboratorTransport
 from zmqfed.federated.pipe import Pipe
@@ -36,18 +35,9 @@ def init_federated_group(
     closed at interpreter exit (or by closing a collaborator's pipe).  Talk
     over them with OpenFed's pipe-level API (``direct_set``/``direct_get``,
     ``upload``/``download``); most users get pipes through a ``Maintainer``
-    instead.
-
-    Raises
-    ------
-    ConfigError
-        ``limits.allow_pickle`` without ``curve``: pickle lets peers run code.
+    instead.  ``curve`` encrypts and authenticates the group (required for
+    ``limits.allow_pickle``: the transports refuse it without).
     """
-    if limits.allow_pickle and curve is None:
-        raise ConfigError(
-            "allow_pickle lets peers run code on this node; it is only allowed behind CURVE "
-            "(pass curve=Curve(...))"
-        )
     network = network or default_network()
     if fed_props.aggregator:
         transport = AggregatorTransport(

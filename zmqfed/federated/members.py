@@ -77,7 +77,7 @@ class Membership:
 
     def hello(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
         """Welcome ``pipe``'s member (``JOINED`` if it was not online), or refuse its HELLO."""
-        problem = hello_problem(env.meta, self.t.props)
+        problem = hello_problem(env.meta, self.t.props, authenticated=self.t.curve is not None)
         if problem is not None:
             self.t.refuse_message(pipe.routing_id, env.seq, *problem)
             return None

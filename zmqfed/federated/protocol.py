@@ -41,6 +41,7 @@ __all__ = [
     "CHANNEL_KINDS",
     "CONNECTION_ERRORS",
     "CONTRIBUTED",
+    "MAX_REASON_CHARS",
     "REHELLO_ERRORS",
     "ErrorCode",
     "Kind",
@@ -115,8 +116,14 @@ def stamp(
     )
 
 
+#: Characters of an ERROR's reason: it may quote what the peer sent (tensor names).
+MAX_REASON_CHARS = 500
+
+
 def error_meta(code: ErrorCode, reason: str) -> dict[str, Any]:
-    """The meta of an ERROR message."""
+    """The meta of an ERROR message (a long reason is cut to ``MAX_REASON_CHARS``)."""
+    if len(reason) > MAX_REASON_CHARS:
+        reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)"
     return {"code": code.value, "reason": reason}
 
 
@@ -135,9 +142,14 @@ def hello_meta(
 
 
 def hello_problem(
-    meta: Mapping[str, Any], props: FederatedProperties
+    meta: Mapping[str, Any], props: FederatedProperties, *, authenticated: bool = False
 ) -> tuple[ErrorCode, str] | None:
-    """Why the aggregator of ``props`` refuses a HELLO with ``meta`` (None: it does not)."""
+    """Why the aggregator of ``props`` refuses a HELLO with ``meta`` (None: it does not).
+
+    The reason names the aggregator's endpoint and members only to an
+    ``authenticated`` peer (CURVE): anyone else who guessed one member name
+    would learn the roster from it (docs/security.md).
+    """
     protocol = meta.get("protocol")
     if protocol != PROTOCOL_VERSION:
         return (
@@ -146,12 +158,15 @@ def hello_problem(
         )
     fingerprint = meta.get("fingerprint")
     if fingerprint != props.fingerprint:
-        return (
-            ErrorCode.FINGERPRINT,
-            f"group fingerprint {fingerprint!r} differs from {props.nick_name}'s "
-            f"{props.fingerprint!r}: the aggregator's topology has endpoint "
-            f"{props.address.endpoint} and collaborators {list(props.collaborators)}",
-        )
+        reason = f"group fingerprint {fingerprint!r} differs from {props.nick_name}'s: "
+        if authenticated:
+            reason += (
+                f"the aggregator's topology has endpoint {props.address.endpoint} and "
+                f"collaborators {list(props.collaborators)}"
+            )
+        else:
+            reason += "the two nodes read different topologies (zmqfed-topo compile shows each)"
+        return ErrorCode.FINGERPRINT, reason
     return None
 
 

@@ -1,20 +1,23 @@
-"""CurveZMQ for zmqfed: node key pairs, a ZAP allow-list per group, identity checks.
+"""CurveZMQ for zmqfed: node key pairs, the CURVE options of each end, the pickle gate.
 
 Every node has a long-term key pair in a key directory: ``NAME.key`` (public,
 shared with everybody) and ``NAME.key_secret`` (mode 0600, never shared). An
-aggregator is a CURVE server; its ZAP handler admits exactly the public keys of
-its group's collaborators (ZAP_ENFORCE_DOMAIN=1: no handler, no entry) and
-reports the node name as each message's ``User-Id``. ZAP never sees routing
-ids, so the group compares ``User-Id`` with the routing id on every message:
-a peer holding alpha's key cannot speak as beta (docs/zeromq.md §18-20).
+aggregator is a CURVE server with a ZAP domain of its own; the ZAP handler
+(:mod:`zmqfed.federated.zap`) admits exactly the public keys of its group's
+collaborators (ZAP_ENFORCE_DOMAIN=1: no handler, no entry) and reports the
+member's name as each message's ``User-Id``. ZAP never sees routing ids
+(docs/zeromq.md §20), so the aggregator's port names every message's sender
+by its ``User-Id`` and routes replies by it: a peer holding alpha's key can
+neither speak as beta nor take over beta's connection.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import stat
-import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +25,38 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.base import Authenticator
-from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
-from zmq.utils import z85
 
-from zmqfed.errors import SecurityError
+from zmqfed.errors import ConfigError, SecurityError
+from zmqfed.names import name_path
 
 __all__ = [
     "ClientSecurity",
     "Curve",
     "ServerSecurity",
     "create_keys",
-    "group_authenticator",
-    "stop_authenticator",
+    "require_curve_for_pickle",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def require_curve_for_pickle(limits: Any, curve: Curve | None) -> None:
+    """Refuse ``limits.allow_pickle`` without CURVE: unpickling runs the sender's code.
+
+    Every transport calls this before it makes a socket (docs/security.md), so
+    no way of building a group -- ``Maintainer``, ``init_federated_group`` or a
+    transport made directly -- accepts pickles from unauthenticated peers.
+
+    Raises
+    ------
+    ConfigError
+        ``limits.allow_pickle`` is set and ``curve`` is None.
+    """
+    if getattr(limits, "allow_pickle", False) and curve is None:
+        raise ConfigError(
+            "allow_pickle lets peers run code on this node; it is only allowed behind CURVE "
+            "(pass curve=Curve(keys_dir))"
+        )
 
 
 def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
@@ -46,10 +65,16 @@ def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path
     Refuses to overwrite an existing key pair.
     """
     directory = Path(keys_dir)
+    public, secret = name_path(directory, name, ".key"), name_path(directory, name, ".key_secret")
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
-    if public.exists() or secret.exists():
-        raise SecurityError(f"a key pair for {name!r} already exists in {directory}")
+    for path in (public, secret):
+        # lexists: pyzmq would write the key wherever a dangling symlink points
+        if path.is_symlink() and not path.exists():
+            raise SecurityError(
+                f"cannot create a key pair for {name!r}: {path} is a dangling symlink"
+            )
+        if os.path.lexists(path):
+            raise SecurityError(f"a key pair for {name!r} already exists in {directory}")
     old = os.umask(0o077)  # pyzmq writes the secret 0644 otherwise
     try:
         zmq.auth.create_certificates(directory, name)
@@ -58,6 +83,12 @@ def create_keys(keys_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path
     os.chmod(secret, 0o600)
     os.chmod(public, 0o644)
     return public, secret
+
+
+def _missing(path: Path) -> str:
+    if path.is_symlink():
+        return f"{path} is a dangling symlink to {os.readlink(path)}"
+    return f"{path} is missing"
 
 
 @dataclass(frozen=True)
@@ -73,17 +104,17 @@ class Curve:
 
     def public_key(self, name: str) -> bytes:
         """The z85 public key of node ``name``."""
-        path = self.keys_dir / f"{name}.key"
+        path = name_path(self.keys_dir, name, ".key")
         if not path.exists():
-            raise SecurityError(f"no public key for node {name!r} ({path} is missing)")
+            raise SecurityError(f"no public key for node {name!r} ({_missing(path)})")
         public, _ = zmq.auth.load_certificate(path)
         return public
 
     def key_pair(self, name: str) -> tuple[bytes, bytes]:
         """This node's (public, secret) z85 keys; the secret file must be private."""
-        path = self.keys_dir / f"{name}.key_secret"
+        path = name_path(self.keys_dir, name, ".key_secret")
         if not path.exists():
-            raise SecurityError(f"no secret key for node {name!r} ({path} is missing)")
+            raise SecurityError(f"no secret key for node {name!r} ({_missing(path)})")
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise SecurityError(
@@ -94,11 +125,22 @@ class Curve:
             raise SecurityError(f"{path} holds no secret key")
         return public, secret
 
-    def server(self, name: str, domain: str, members: Iterable[str]) -> ServerSecurity:
-        """What aggregator ``name`` needs to admit exactly ``members`` in ZAP ``domain``."""
+    def server(self, name: str, group: str, members: Iterable[str]) -> ServerSecurity:
+        """What aggregator ``name`` needs to admit exactly ``members`` of ``group``.
+
+        The ZAP domain is new for every call, so each aggregator socket has
+        an allow-list of its own, even beside another group of the same name
+        in the same process (:mod:`zmqfed.federated.zap`).
+        """
         public, secret = self.key_pair(name)
         allowed = {member: self.public_key(member) for member in members}
-        return ServerSecurity(public=public, secret=secret, domain=domain, allowed=allowed)
+        return ServerSecurity(
+            public=public,
+            secret=secret,
+            domain=f"zmqfed-{uuid.uuid4().hex}",
+            group=group,
+            allowed=allowed,
+        )
 
     def client(self, name: str, server: str) -> ClientSecurity:
         """What collaborator ``name`` needs to connect to aggregator ``server``."""
@@ -108,11 +150,12 @@ class Curve:
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """An aggregator's CURVE keys and the allow-list of its group's ZAP domain."""
+    """An aggregator's CURVE keys, its socket's ZAP domain and that domain's allow-list."""
 
     public: bytes
     secret: bytes
     domain: str
+    group: str
     allowed: dict[str, bytes]
 
     def socket_options(self) -> dict[int, Any]:
@@ -135,92 +178,17 @@ class ClientSecurity:
     server_key: bytes
 
     def socket_options(self) -> dict[int, Any]:
-        """CURVE client options, set before connect."""
+        """CURVE client options, set before connect.
+
+        The routing id is random (128 bits, hex) rather than the node's name:
+        behind CURVE the aggregator knows its peers by key, and a routing id
+        nobody else knows is one nobody else can take over with
+        ROUTER_HANDOVER (docs/zeromq.md §3, §20). It travels only inside the
+        encrypted handshake.
+        """
         return {
             zmq.CURVE_SERVERKEY: self.server_key,
             zmq.CURVE_PUBLICKEY: self.public,
             zmq.CURVE_SECRETKEY: self.secret,
+            zmq.ROUTING_ID: secrets.token_hex(16).encode(),
         }
-
-
-class _Authenticator(ThreadAuthenticator):
-    """One ZAP handler per Context: per-group allow-lists, node names as User-Id."""
-
-    def __init__(self, ctx: zmq.Context) -> None:
-        super().__init__(ctx, log=logging.getLogger("zmqfed.security.zap"))
-        self.groups: dict[str, dict[bytes, str]] = {}
-        self.names: dict[bytes, str] = {}
-
-    def start(self) -> None:
-        """Bind the ZAP socket and start the handler thread, as a *daemon* thread.
-
-        ``ThreadAuthenticator.start`` with one change: pyzmq < 26 starts a
-        non-daemon thread (pyzmq 26.0 made it a daemon, zeromq/pyzmq#1953).
-        At exit Python joins non-daemon threads *before* it runs atexit
-        handlers, so the interpreter waited for this thread while the thread
-        waited for the TERMINATE that only the atexit handler
-        (``maintainer._close_all`` -> ``sockets.shutdown`` ->
-        :func:`stop_authenticator`) sends: an aggregator behind CURVE finished
-        its work and never exited. As a daemon the thread no longer holds the
-        interpreter; the atexit handler still stops it before the Context is
-        terminated, so nothing is torn down under it.
-        """
-        Authenticator.start(self)  # the ZAP REP socket on inproc://zeromq.zap.01
-        self.pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
-        self.pipe.linger = 1
-        self.pipe.bind(self.pipe_endpoint)
-        thread_pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
-        thread_pipe.linger = 1
-        thread_pipe.connect(self.pipe_endpoint)
-        self.thread = AuthenticationThread(authenticator=self, pipe=thread_pipe)
-        self.thread.daemon = True
-        self.thread.start()
-        if not self.thread.started.wait(timeout=10):
-            raise RuntimeError("ZAP handler thread failed to start")
-
-    def allow_group(self, domain: str, keys: dict[str, bytes]) -> None:
-        by_key = {key: name for name, key in keys.items()}
-        self.groups[domain] = by_key
-        self.names.update(by_key)
-        self.configure_curve_callback(domain, credentials_provider=self)
-
-    def callback(self, domain: str, key: Any) -> bool:
-        """ZAP: admit only the public keys of ``domain``'s collaborators."""
-        key = _z85(key)
-        name = self.groups.get(domain, {}).get(key)
-        if name is None:
-            log.warning("refused a CURVE client in group %r: unknown key %s", domain, key.decode())
-            return False
-        log.debug("admitted %s in group %r", name, domain)
-        return True
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.names.get(_z85(client_public_key), "")
-
-
-def _z85(key: Any) -> bytes:
-    key = key.encode() if isinstance(key, str) else bytes(key)
-    return z85.encode(key) if len(key) == 32 else key
-
-
-_auth_lock = threading.Lock()
-_auth: _Authenticator | None = None
-
-
-def group_authenticator(ctx: zmq.Context, domain: str, keys: dict[str, bytes]) -> None:
-    """Start (once per Context) the ZAP handler and allow ``keys`` in ``domain``."""
-    global _auth
-    with _auth_lock:
-        if _auth is None or _auth.context is not ctx:
-            _auth = _Authenticator(ctx)
-            _auth.start()
-        _auth.allow_group(domain, keys)
-
-
-def stop_authenticator() -> None:
-    """Stop the ZAP handler (before the Context is terminated)."""
-    global _auth
-    with _auth_lock:
-        if _auth is not None:
-            _auth.stop()
-            _auth = None

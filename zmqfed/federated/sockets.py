@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import ipaddress
 import logging
 import multiprocessing.util
 import os
@@ -25,6 +26,7 @@ from zmqfed.wire import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "SocketOptions",
+    "beyond_loopback",
     "close_at_exit",
     "context",
     "make_dealer",
@@ -238,9 +240,9 @@ def shutdown() -> None:
     with _ctx_lock:
         ctx, _ctx = _ctx, None
     if ctx is not None and _ctx_pid == os.getpid() and not ctx.closed:
-        from zmqfed.federated.security import stop_authenticator
+        from zmqfed.federated.zap import stop_handlers
 
-        stop_authenticator()  # its thread owns a socket of this context
+        stop_handlers()  # the ZAP handler's thread owns a socket of this context
         ctx.destroy()
 
 
@@ -290,6 +292,24 @@ def _shutdown_after_threads() -> None:
     shutdown()
 
 
+def beyond_loopback(endpoint: str) -> bool:
+    """True when ``endpoint`` is a tcp endpoint other hosts may reach (not 127.0.0.0/8 or ::1).
+
+    ``ipc://`` and ``inproc://`` endpoints stay on this host; ``tcp://*``,
+    ``0.0.0.0``, interface names and every other address count as reachable.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface or a host name
+        return True
+
+
 def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:
     sock.setsockopt(zmq.LINGER, options.linger_ms)
     sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
@@ -304,6 +324,28 @@ def _common(sock: zmq.Socket, options: SocketOptions, limits: Limits) -> None:
 def _apply(sock: zmq.Socket, extra: dict[int, Any] | None) -> None:
     for option, value in (extra or {}).items():
         sock.setsockopt(option, value)
+
+
+_umask_lock = threading.Lock()
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind; an ipc socket file is created owner-only, whatever the process umask.
+
+    libzmq creates the file with the process umask, so under a permissive
+    umask (000) any local user could connect. The umask is narrowed for the
+    bind itself: a chmod afterwards would leave a window in which a
+    connection made stays made (docs/security.md).
+    """
+    if not endpoint.startswith("ipc://"):
+        sock.bind(endpoint)
+        return
+    with _umask_lock:
+        old = os.umask(0o077)
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old)
 
 
 def make_router(
@@ -325,12 +367,18 @@ def make_router(
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer gets its id back
         sock.setsockopt(zmq.BACKLOG, options.backlog)
         _apply(sock, curve)  # CURVE keys and ZAP domain, before bind
-        sock.bind(endpoint)
+        _bind(sock, endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"cannot bind {endpoint}: address already in use") from exc
         raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
+    if curve is None and beyond_loopback(endpoint):
+        log.warning(
+            "%s is reachable from other hosts and has no CURVE keys: anyone who can connect "
+            "can claim to be any member, read the model and send updates (docs/security.md)",
+            endpoint,
+        )
     log.debug("ROUTER bound to %s", endpoint)
     return sock
 
@@ -354,7 +402,7 @@ def make_dealer(
     sock = (ctx or context()).socket(zmq.DEALER)
     try:
         _common(sock, options, limits)
-        sock.setsockopt(zmq.ROUTING_ID, rid)
+        sock.setsockopt(zmq.ROUTING_ID, rid)  # with CURVE, curve= replaces it by a random one
         # The aggregator drops this link when our traffic (heartbeats included)
         # stops for this long; libzmq sends the TTL in deciseconds, at most 6553.5 s.
         sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout_ms, 6_553_500))

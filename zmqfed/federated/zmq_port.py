@@ -6,21 +6,32 @@ monitor to the :class:`~zmqfed.federated.ports.Port` the protocol code uses,
 translating ``zmq.Again`` and ``EHOSTUNREACH`` into
 :class:`~zmqfed.federated.ports.WouldBlock` and
 :class:`~zmqfed.federated.ports.Unreachable`.
+
+An aggregator's port behind CURVE names peers by key, not by routing id: a
+routing id is whatever the peer claims, and with ROUTER_HANDOVER a claim
+takes over the connection that held it (docs/zeromq.md §3-4). So the first
+frame of every received message is the member name the ZAP handler gave the
+connection (its ``User-Id``), and a message sent to a member name goes to
+the connection that member's key spoke from last. A peer holding beta's key
+therefore reaches beta's record only, whatever routing id it claims; a new
+connection with alpha's own key (alpha restarted) takes alpha's replies
+over as soon as it speaks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zmqfed.federated.ports import LinkEvent, LinkEventKind, Tracker, Unreachable, WouldBlock
-from zmqfed.federated.security import ClientSecurity, ServerSecurity, group_authenticator
+from zmqfed.federated.security import ClientSecurity, ServerSecurity
 from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router, recv_into
+from zmqfed.federated.zap import zap_handler
 from zmqfed.wire import Limits
 
 __all__ = ["ZmqNetwork", "ZmqPort", "default_network"]
@@ -54,12 +65,53 @@ class _ZmqTracker:
         return True
 
 
-class ZmqPort:
-    """A :class:`~zmqfed.federated.ports.Port` over one ZeroMQ socket and its monitor."""
+class _Named:
+    """The first frame of a message on a port that names peers by key: the member's name."""
 
-    def __init__(self, sock: zmq.Socket, events: int) -> None:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: bytes) -> None:
+        self._name = name
+
+    @property
+    def bytes(self) -> bytes:
+        return self._name
+
+    @property
+    def buffer(self) -> memoryview:
+        return memoryview(self._name)
+
+    @property
+    def more(self) -> bool:
+        return True
+
+
+class ZmqPort:
+    """A :class:`~zmqfed.federated.ports.Port` over one ZeroMQ socket and its monitor.
+
+    Parameters
+    ----------
+    by_key:
+        A ROUTER behind CURVE: peers are named by their key's ``User-Id``,
+        not by the routing id they claim (see the module docstring).
+    on_close:
+        Called once the socket is closed (e.g. to drop its ZAP allow-list).
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        events: int,
+        *,
+        by_key: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.routed = sock.type == zmq.ROUTER
+        self.by_key = by_key and self.routed
+        #: By key: a member's name -> the routing id of the connection it spoke from last.
+        self.addresses: dict[bytes, bytes] = {}
+        self._on_close = on_close
         self.monitor = sock.get_monitor_socket(events)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -70,6 +122,11 @@ class ZmqPort:
         self._closed = False
 
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
+        if self.by_key:
+            rid = self.addresses.get(bytes(frames[0]))
+            if rid is None:  # that member's key has not spoken on this socket
+                raise Unreachable
+            frames = [rid, *frames[1:]]
         try:
             tracker = self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False, track=track)
         except zmq.Again as exc:
@@ -80,12 +137,27 @@ class ZmqPort:
             raise
         return _ZmqTracker(tracker) if track and tracker is not None else None
 
-    def recv_frame(self) -> zmq.Frame:
-        flags = 0 if self.sock.get(zmq.RCVMORE) else zmq.NOBLOCK
+    def recv_frame(self) -> Any:
+        first = not self.sock.get(zmq.RCVMORE)
         try:
-            return self.sock.recv(flags=flags, copy=False)
+            frame = self.sock.recv(flags=zmq.NOBLOCK if first else 0, copy=False)
         except zmq.Again as exc:
             raise WouldBlock from exc
+        if first and self.by_key:
+            return self._by_key(frame)
+        return frame
+
+    def _by_key(self, frame: zmq.Frame) -> Any:
+        """A message's routing id frame, replaced by the name its connection's key has."""
+        name = self.user_id(frame)
+        if not name:  # cannot happen behind ZAP_ENFORCE_DOMAIN; the transport refuses it
+            return frame
+        key = name.encode()
+        rid = frame.bytes
+        if self.addresses.get(key) != rid:
+            log.debug("%s speaks from a new connection", name)
+            self.addresses[key] = rid
+        return _Named(key)
 
     def recv_into(self, view: memoryview) -> int:
         return recv_into(self.sock, view)
@@ -124,6 +196,8 @@ class ZmqPort:
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close()
+        if self._on_close is not None:
+            self._on_close()
 
 
 class ZmqNetwork:
@@ -144,14 +218,31 @@ class ZmqNetwork:
         limits: Limits,
         security: ServerSecurity | None = None,
     ) -> ZmqPort:
-        curve = None
-        if security is not None:
-            group_authenticator(self.ctx, security.domain, security.allowed)
-            curve = security.socket_options()
-        sock = make_router(endpoint, options=options, limits=limits, ctx=self._ctx, curve=curve)
-        # A ROUTER's monitor names fds, never peers (docs/zeromq.md §12): a
-        # disconnect only tells the transport to probe its peers.
-        return ZmqPort(sock, zmq.EVENT_DISCONNECTED)
+        if security is None:
+            sock = make_router(endpoint, options=options, limits=limits, ctx=self._ctx)
+            # A ROUTER's monitor names fds, never peers (docs/zeromq.md §12): a
+            # disconnect only tells the transport to probe its peers.
+            return ZmqPort(sock, zmq.EVENT_DISCONNECTED)
+        zap = zap_handler(self.ctx)
+        assert zap is not None
+        zap.allow(security.domain, security.group, security.allowed)
+        try:
+            sock = make_router(
+                endpoint,
+                options=options,
+                limits=limits,
+                ctx=self._ctx,
+                curve=security.socket_options(),
+            )
+        except BaseException:
+            zap.forget(security.domain)
+            raise
+        return ZmqPort(
+            sock,
+            zmq.EVENT_DISCONNECTED,
+            by_key=True,
+            on_close=lambda: zap.forget(security.domain),
+        )
 
     def dealer(
         self,

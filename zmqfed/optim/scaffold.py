@@ -26,6 +26,11 @@ so ``package`` / ``unpackage`` carry them; the key is ``'c'``):
 
 A collaborator process keeps one ``c_i``: simulating several clients in one
 process (``set_part_id``) shares it between them.
+
+:meth:`ScaffoldOptimizer.state_dict` carries what lives outside the wrapped
+optimizer's state too (under the key ``'scaffold'``): the aggregator's
+published ``c`` and a collaborator's ``c_i``, so a checkpoint resumes both
+(``zmqfed-node`` checkpoints the server optimizer every round).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from zmqfed.props import COLLABORATOR
 __all__ = ["ScaffoldOptimizer"]
 
 C = "c"
+#: The key of SCAFFOLD's own state in :meth:`ScaffoldOptimizer.state_dict`.
+STATE_KEY = "scaffold"
 
 
 class ScaffoldOptimizer(FederatedOptimizer):
@@ -173,6 +180,61 @@ class ScaffoldOptimizer(FederatedOptimizer):
             self._acg_grad.clear()
             self._acg_count = 0
         super().clear_state_dict(keys)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state, plus SCAFFOLD's control variates.
+
+        ``state_dict()['scaffold']`` holds ``global_control`` (the ``c`` the
+        aggregator published) and ``local_control`` (a collaborator's
+        ``c_i``), each by the parameter's index, as torch numbers them.
+        Neither is in ``optim.state`` between rounds in a form that restores
+        them: without them a resumed aggregator restarted ``c`` from zero.
+        """
+        out = dict(super().state_dict())
+        index = {p: i for i, p in enumerate(self.params())}
+
+        def by_index(tensors: dict[Tensor, Tensor]) -> dict[int, Tensor]:
+            return {index[p]: t.detach().clone() for p, t in tensors.items() if p in index}
+
+        out[STATE_KEY] = {
+            "global_control": by_index(self._published),
+            "local_control": by_index(self.local_control),
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (an inner optimizer's state dict works too)."""
+        state_dict = dict(state_dict)
+        own = state_dict.pop(STATE_KEY, None) or {}
+        super().load_state_dict(state_dict)
+        params = list(self.params())
+
+        def by_param(tensors: dict[Any, Tensor]) -> dict[Tensor, Tensor]:
+            out = {}
+            for i, t in tensors.items():
+                if not 0 <= int(i) < len(params):
+                    raise ConfigError(f"SCAFFOLD state names parameter {i}, of {len(params)}")
+                p = params[int(i)]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ConfigError(
+                        f"SCAFFOLD state of parameter {i} has shape {list(t.shape)}, "
+                        f"expected {list(p.shape)}"
+                    )
+                out[p] = t.detach().to(device=p.device, dtype=p.dtype).clone()
+            return out
+
+        self.local_control = by_param(own.get("local_control", {}))
+        published = by_param(own.get("global_control", {}))
+        if not published and self.aggregator:
+            # an older checkpoint: the optimizer state's 'c' is what was published
+            published = {p: self.state[p][C] for p in params if C in self.state.get(p, {})}
+        self._published.update(published)
+        if self.aggregator:
+            for p, c in published.items():
+                # one object again: a step that gets no new Δc must not count c as one
+                self.state[p][C] = c
 
     # -- aggregator -------------------------------------------------------
 

@@ -45,6 +45,7 @@ from typing import IO, Any
 
 from zmqfed.address import default_file_address, default_tcp_address, empty_address
 from zmqfed.errors import ConfigError
+from zmqfed.names import name_path
 from zmqfed.props import FederatedProperties
 from zmqfed.topo import Node, Topology, analysis
 
@@ -65,7 +66,7 @@ def node_names(nproc: int) -> list[str]:
 
 def props_path(name: str, props_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where the props file of node ``name`` goes: ``<props_dir or temp dir>/<name>.json``."""
-    return Path(props_dir if props_dir is not None else tempfile.gettempdir()) / f"{name}.json"
+    return name_path(props_dir if props_dir is not None else tempfile.gettempdir(), name, ".json")
 
 
 def build_centralized_topology(

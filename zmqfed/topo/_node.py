@@ -6,7 +6,6 @@ Re-exported by ``zmqfed.topo.graph`` and ``zmqfed.topo``; import from there.
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -14,41 +13,20 @@ from typing import Any, TypeAlias
 from zmqfed.address import Address, empty_address
 from zmqfed.errors import ConfigError, TopologyError
 from zmqfed.meta import check_json_safe
+from zmqfed.names import check_name
 
 __all__ = ["Edge", "Node", "NodeLike", "check_nick_name", "name_of"]
 
-_MAX_NAME_BYTES = 255  # ZeroMQ routing ids are 1..255 bytes
-
 
 def check_nick_name(name: object) -> str:
-    """Return ``name`` if it can serve as a ZeroMQ routing id, else raise ``TopologyError``.
+    """Return ``name`` if it is a valid nick name, else raise ``TopologyError`` saying why.
 
-    A nick name is a string of 1 to 255 UTF-8 bytes that is not whitespace
-    only and holds no control characters (in particular no leading NUL byte,
-    which ZeroMQ reserves for the routing ids it generates).
+    A nick name is 1 to 255 UTF-8 bytes of letters and digits (any script),
+    ``_``, ``-`` and ``.``, starting with a letter, a digit or ``_``, in
+    Unicode normal form C (:mod:`zmqfed.names`): it is a ZeroMQ routing id
+    and the stem of the node's files, so it holds no path syntax.
     """
-    if not isinstance(name, str):
-        raise TopologyError(f"nick name must be a string, got {type(name).__name__} {name!r}")
-    if not name or name.isspace():
-        raise TopologyError(f"nick name {name!r} is empty or whitespace only")
-    if name.startswith("\0"):
-        raise TopologyError(
-            f"nick name {name!r} starts with a NUL byte, which ZeroMQ reserves "
-            "for the routing ids it generates"
-        )
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise TopologyError(f"nick name {name!r} is not valid UTF-8 ({exc.reason})") from exc
-    if size > _MAX_NAME_BYTES:
-        raise TopologyError(
-            f"nick name {name[:32]!r}... is {size} bytes in UTF-8; "
-            f"a routing id holds at most {_MAX_NAME_BYTES}"
-        )
-    for char in name:
-        if unicodedata.category(char) == "Cc":
-            raise TopologyError(f"nick name {name!r} contains the control character {char!r}")
-    return name
+    return check_name(name, TopologyError)
 
 
 class Node:

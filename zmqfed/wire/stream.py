@@ -61,7 +61,9 @@ class StreamConfig:
         Payload bytes per CHUNK message (docs/zeromq.md §16: a few MiB).
     window_bytes : int
         Credit a receiver grants one stream: the bytes in flight, and so the
-        memory beyond the model each side needs for it.
+        memory beyond the model each side needs for it.  At least two chunks
+        keep the link busy; a smaller window (down to one chunk) works, one
+        chunk per credit round trip.
     receive_budget : int
         An aggregator allocates streamed uploads up to this many bytes at a
         time across all peers; more uploaders wait for credit (one stream is
