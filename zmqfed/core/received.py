@@ -7,6 +7,7 @@ of failing the round later; a collaborator runs them on every download.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -17,6 +18,8 @@ from torch import Tensor
 from zmqfed.errors import ProtocolError
 
 __all__ = ["check_received", "check_upload_meta"]
+
+log = logging.getLogger(__name__)
 
 #: ``{tensor name: {field: tensor}}``.
 Fields = Mapping[str, Mapping[str, Any]]
@@ -50,7 +53,9 @@ def check_received(
     (floating-point, integer, boolean, complex); every other field is one of
     ``fields`` (None: any), and a tensor field has the parameter's shape and
     is floating-point or of the parameter's kind (per-parameter optimizer
-    state: SCAFFOLD's ``c``, elastic's ``importance``).
+    state: SCAFFOLD's ``c``, elastic's ``importance``). An upload
+    (``fields`` given) breaking a field rule is refused; a download keeps its
+    model and drops such fields, with a warning.
 
     Raises ``ProtocolError`` naming the problem: a missing or unknown tensor,
     a hook that failed on the data (a decoder refusing malformed input, or
@@ -75,6 +80,7 @@ def check_received(
         raise ProtocolError(
             f"data from {sender!r}: unpackage hooks failed ({type(exc).__name__}: {exc})"
         ) from exc
+    dropped: list[str] = []
     for name, p in own.items():
         state = decoded.get(name) if isinstance(decoded, Mapping) else None
         got = state.get(PARAM) if isinstance(state, Mapping) else None
@@ -88,8 +94,8 @@ def check_received(
                 f"data from {sender!r}: {name!r} is {_kind(got)} ({got.dtype}), "
                 f"the model's is {_kind(p)} ({p.dtype})"
             )
-        assert isinstance(state, Mapping)  # it holds a param tensor
-        for field, value in state.items():
+        assert isinstance(state, dict)  # a copy the hooks returned, holding a param tensor
+        for field, value in list(state.items()):
             if field == PARAM:
                 continue
             if fields is not None and field not in fields:
@@ -100,11 +106,17 @@ def check_received(
             if isinstance(value, Tensor) and (
                 value.shape != p.shape or _kind(value) not in ("floating-point", _kind(p))
             ):
-                raise ProtocolError(
+                problem = (
                     f"data from {sender!r}: field {field!r} of {name!r} is {_kind(value)} of "
                     f"shape {list(value.shape)}; state travels floating-point (or as the "
                     f"parameter, {_kind(p)}) in the parameter's shape {list(p.shape)}"
                 )
+                if fields is not None:  # an upload: refused
+                    raise ProtocolError(problem)
+                del state[field]  # a download: the model is good, this state is not
+                dropped.append(problem)
+    if dropped:
+        log.warning("%s (%d such fields dropped, the rest kept)", dropped[0], len(dropped))
     return decoded
 
 
