@@ -37,6 +37,7 @@ from zmqfed.federated.protocol import (
     discard_rest,
     error_meta,
     hello_problem,
+    meta_version,
     peer_frame_bound,
     recv_message,
     stamp,
@@ -44,6 +45,7 @@ from zmqfed.federated.protocol import (
 )
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.traffic import Traffic, frames_nbytes
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import (
@@ -108,6 +110,7 @@ class AggregatorTransport:
         #: The version stamped on every message (the Maintainer's).
         self.version = 0
         self.stats = TransportStats()
+        self.traffic = Traffic()
         security = None
         if curve is not None:
             security = curve.server(self.name, props.group_name, props.collaborators)
@@ -208,6 +211,7 @@ class AggregatorTransport:
             self._log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
             self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
             return None
+        self.traffic.received(env.kind, frames_nbytes(frames[1:]))
         if env.sender != name:
             self.refuse_message(
                 rid,
@@ -257,6 +261,7 @@ class AggregatorTransport:
         if head.sender != pipe.nick_name or head.tensors:
             return False
         pipe.last_seen = time.monotonic()
+        self.traffic.received(Kind.CHUNK.value, nbytes)
         done = self.streams.land(pipe, head.seq, sid, offset, nbytes)
         if done is not None:
             self.completed.append(done)
@@ -318,6 +323,7 @@ class AggregatorTransport:
                 env.seq,
                 pipe.nick_name,
             )
+            self.stats.count_upload("duplicate")
             self.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
             return None
         if env.stream is not None:
@@ -347,6 +353,7 @@ class AggregatorTransport:
             pipe.session = session
         joined = not pipe.online
         pipe.online = True
+        self.stats.joins += joined
         self.send(
             pipe,
             Kind.WELCOME,
@@ -360,6 +367,7 @@ class AggregatorTransport:
 
     def left(self, pipe: AggregatorPipe) -> PeerEvent:
         """``pipe``'s peer is gone: its pending request and streams are dropped."""
+        self.stats.departures += pipe.online
         pipe.online = False
         pipe.request = None
         self.streams.drop(pipe)
@@ -386,6 +394,7 @@ class AggregatorTransport:
         pipe.accepted[(pipe.session, request.seq)] = None
         while len(pipe.accepted) > KEEP_ACCEPTED:
             del pipe.accepted[next(iter(pipe.accepted))]
+        self.stats.count_upload("accepted")
         return self.send(pipe, Kind.ACK, seq=request.seq, meta={"version": self.version})
 
     def park(self, pipe: AggregatorPipe) -> None:
@@ -403,6 +412,9 @@ class AggregatorTransport:
             return
         pipe.request = None
         pipe.take_out_meta()
+        if request.kind == Kind.PUSH:  # an upload answering a model older than ours is stale
+            stale = code is ErrorCode.DISCARDED and meta_version(request.meta) <= self.version
+            self.stats.count_upload("stale" if stale else code.value)
         self.refuse_message(pipe.routing_id, request.seq, code, reason)
 
     def model_changed(self) -> None:
@@ -434,6 +446,7 @@ class AggregatorTransport:
         except WouldBlock:
             log.warning("%s: %s's queue is full; %s not sent", self.name, pipe.nick_name, kind)
             return False
+        self.traffic.sent(kind.value, frames_nbytes(frames))
         if encoded is not None and stream is None:
             pipe.bytes_out += encoded.nbytes
         return True
@@ -449,8 +462,10 @@ class AggregatorTransport:
             version=self.version,
             meta=error_meta(code, reason),
         )
+        frames = encode(env, limits=self.limits)
         with contextlib.suppress(Unreachable, WouldBlock):  # the offender is gone: nothing to tell
-            self.port.send([rid, *encode(env, limits=self.limits)])
+            self.port.send([rid, *frames])
+            self.traffic.sent(Kind.ERROR.value, frames_nbytes(frames))
 
     # -- shutdown ----------------------------------------------------------------
     def close(self, *, final: bool = False) -> None:
