@@ -11,7 +11,6 @@ the aggregate above.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,6 +30,7 @@ from zmqfed.errors import ConfigError
 from zmqfed.federated import Curve, SocketOptions
 from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
 from zmqfed.meta import Meta
+from zmqfed.ops import NodeOps, OpsOptions
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
@@ -61,6 +61,8 @@ class NodeRunner:
         Overrides ``App.rounds``.
     progress:
         tqdm bar on the aggregator.
+    ops:
+        Metrics, dashboard and status heartbeat (:class:`~zmqfed.ops.OpsOptions`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class NodeRunner:
         progress: bool = True,
         socket_options: SocketOptions | None = None,
         keys_dir: str | os.PathLike[str] | None = None,
+        ops: OpsOptions | None = None,
     ) -> None:
         self.name = name
         topology.validate(acyclic=True)  # groups are stepped bottom-up: a cycle never ends
@@ -95,6 +98,9 @@ class NodeRunner:
         self.records: deque[dict[str, Any]] = deque(maxlen=KEEP_RECORDS)
         self.round = 0
         self.finished = False
+        #: What stopped the node, when an error did.
+        self.failure: str | None = None
+        self.ops = NodeOps(self, topology, ops or OpsOptions())
 
     # -- persistence ---------------------------------------------------------
     @property
@@ -102,37 +108,17 @@ class NodeRunner:
         return None if self.state_dir is None else self.state_dir / f"{self.name}.ckpt"
 
     def write_status(self, state: str) -> None:
-        """Write ``status.json`` for operators (``zmqfed-node status``)."""
-        if self.state_dir is None:
-            return
-        online: list[str] = []
-        version = 0
-        for m in self.maintainers:
-            version = max(version, m.version)
-            online += [p.nick_name for p in m.all_pipes() if not p.is_offline]
-        status = {
-            "node": self.name,
-            "state": state,
-            "round": self.round,
-            "rounds": self.rounds,
-            "version": version,
-            "online_peers": sorted(online),
-            "pid": os.getpid(),
-            "updated": time.time(),
-            "last_record": self.records[-1] if self.records else None,
-        }
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".{self.name}.status.json"
-        tmp.write_text(json.dumps(status, indent=2))
-        os.replace(tmp, self.state_dir / f"{self.name}.status.json")
+        """Publish the node's state and write ``NAME.status.json`` (``zmqfed-node status``)."""
+        self.ops.publish(state)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
         """Run every round of this node (blocks)."""
         agg = [p for p in self.props if p.aggregator]
         col = [p for p in self.props if p.collaborator]
-        self.write_status("starting")
         try:
+            self.ops.start()
+            self.write_status("starting")
             if agg and col:
                 self._run_edge(agg[0], col[0])
             elif agg:
@@ -140,6 +126,10 @@ class NodeRunner:
             else:
                 self._run_collaborator(col[0])
             self.finished = True
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.ops.failure = self.failure
+            raise
         finally:
             self.close()
 
@@ -147,7 +137,9 @@ class NodeRunner:
         """Close every maintainer; a finished aggregator tells its peers it is over."""
         for m in self.maintainers:
             m.close(final=self.finished)
-        self.write_status("finished" if self.finished else "stopped")
+        self.ops.stop()
+        state = "finished" if self.finished else "failed" if self.failure else "stopped"
+        self.write_status(state)
 
     def _maintainer(self, props: FederatedProperties) -> Maintainer:
         codec = str(props.settings.get("codec") or self.ctx.options.get("codec") or "raw")
@@ -159,6 +151,7 @@ class NodeRunner:
             curve=self.curve,
         )
         self.maintainers.append(m)
+        self.ops.watch(m)
         if self.app.configure is not None:
             with m:
                 self.app.configure(m)
@@ -191,7 +184,7 @@ class NodeRunner:
             self.round = record.round + 1
             self.records.append(asdict(record))
             self._checkpoint(m, server)
-            self.write_status("running")
+            self.ops.round_done(asdict(record))
             log.info(
                 "%s round %d: %d participants, %.0f kB in, %.2f s, %s",
                 self.name,
@@ -232,6 +225,7 @@ class NodeRunner:
         m.update_version(int(state["version"]))
         self.round = int(state["round"])
         self.records.extend(state.get("records", []))
+        self.ops.restore(list(self.records))
         log.info(
             "%s: resumed from %s at round %d, version %d", self.name, path, self.round, m.version
         )
@@ -258,7 +252,7 @@ class NodeRunner:
         self.write_status("running")
         self.round = run_collaborator(
             m,
-            self.app.train,
+            self.ops.timed_train(m, self.app.train),
             fed_optim=self.app.local_optim,
             test=self.app.test,
             rounds=self.rounds,
@@ -277,22 +271,37 @@ class NodeRunner:
         self._step_policy(down, below)
         down.on(step_points.upload_received, stale_check, nice=40)
         server = self._server_optim()
+        self.write_status("running")
 
         def relay(meta: Meta) -> dict[str, Any]:
             for key in ("round", "rounds", "mode"):
                 if key in meta:
                     down.meta[key] = meta[key]
+            tic, traffic = time.perf_counter(), (down.stats["bytes_in"], down.stats["bytes_out"])
             down.package()
             down.step()
             instances = sum(int(m.get("instances", 1)) for m in down.meta_list)
             metrics = meta_reduce(down.meta_list, self.app.reduce_keys) if down.meta_list else {}
+            aggregated = time.perf_counter()
             if down.data_list:
                 agg = self.app.agg_func or naive_aggregation
                 aggregate_and_step(down, [server], agg, **self.app.agg_kwargs)
+            aggregated = time.perf_counter() - aggregated
+            record = {
+                "round": int(meta.get("round", self.round) or 0),
+                "mode": str(meta.get("mode", "train")),
+                "version": down.version,
+                "participants": len(down.meta_list),
+                "bytes_in": down.stats["bytes_in"] - traffic[0],
+                "bytes_out": down.stats["bytes_out"] - traffic[1],
+                "seconds": time.perf_counter() - tic,
+                "metrics": dict(metrics),
+                "aggregate_seconds": aggregated,
+            }
             down.clear()
             down.update_version()
             self.round += 1
-            self.write_status("running")
+            self.ops.round_done(record)
             return {**metrics, "instances": instances}
 
         run_collaborator(up, relay, test=relay)
