@@ -8,7 +8,9 @@ exchanges.  The protocol code is the one that runs on sockets.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -220,3 +222,32 @@ def test_telemetry_publishes_a_group_view_and_bounded_per_peer_metrics(make_star
     text = MetricsExporter(telemetry).render().decode()
     samples = [s for f in prom.text_string_to_metric_families(text) for s in f.samples]
     assert not [s for s in samples if "peer" in s.labels]
+
+
+def test_watch_publishes_a_running_step_at_most_once_per_interval(make_star):
+    star = make_star(1)
+    with star.agg:
+        count_step(1)
+    telemetry = Telemetry("aggregator", ["aggregator"], rounds=3, publish_interval=0.3)
+    published: list[tuple[float, int]] = []
+
+    def publish() -> None:
+        snap = telemetry.publish(state="running", round=0, groups=[(star.agg, 1)])
+        published.append((time.monotonic(), snap.status["progress"]["uploads"]))
+
+    telemetry.watch(star.agg, publish)
+
+    def slow_round(col: Maintainer) -> None:
+        time.sleep(1.2)  # the aggregator's loop idles meanwhile (every 0.5 s)
+        _round_trip(col)
+
+    star.run("client0", slow_round)
+    tic = time.monotonic()
+    star.agg.step()
+    star.join()
+    elapsed = time.monotonic() - tic
+    assert published and published[0][1] == 0  # the step's start, nothing received yet
+    assert telemetry.latest.status["progress"]["round_started"] is not None
+    assert len(published) <= elapsed / 0.3 + 1
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(published)]
+    assert all(gap >= 0.3 for gap in gaps)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zmqfed.core import StepContext, step_points
 from zmqfed.meta import Meta
 from zmqfed.ops.server import OpsServer, parse_listen
 from zmqfed.ops.status import StatusFile
@@ -190,19 +189,12 @@ class NodeOps:
 
     def watch(self, m: Maintainer) -> None:
         """Publish an aggregator's progress while its steps run."""
-        if not (m.aggregator and self.active):
-            return
-        m.on(step_points.step_started, self._step_started, nice=HOOK_NICE)
-        m.on(step_points.after_peer, self._tick, nice=HOOK_NICE)
+        if m.aggregator and self.active:
+            self.telemetry.watch(m, self._step_publish, nice=HOOK_NICE)
 
-    def _step_started(self, ctx: StepContext) -> None:
-        self.telemetry.round_started()
+    def _step_publish(self) -> None:
         self.telemetry.phase = "collecting uploads"
         self.publish(write=False)
-
-    def _tick(self, ctx: StepContext) -> None:
-        if self.telemetry.due():
-            self.publish(write=False)
 
     def timed_train(
         self, m: Maintainer, train: Callable[[Meta], Mapping[str, Any]]

@@ -14,16 +14,18 @@ A snapshot's ``status`` is the status document (``NAME.status.json``,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zmqfed.core import StepContext, step_points
 from zmqfed.ops.snapshot import (
     AGGREGATE_BUCKETS,
     ROUND_BUCKETS,
@@ -46,6 +48,8 @@ CHART_POINTS = 500
 KEEP_ERRORS = 20
 #: Longest message kept of one log record.
 ERROR_CHARS = 500
+#: Most of the loop's time publishing may take: a huge group publishes less often.
+MAX_PUBLISH_SHARE = 0.01
 
 
 class ErrorLog(logging.Handler):
@@ -115,7 +119,8 @@ class Telemetry:
     top_peers:
         Per-peer entries kept per aggregator group (0: none).
     publish_interval:
-        Least seconds between two publishes from :meth:`tick`.
+        Least seconds between two publishes while a step runs (more when a
+        publish costs more than ``MAX_PUBLISH_SHARE`` of that time).
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class Telemetry:
         self._round_seconds = Histogram(ROUND_BUCKETS)
         self._aggregate_seconds = Histogram(AGGREGATE_BUCKETS)
         self._rounds_completed = 0
+        self._completions: deque[float] = deque(maxlen=11)  # time.monotonic() of each
         self._last_round_time: float | None = None
         self._round_started: float | None = None  # time.monotonic() of the step's start
         self._round_started_wall: float | None = None
@@ -164,9 +170,29 @@ class Telemetry:
         self._round_started = time.monotonic()
         self._round_started_wall = time.time()
 
+    def watch(self, m: Maintainer, publish: Callable[[], Any], *, nice: int = 1000) -> None:
+        """Hook an aggregator's steps: note each step's start, ``publish()`` while due.
+
+        The hooks run after the others of their points (``nice``); between
+        two publishes they cost one clock read.
+        """
+
+        def started(ctx: StepContext) -> None:
+            self.round_started()
+            if self.due():
+                publish()
+
+        def after_peer(ctx: StepContext) -> None:
+            if self.due():
+                publish()
+
+        m.on(step_points.step_started, started, nice=nice)
+        m.on(step_points.after_peer, after_peer, nice=nice)
+
     def record(self, record: Mapping[str, Any]) -> None:
         """One round completed: ``record`` is a :class:`~zmqfed.api.RoundRecord` as a dict."""
         self._rounds_completed += 1
+        self._completions.append(time.monotonic())
         self._last_round_time = time.time()
         self._round_seconds.observe(float(record.get("seconds", 0.0)))
         if record.get("mode", "train") == "train" and "aggregate_seconds" in record:
@@ -192,7 +218,6 @@ class Telemetry:
     ) -> Snapshot:
         """Build and publish a new snapshot; ``groups`` pairs each Maintainer with its quorum."""
         now_mono = time.monotonic()
-        self._next_publish = now_mono + self.publish_interval
         online: list[str] = []
         offline: list[str] = []
         views = []
@@ -203,14 +228,16 @@ class Telemetry:
             for pipe in m.all_pipes():
                 (offline if pipe.is_offline else online).append(pipe.nick_name)
         chart = tuple(self._chart)
-        elapsed = 0.0 if self._round_started is None else now_mono - self._round_started
         eta = None
         if state in ("starting", "running"):
-            eta = eta_seconds(
-                (float(r.get("seconds", 0.0)) for r in chart if r.get("mode", "train") == "train"),
-                self.rounds - round,
-                elapsed,
-            )
+            done = list(self._completions)
+            if len(done) >= 2:  # the pace of this process: time between rounds
+                durations = [b - a for a, b in itertools.pairwise(done)]
+                elapsed = now_mono - done[-1]
+            else:  # a round's own duration (restored rounds included)
+                durations = [float(r.get("seconds", 0.0)) for r in chart]
+                elapsed = 0.0 if self._round_started is None else now_mono - self._round_started
+            eta = eta_seconds(durations, self.rounds - round, elapsed)
         self._seq += 1
         status = {
             "schema": SCHEMA,
@@ -252,4 +279,6 @@ class Telemetry:
             log_counts=self.errors.counts_copy(),
         )
         self.latest = snap
+        cost = time.monotonic() - now_mono
+        self._next_publish = now_mono + max(self.publish_interval, cost / MAX_PUBLISH_SHARE)
         return snap
