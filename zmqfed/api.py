@@ -60,6 +60,8 @@ class RoundRecord:
     bytes_out: int
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: Of ``seconds``, the time spent aggregating and stepping the server optimizers.
+    aggregate_seconds: float = 0.0
 
 
 def stale_check(ctx: StepContext | Maintainer) -> bool | None:
@@ -241,8 +243,10 @@ class API(threading.Thread):
             m.package(self.optim_list)
         m.step(timeout=self.step_timeout)
         metrics: dict[str, Any] = {}
+        aggregated = time.perf_counter()
         if mode == "train" and m.data_list:
             aggregate_and_step(m, self.optim_list, self.agg_func, **self.agg_func_kwargs)
+        aggregated = time.perf_counter() - aggregated
         if self.reduce_func is not None and m.meta_list:
             metrics = reduce_isolated(m, self.reduce_func, **self.reduce_func_kwargs)
         if self.evaluate is not None and mode == "train":
@@ -258,6 +262,7 @@ class API(threading.Thread):
             bytes_out=after_out - before_out,
             seconds=time.perf_counter() - tic,
             metrics=metrics,
+            aggregate_seconds=aggregated,
         )
         m.clear()
         m.update_version()

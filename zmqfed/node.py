@@ -40,6 +40,7 @@ from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggr
 from zmqfed.isolation import reduce_isolated
 from zmqfed.meta import Meta
 from zmqfed.names import name_path
+from zmqfed.ops import NodeOps, OpsOptions
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
@@ -70,6 +71,8 @@ class NodeRunner:
         Overrides ``App.rounds``.
     progress:
         tqdm bar on the aggregator.
+    ops:
+        Metrics, dashboard and status heartbeat (:class:`~zmqfed.ops.OpsOptions`).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class NodeRunner:
         progress: bool = True,
         socket_options: SocketOptions | None = None,
         keys_dir: str | os.PathLike[str] | None = None,
+        ops: OpsOptions | None = None,
     ) -> None:
         self.name = name
         if state_dir is not None:
@@ -106,6 +110,9 @@ class NodeRunner:
         self.records: deque[dict[str, Any]] = deque(maxlen=KEEP_RECORDS)
         self.round = 0
         self.finished = False
+        #: What stopped the node, when an error did.
+        self.failure: str | None = None
+        self.ops = NodeOps(self, topology, ops or OpsOptions())
 
     # -- persistence ---------------------------------------------------------
     @property
@@ -113,38 +120,17 @@ class NodeRunner:
         return None if self.state_dir is None else name_path(self.state_dir, self.name, ".ckpt")
 
     def write_status(self, state: str) -> None:
-        """Write ``status.json`` for operators (``zmqfed-node status``)."""
-        if self.state_dir is None:
-            return
-        online: list[str] = []
-        version = 0
-        for m in self.maintainers:
-            version = max(version, m.version)
-            online += [p.nick_name for p in m.all_pipes() if not p.is_offline]
-        status = {
-            "node": self.name,
-            "state": state,
-            "round": self.round,
-            "rounds": self.rounds,
-            "version": version,
-            "online_peers": sorted(online),
-            "pid": os.getpid(),
-            "updated": time.time(),
-            "last_record": self.records[-1] if self.records else None,
-        }
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = name_path(self.state_dir, self.name, ".status.json")
-        tmp = path.with_name(f".{path.name}")
-        tmp.write_text(json.dumps(status, indent=2))
-        os.replace(tmp, path)
+        """Publish the node's state and write ``NAME.status.json`` (``zmqfed-node status``)."""
+        self.ops.publish(state)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
         """Run every round of this node (blocks)."""
         agg = [p for p in self.props if p.aggregator]
         col = [p for p in self.props if p.collaborator]
-        self.write_status("starting")
         try:
+            self.ops.start()
+            self.write_status("starting")
             if agg and col:
                 self._run_edge(agg[0], col[0])
             elif agg:
@@ -152,6 +138,10 @@ class NodeRunner:
             else:
                 self._run_collaborator(col[0])
             self.finished = True
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.ops.failure = self.failure
+            raise
         finally:
             self.close()
 
@@ -159,7 +149,9 @@ class NodeRunner:
         """Close every maintainer; a finished aggregator tells its peers it is over."""
         for m in self.maintainers:
             m.close(final=self.finished)
-        self.write_status("finished" if self.finished else "stopped")
+        self.ops.stop()
+        state = "finished" if self.finished else "failed" if self.failure else "stopped"
+        self.write_status(state)
 
     def _maintainer(self, props: FederatedProperties) -> Maintainer:
         codec = str(props.settings.get("codec") or self.ctx.options.get("codec") or "raw")
@@ -171,6 +163,7 @@ class NodeRunner:
             curve=self.curve,
         )
         self.maintainers.append(m)
+        self.ops.watch(m)
         if self.app.configure is not None:
             with m:
                 self.app.configure(m)
@@ -203,7 +196,7 @@ class NodeRunner:
             self.round = record.round + 1
             self.records.append(asdict(record))
             self._checkpoint(m, server)
-            self.write_status("running")
+            self.ops.round_done(asdict(record))
             log.info(
                 "%s round %d: %d participants, %.0f kB in, %.2f s, %s",
                 self.name,
@@ -255,6 +248,7 @@ class NodeRunner:
         m.update_version(int(state["version"]))
         self.round = int(state["round"])
         self.records.extend(state.get("records", []))
+        self.ops.restore(list(self.records))
         log.info(
             "%s: resumed from %s at round %d, version %d", self.name, path, self.round, m.version
         )
@@ -281,7 +275,7 @@ class NodeRunner:
         self.write_status("running")
         self.round = run_collaborator(
             m,
-            self.app.train,
+            self.ops.timed_train(m, self.app.train),
             fed_optim=self.app.local_optim,
             test=self.app.test,
             rounds=self.rounds,
@@ -301,18 +295,22 @@ class NodeRunner:
         down.on(step_points.upload_received, stale_check, nice=40)
         prepare_for_rule(down, self.app.agg_func or naive_aggregation, self.app.agg_kwargs)
         server = self._server_optim()
+        self.write_status("running")
 
         def relay(meta: Meta) -> dict[str, Any]:
             for key in ("round", "rounds", "mode", "test_rounds"):
                 if key in meta:
                     down.meta[key] = meta[key]
             training = meta.get("mode", "train") != "test"
+            tic, traffic = time.perf_counter(), (down.stats["bytes_in"], down.stats["bytes_out"])
             # the server optimizers' upload keys are what the leaves may send up
             down.package([server])
             down.step()
+            aggregated = time.perf_counter()
             if training and down.data_list:  # first: it drops updates it cannot aggregate
                 agg = self.app.agg_func or naive_aggregation
                 aggregate_and_step(down, [server], agg, **self.app.agg_kwargs)
+            aggregated = time.perf_counter() - aggregated
             # validated on receipt: a finite number >= 0 where present
             instances = sum(float(m.get("instances", 1)) for m in down.meta_list)
             metrics = (
@@ -320,11 +318,22 @@ class NodeRunner:
                 if down.meta_list
                 else {}
             )
+            record = {
+                "round": int(meta.get("round", self.round) or 0),
+                "mode": str(meta.get("mode", "train")),
+                "version": down.version,
+                "participants": len(down.meta_list),
+                "bytes_in": down.stats["bytes_in"] - traffic[0],
+                "bytes_out": down.stats["bytes_out"] - traffic[1],
+                "seconds": time.perf_counter() - tic,
+                "metrics": dict(metrics),
+                "aggregate_seconds": aggregated,
+            }
             down.clear()
             down.update_version()
             if training:
                 self.round += 1
-            self.write_status("running")
+            self.ops.round_done(record)
             return {**metrics, "instances": instances}
 
         run_collaborator(up, relay, test=relay)

@@ -8,7 +8,10 @@
 
 Options (``--set KEY=VALUE``): ``alpha`` (Dirichlet skew, 0.5), ``epochs``
 (local epochs, 3), ``lr`` (local SGD rate, 0.2), ``algo`` (``fedavg``,
-``fedprox`` or ``scaffold``), ``mu`` (FedProx, 0.01), ``seed`` (0).
+``fedprox`` or ``scaffold``), ``mu`` (FedProx, 0.01), ``seed`` (0);
+``min_clients`` with ``round_timeout`` (seconds, 5) end a round at its
+deadline once that many uploads arrived, so a lost collaborator cannot stall
+the federation.
 
 Differential privacy (docs/privacy.md): ``dp`` = ``central`` (the
 aggregator clips and noises: ``central_dp``), ``local`` (each collaborator
@@ -78,6 +81,9 @@ def factory(ctx: NodeContext) -> App:
     seed = int(opt.get("seed", 0))
     model = build_model(seed)
     app = App(model=model, rounds=ctx.rounds or 20)
+    if "min_clients" in opt:
+        app.min_clients = int(opt["min_clients"])
+        app.round_timeout = float(opt.get("round_timeout", "5"))
     algo = opt.get("algo", "fedavg")
     if algo not in ("fedavg", "fedprox", "scaffold"):
         raise ConfigError(f"algo must be fedavg, fedprox or scaffold, got {algo!r}")

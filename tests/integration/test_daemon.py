@@ -259,5 +259,8 @@ def test_systemd_unit_runs_a_valid_zmqfed_node_command():
     assert argv[0].endswith("/zmqfed-node")
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.node, args.log_json) == ("run", "client0", True)
+    assert (args.metrics, args.dashboard) == ("0.0.0.0:9470", "127.0.0.1:8080")
+    docs = (Path(__file__).resolve().parents[2] / "docs/operations.md").read_text()
+    assert unit in docs  # docs/operations.md shows this very unit
     assert callable(load_factory(args.app))
     assert "KillSignal=SIGTERM" in unit  # zmqfed-node stops cleanly on SIGTERM

@@ -56,6 +56,7 @@ def test_all_is_pinned() -> None:
             "to_ascii",
             "to_dot",
             "to_image",
+            "to_svg",
             "tree",
         ]
     )

@@ -11,6 +11,10 @@ code  name               meaning
 130   ``INTERRUPTED``    interrupted by SIGINT (128 + 2, as shells report it)
 ===== ================== ==================================================
 
+``zmqfed-node status`` exits with the nodes' health instead, for monitoring
+checks: 10 finished, 11 stopped, 12 failed, 13 stale heartbeat (0 running);
+they are :data:`zmqfed.ops.HEALTH_CODES`, outside the range above.
+
 A console script's ``main`` returns the code; :func:`run` wraps a command so
 that zmqfed errors become one ``PROG: error: ...`` line on stderr and the
 matching code, instead of a traceback.

@@ -3,7 +3,8 @@
 ::
 
     zmqfed-node run --topology FILE --node NAME --app MODULE:FACTORY [--state-dir DIR]
-    zmqfed-node status --state-dir DIR [--node NAME]
+                    [--metrics ADDR:PORT] [--dashboard ADDR:PORT]
+    zmqfed-node status --state-dir DIR [--node NAME] [--json]
 
 ``run`` builds the node's groups from the topology and runs the app round after
 round; an aggregator checkpoints after every round into ``--state-dir`` and
@@ -14,6 +15,12 @@ current message is abandoned, peers get BYE, sockets close, and it exits with
 0 (SIGTERM: stopped on request) or 130 (SIGINT). Other codes are those of
 ``zmqfed.cli.exitcodes`` (1 runtime failure, 2 usage, 3 invalid topology,
 4 invalid configuration).
+
+``--metrics`` serves Prometheus metrics and ``--dashboard`` a live web page
+from the node's process (read-only, on 127.0.0.1 unless an address is given).
+``status`` exits with the nodes' health, for monitoring checks: 0 running,
+10 finished, 11 stopped, 12 failed, 13 stale heartbeat (the worst of several
+nodes); see ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ def _refuse_exposed_plaintext(topology: Any, node: str, insecure: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     from zmqfed.app import load_factory
     from zmqfed.node import NodeRunner
+    from zmqfed.ops import OpsOptions
     from zmqfed.topo import Topology
 
     _setup_logging(args.log_level, args.log_json, args.node)
@@ -131,6 +139,12 @@ def _run(args: argparse.Namespace) -> int:
         options=_options(args.set),
         progress=not args.no_progress,
         keys_dir=args.keys,
+        ops=OpsOptions(
+            metrics=args.metrics,
+            dashboard=args.dashboard,
+            metrics_peers=args.metrics_peers,
+            heartbeat=args.heartbeat,
+        ),
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     tic = time.perf_counter()
@@ -146,7 +160,10 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from zmqfed.errors import ConfigError
     from zmqfed.names import name_path
+    from zmqfed.ops.status import health, read_status, to_json
 
+    if args.stale_after is not None and args.stale_after <= 0:
+        raise ConfigError(f"--stale-after must be positive seconds, got {args.stale_after!r}")
     state_dir = Path(args.state_dir)
     if args.node:
         path = name_path(state_dir, args.node, ".status.json")
@@ -155,21 +172,39 @@ def _status(args: argparse.Namespace) -> int:
         pattern, files = "*.status.json", sorted(state_dir.glob("*.status.json"))
     if not files:
         raise ConfigError(f"no status file matching {pattern} in {state_dir}")
+    docs = []
     for path in files:
-        status = json.loads(path.read_text())
-        age = time.time() - float(status.get("updated", 0))
+        doc = read_status(path)
+        doc["health"] = health(doc, stale_after=args.stale_after)
+        docs.append(doc)
+    if args.json:
+        print(to_json(docs[0], indent=2) if args.node else to_json({"nodes": docs}, indent=2))
+    else:
+        for doc in docs:
+            _print_status(doc)
+    return max(doc["health"]["exit_code"] for doc in docs)
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    verdict = status["health"]
+    print(
+        f"{status['node']}: {verdict['status']} ({status['state']}), "
+        f"round {status['round']}/{status['rounds']}, version {status.get('version', '-')}, "
+        f"pid {status.get('pid', '-')}, updated {verdict['heartbeat_age']:.0f} s ago"
+    )
+    if status.get("failure"):
+        print(f"  failure: {status['failure']}")
+    print(f"  online peers: {', '.join(status.get('online_peers', [])) or '-'}")
+    if status.get("offline_peers"):
+        print(f"  offline peers: {', '.join(status['offline_peers'])}")
+    record = status.get("last_record")
+    if record:
         print(
-            f"{status['node']}: {status['state']}, round {status['round']}/{status['rounds']}, "
-            f"version {status['version']}, pid {status['pid']}, updated {age:.0f} s ago"
+            f"  last round: {record['participants']} participants, {record['seconds']:.2f} s, "
+            f"{record['metrics']}"
         )
-        print(f"  online peers: {', '.join(status['online_peers']) or '-'}")
-        record = status.get("last_record")
-        if record:
-            print(
-                f"  last round: {record['participants']} participants, {record['seconds']:.2f} s, "
-                f"{record['metrics']}"
-            )
-    return OK
+    for name, url in sorted((status.get("endpoints") or {}).items()):
+        print(f"  {name}: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,9 +237,40 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--log-level", default="INFO")
     p_run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     p_run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_run.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (needs zmqfed[metrics])",
+    )
+    p_run.add_argument(
+        "--dashboard",
+        metavar="ADDR:PORT",
+        help="serve a live dashboard at http://ADDR:PORT/ (ADDR defaults to 127.0.0.1)",
+    )
+    p_run.add_argument(
+        "--metrics-peers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="per-peer metrics for the N busiest peers of each group (default 0: none)",
+    )
+    p_run.add_argument(
+        "--heartbeat",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="rewrite the status file this often (default 5)",
+    )
     p_status = sub.add_parser("status", help="show what running or stopped nodes report")
     p_status.add_argument("--state-dir", required=True)
     p_status.add_argument("--node", help="only this node")
+    p_status.add_argument("--json", action="store_true", help="print the status documents as JSON")
+    p_status.add_argument(
+        "--stale-after",
+        type=float,
+        metavar="SECONDS",
+        help="a running node whose heartbeat is older is stale (default 3 heartbeats, >= 30 s)",
+    )
     return parser
 
 

@@ -90,6 +90,10 @@ class AggregatorSide:
             "chunks_in": stats.chunks_in,
             "chunks_out": stats.chunks_out,
             "stream_bytes_peak": self.transport.streams.in_bytes_peak,
+            "joins": stats.joins,
+            "departures": stats.departures,
+            "uploads": dict(stats.uploads),
+            **self.transport.traffic.as_dict(),
         }
 
     def close(self, *, final: bool) -> None:

@@ -47,7 +47,15 @@ class CollaboratorSide:
         raise ConfigError("discard() is for an aggregator's step hooks")
 
     def stats(self) -> dict[str, Any]:
-        return {"resends": self.transport.resends}
+        t, link = self.transport, self.transport.link
+        return {
+            "resends": t.resends,
+            "disconnects": link.disconnects,
+            "reconnects": link.reconnects,
+            "chunks_in": t.chunks_in,
+            "chunks_out": t.chunks_out,
+            **link.traffic.as_dict(),
+        }
 
     def close(self, *, final: bool) -> None:
         self.transport.close()

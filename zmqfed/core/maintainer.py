@@ -389,8 +389,10 @@ class Maintainer:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters: bytes in/out; on an aggregator messages, errors (refusals by code),
-        parked requests, encodes, chunks; on a collaborator, resent requests."""
+        """Counters: tensor bytes in/out; messages and bytes by kind (``messages_received``,
+        ``bytes_received``, ``messages_sent``, ``bytes_sent``), chunks; on an aggregator
+        messages, errors (refusals by code), parked requests, encodes, joins, departures,
+        uploads by outcome; on a collaborator resent requests, disconnects, reconnects."""
         pipes = self.all_pipes()
         out: dict[str, Any] = {
             "bytes_in": sum(p.bytes_in for p in pipes),

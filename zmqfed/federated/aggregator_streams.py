@@ -299,15 +299,17 @@ class StreamDesk:
         self._pump(pipe, stream)
 
     def _pump(self, pipe: AggregatorPipe, stream: OutStream) -> None:
-        before = stream.sent
+        before, chunks = stream.sent, 0
         try:
-            self.t.stats.chunks_out += pump(self.t.port, stream, [pipe.routing_id])
+            chunks = pump(self.t.port, stream, [pipe.routing_id])
         except Unreachable:
             log.info("%s: stream to %s broke; pipe offline", self.t.name, pipe.nick_name)
             self.t.left(pipe)
             return
         finally:
             pipe.bytes_out += stream.sent - before
+            self.t.stats.chunks_out += chunks
+            self.t.traffic.sent(Kind.CHUNK.value, stream.sent - before, chunks)
         if stream.done:
             self._end(pipe)
 

@@ -41,12 +41,14 @@ from zmqfed.federated.protocol import (
     ErrorCode,
     discard_rest,
     error_meta,
+    meta_version,
     parse_chunk,
     recv_message,
     stamp,
 )
 from zmqfed.federated.security import Curve, require_curve_for_pickle
 from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.traffic import Traffic, frames_nbytes
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import (
@@ -115,6 +117,7 @@ class AggregatorTransport:
         #: The version stamped on every message (the Maintainer's).
         self.version = 0
         self.stats = TransportStats()
+        self.traffic = Traffic()
         security = None
         if curve is not None:
             security = curve.server(self.name, props.group_name, props.collaborators)
@@ -237,6 +240,7 @@ class AggregatorTransport:
             self.log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
             self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
             return None
+        self.traffic.received(env.kind, frames_nbytes(frames[1:]))
         if env.sender != name:
             # With CURVE the port named the sender by its key (docs/zeromq.md §20).
             whose = "key" if self.curve is not None else "routing id"
@@ -289,6 +293,7 @@ class AggregatorTransport:
             return False
         head, sid, offset, nbytes = chunk
         pipe.last_seen = time.monotonic()
+        self.traffic.received(Kind.CHUNK.value, nbytes)
         done = self.streams.land(pipe, head.seq, sid, offset, nbytes)
         if done is not None:
             self.completed.append(done)
@@ -363,6 +368,7 @@ class AggregatorTransport:
 
     def left(self, pipe: AggregatorPipe) -> PeerEvent:
         """``pipe``'s peer is gone: its pending request and streams are dropped."""
+        self.stats.departures += pipe.online
         pipe.online = False
         pipe.request = None
         self.streams.drop(pipe)
@@ -392,6 +398,7 @@ class AggregatorTransport:
             return False
         pipe.request = None
         self.members.counted(pipe, request.seq)
+        self.stats.count_upload("accepted")
         return self.send(pipe, Kind.ACK, seq=request.seq, meta={"version": self.version})
 
     def park(self, pipe: AggregatorPipe) -> None:
@@ -409,6 +416,9 @@ class AggregatorTransport:
             return
         pipe.request = None
         pipe.take_out_meta()
+        if request.kind == Kind.PUSH:  # an upload answering a model older than ours is stale
+            stale = code is ErrorCode.DISCARDED and meta_version(request.meta) <= self.version
+            self.stats.count_upload("stale" if stale else code.value)
         self.refuse_message(pipe.routing_id, request.seq, code, reason)
 
     def model_changed(self) -> None:
@@ -442,6 +452,7 @@ class AggregatorTransport:
         except WouldBlock:
             log.warning("%s: %s's queue is full; %s not sent", self.name, pipe.nick_name, kind)
             return False
+        self.traffic.sent(kind.value, frames_nbytes(frames))
         if encoded is not None and stream is None:
             pipe.bytes_out += encoded.nbytes
         return True
@@ -457,8 +468,10 @@ class AggregatorTransport:
             version=self.version,
             meta=error_meta(code, reason),
         )
+        frames = encode(env, limits=self.limits)
         with contextlib.suppress(Unreachable, WouldBlock):  # the offender is gone: nothing to tell
-            self.port.send([rid, *encode(env, limits=self.limits)])
+            self.port.send([rid, *frames])
+            self.traffic.sent(Kind.ERROR.value, frames_nbytes(frames))
 
     # -- shutdown ----------------------------------------------------------------
     def close(self, *, final: bool = False) -> None:

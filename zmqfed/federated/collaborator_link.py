@@ -31,6 +31,7 @@ from zmqfed.federated.protocol import (
 )
 from zmqfed.federated.security import Curve, require_curve_for_pickle
 from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.traffic import Traffic, frames_nbytes
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import Envelope, Kind, Limits, decode, encode
 
@@ -94,6 +95,10 @@ class CollaboratorLink:
         #: The aggregator said the federation is over (a final BYE).
         self.finished = False
         self.closed = False
+        #: Messages and bytes by kind; connections lost, and regained after a loss.
+        self.traffic = Traffic()
+        self.disconnects = 0
+        self.reconnects = 0
         self._seq = 0
         self._restarted = False  # a new aggregator incarnation answered HELLO
         self._lost = False  # the link dropped since the last HELLO was sent
@@ -152,7 +157,9 @@ class CollaboratorLink:
                 ),
             )
             self._lost = self._relinked = False
-            self.send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
+            frames = encode(hello, limits=self.limits)
+            self.send(frames, deadline, timeout, hello=True)
+            self.traffic.sent(Kind.HELLO.value, frames_nbytes(frames))
             resend_at = time.monotonic() + HELLO_RESEND
             reply = self.wait_reply(
                 seq, deadline, timeout, what="answer HELLO", hello_until=resend_at
@@ -188,6 +195,7 @@ class CollaboratorLink:
         for event in self.port.link_events():
             if event.kind is LinkEventKind.CONNECTED:
                 log.debug("%s: connected to %s", self.nick_name, self.endpoint)
+                self.reconnects += self._lost
                 self.connected = True
                 self._quiet_from = time.monotonic()  # silence counts on this connection
                 self._relinked = self._lost
@@ -206,6 +214,7 @@ class CollaboratorLink:
                 self.connected = False
                 self.welcomed = False
                 self._lost = True
+                self.disconnects += 1
 
     def send(
         self,
@@ -302,6 +311,7 @@ class CollaboratorLink:
                     exc,
                 )
                 continue
+            self.traffic.received(env.kind, frames_nbytes(frames))
             if env.kind in CHANNEL_KINDS and self.on_channel is not None:
                 self.on_channel(env)  # never a reply, whatever its seq
                 continue

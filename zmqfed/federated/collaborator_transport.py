@@ -40,6 +40,7 @@ from zmqfed.federated.protocol import (
 )
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.traffic import frames_nbytes
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import (
     DEFAULT_STREAM,
@@ -88,6 +89,9 @@ class CollaboratorTransport:
         self.channel = CollaboratorChannelEnd(self)
         #: Requests sent again after a lost link, a BYE or an aggregator restart.
         self.resends = 0
+        #: Chunks of streamed messages received and sent.
+        self.chunks_in = 0
+        self.chunks_out = 0
 
     @property
     def connected(self) -> bool:
@@ -168,6 +172,7 @@ class CollaboratorTransport:
                 self.resends += 1
             if not link.send(frames, deadline, timeout):
                 continue  # the link dropped before the send: handshake again
+            link.traffic.sent(kind.value, frames_nbytes(frames))
             self.pipe.bytes_out += env.nbytes
             reply = self._answer(kind, seq, out, destination, deadline, timeout)
             if out is not None:
@@ -244,6 +249,8 @@ class CollaboratorTransport:
             land_chunk(self.link.port, stream, offset, nbytes)
         except ProtocolError as exc:
             stream.broken = str(exc)
+        self.chunks_in += 1
+        self.link.traffic.received(Kind.CHUNK.value, nbytes)
         return True
 
     def _pump(self, out: OutStream, deadline: float | None, timeout: float | None) -> bool:
@@ -253,7 +260,11 @@ class CollaboratorTransport:
             link.link_events()
             if not link.welcomed:
                 return False
-            if pump(link.port, out):
+            before = out.sent
+            chunks = pump(link.port, out)
+            if chunks:
+                self.chunks_out += chunks
+                link.traffic.sent(Kind.CHUNK.value, out.sent - before, chunks)
                 continue
             wait = remaining_ms(deadline)
             if wait == 0:
@@ -285,8 +296,10 @@ class CollaboratorTransport:
                     incarnation=link.incarnation,
                     meta=credit_meta(stream.id, credit),
                 )
-                if not link.send(encode(env, limits=self.limits), deadline, timeout):
+                frames = encode(env, limits=self.limits)
+                if not link.send(frames, deadline, timeout):
                     return None
+                link.traffic.sent(Kind.CREDIT.value, frames_nbytes(frames))
             if stream.done:
                 return stream.envelope()
             wait = remaining_ms(deadline)

@@ -48,10 +48,17 @@ class TransportStats:
     chunks_in: int = 0
     chunks_out: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # by error code
+    joins: int = 0  # peers that said HELLO while offline
+    departures: int = 0  # peers that left (BYE, or unreachable)
+    #: Uploads by outcome: accepted, duplicate (a retry ACKed again), or why refused.
+    uploads: dict[str, int] = field(default_factory=dict)
 
     def count_refusal(self, code: ErrorCode) -> None:
         self.errors += 1
         self.refused[code.value] = self.refused.get(code.value, 0) + 1
+
+    def count_upload(self, outcome: str) -> None:
+        self.uploads[outcome] = self.uploads.get(outcome, 0) + 1
 
 
 class RefusalLog:

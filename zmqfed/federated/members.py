@@ -64,6 +64,7 @@ class Membership:
                 env.seq,
                 pipe.nick_name,
             )
+            self.t.stats.count_upload("duplicate")
             self.t.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
             return True
         self.t.refuse_message(
@@ -110,6 +111,7 @@ class Membership:
             pipe.session = session
         joined = not pipe.online
         pipe.online = True
+        self.t.stats.joins += joined
         self.t.send(
             pipe,
             Kind.WELCOME,

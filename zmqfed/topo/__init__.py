@@ -31,6 +31,7 @@ from zmqfed.topo.compile import (
 from zmqfed.topo.graph import Edge, Node, Topology
 from zmqfed.topo.render import to_ascii, to_dot, to_image
 from zmqfed.topo.shapes import star, tree
+from zmqfed.topo.svg import to_svg
 
 __all__ = [
     "Edge",
@@ -46,5 +47,6 @@ __all__ = [
     "to_ascii",
     "to_dot",
     "to_image",
+    "to_svg",
     "tree",
 ]
