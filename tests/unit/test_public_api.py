@@ -114,6 +114,8 @@ def test_functional_all_is_pinned():
             "download_requested",
             "download_served",
             "elastic_aggregation",
+            "exchange_answered",
+            "exchange_requested",
             "float_to_long",
             "half_precision",
             "install_aggregate",
@@ -176,6 +178,7 @@ def test_core_and_federated_all_are_pinned():
         [
             "AGGREGATOR",
             "COLLABORATOR",
+            "ASKING",
             "OFFLINE",
             "PULLING",
             "PUSHING",

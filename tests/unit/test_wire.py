@@ -316,6 +316,8 @@ def test_public_api_is_pinned() -> None:
         "PONG",
         "CHUNK",
         "CREDIT",
+        "ASK",
+        "REPLY",
     )
 
 

@@ -12,6 +12,7 @@ from zmqfed.federated.events import PeerEvent, PeerEventKind, TransportStats
 from zmqfed.federated.group import init_federated_group
 from zmqfed.federated.memory import MemoryNetwork
 from zmqfed.federated.pipe import (
+    ASKING,
     OFFLINE,
     PULLING,
     PUSHING,
@@ -35,6 +36,7 @@ from zmqfed.props import (
 
 __all__ = [
     "AGGREGATOR",
+    "ASKING",
     "COLLABORATOR",
     "OFFLINE",
     "PULLING",

@@ -11,8 +11,8 @@ node, and a retried upload is acknowledged again rather than counted twice.
 
 What it reports, as :class:`PeerEvent` from :meth:`events`: a peer joined,
 a request (an upload or a download) is pending on a peer, a peer left.  What
-it is asked to do: :meth:`serve`, :meth:`accept_upload`, :meth:`park`,
-:meth:`refuse`.  The aggregator's step loop
+it is asked to do: :meth:`serve`, :meth:`reply`, :meth:`accept_upload`,
+:meth:`park`, :meth:`refuse`.  The aggregator's step loop
 (:mod:`zmqfed.core.aggregator_side`) turns events into hook verdicts and
 verdicts into these actions, and never writes a peer's fields.
 """
@@ -289,7 +289,7 @@ class AggregatorTransport:
         if kind == Kind.PING:
             self.send(pipe, Kind.PONG, seq=env.seq, meta={})
             return None
-        if kind not in (Kind.PUSH, Kind.PULL):
+        if kind not in (Kind.PUSH, Kind.PULL, Kind.ASK):
             self.refuse_message(
                 pipe.routing_id,
                 env.seq,
@@ -321,6 +321,11 @@ class AggregatorTransport:
             self.send(pipe, Kind.ACK, seq=env.seq, meta={"duplicate": True})
             return None
         if env.stream is not None:
+            if kind == Kind.ASK:  # exchanges are small: only uploads and models stream
+                self.refuse_message(
+                    pipe.routing_id, env.seq, ErrorCode.PROTOCOL, "an ASK cannot be streamed"
+                )
+                return None
             done = self.streams.announce(pipe, env)
             return None if done is None else PeerEvent(PeerEventKind.REQUEST, done)
         self.request_arrived(pipe, env)
@@ -378,6 +383,35 @@ class AggregatorTransport:
             pipe, Kind.DATA, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded
         )
 
+    def reply(
+        self, pipe: AggregatorPipe, meta: Meta, tensors: dict[str, dict[str, Any]] | None = None
+    ) -> bool:
+        """Answer ``pipe``'s exchange (ASK) with REPLY: ``meta`` and ``tensors``, sent whole."""
+        request = pipe.request
+        assert request is not None and request.kind == Kind.ASK
+        pipe.request = None
+        env = stamp(
+            Kind.REPLY,
+            self.name,
+            seq=request.seq,
+            incarnation=self.incarnation,
+            version=self.version,
+            meta=meta.to_json_dict(),
+            tensors=tensors,
+        )
+        frames = encode(env, codec=self.codec, limits=self.peer_limits(pipe))
+        try:
+            self.port.send([pipe.routing_id, *frames])
+        except Unreachable:
+            log.info("%s: %s is unreachable; pipe offline", self.name, pipe.nick_name)
+            self.left(pipe)
+            return False
+        except WouldBlock:
+            log.warning("%s: %s's queue is full; REPLY not sent", self.name, pipe.nick_name)
+            return False
+        pipe.bytes_out += env.nbytes
+        return True
+
     def accept_upload(self, pipe: AggregatorPipe) -> bool:
         """Count ``pipe``'s upload: ACK it, and ACK (not count) any retry of it."""
         request = pipe.request
@@ -403,6 +437,7 @@ class AggregatorTransport:
             return
         pipe.request = None
         pipe.take_out_meta()
+        pipe.take_out_tensors()
         self.refuse_message(pipe.routing_id, request.seq, code, reason)
 
     def model_changed(self) -> None:

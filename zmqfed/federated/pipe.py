@@ -4,12 +4,14 @@ On the aggregator every collaborator has an :class:`AggregatorPipe` (a
 routing id on the group's ROUTER); a collaborator has one
 :class:`CollaboratorPipe` to its aggregator.  A pipe's state is derived from
 what waits on it: ``pushing`` (an upload is pending), ``pulling`` (a download
-request is pending), ``zombie`` (nothing pending) or ``offline``.
+request is pending), ``asking`` (an exchange, ASK, is pending), ``zombie``
+(nothing pending) or ``offline``.
 
 Pipes are views: the transport of their end owns every field that changes
 with the protocol (:mod:`zmqfed.federated.aggregator_transport`,
 :mod:`zmqfed.federated.collaborator_transport`).  What users and hooks set
-on a pipe is the meta of the next reply (:meth:`Pipe.set_meta`).
+on a pipe is the meta of the next reply (:meth:`Pipe.set_meta`) and, for
+an exchange, the tensors of the REPLY (:meth:`Pipe.set_tensors`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from zmqfed.meta import Meta
 from zmqfed.wire import Kind
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from zmqfed.federated.chunked import InStream, OutStream
     from zmqfed.federated.collaborator_transport import CollaboratorTransport
     from zmqfed.wire import Envelope
 
 __all__ = [
+    "ASKING",
     "OFFLINE",
     "PULLING",
     "PUSHING",
@@ -37,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PUSHING, PULLING, ZOMBIE, OFFLINE = "pushing", "pulling", "zombie", "offline"
+PUSHING, PULLING, ASKING, ZOMBIE, OFFLINE = "pushing", "pulling", "asking", "zombie", "offline"
 
 
 class Pipe:
@@ -48,6 +53,7 @@ class Pipe:
         #: The last meta received from the peer.
         self.meta: Meta = Meta()
         self._out_meta: Meta | None = None
+        self._out_tensors: dict[str, dict[str, Tensor]] | None = None
         #: Raw tensor bytes received from / sent to the peer.
         self.bytes_in = 0
         self.bytes_out = 0
@@ -62,6 +68,18 @@ class Pipe:
         """The meta set with :meth:`set_meta` for the next message, consumed once read."""
         meta, self._out_meta = self._out_meta, None
         return meta
+
+    def set_tensors(self, tensors: dict[str, dict[str, Tensor]]) -> None:
+        """Set the tensors of the REPLY to the peer's pending exchange (ASK).
+
+        ``tensors`` maps a name to ``{field: tensor}``, like an upload.
+        """
+        self._out_tensors = {name: dict(fields) for name, fields in tensors.items()}
+
+    def take_out_tensors(self) -> dict[str, dict[str, Tensor]] | None:
+        """The tensors set with :meth:`set_tensors`, consumed once read."""
+        tensors, self._out_tensors = self._out_tensors, None
+        return tensors
 
     @property
     def state(self) -> str:
@@ -78,6 +96,11 @@ class Pipe:
         return self.state == PULLING
 
     @property
+    def is_asking(self) -> bool:
+        """The peer asked for an exchange (ASK) that waits to be answered."""
+        return self.state == ASKING
+
+    @property
     def is_zombie(self) -> bool:
         """Connected, nothing pending."""
         return self.state == ZOMBIE
@@ -91,6 +114,10 @@ class Pipe:
         return f"<{type(self).__name__} {self.nick_name!r} {self.state}>"
 
 
+#: A pending request's kind -> the pipe's state.
+_STATES = {Kind.PUSH.value: PUSHING, Kind.PULL.value: PULLING, Kind.ASK.value: ASKING}
+
+
 class AggregatorPipe(Pipe):
     """The aggregator's record of one collaborator; written only by its transport."""
 
@@ -101,7 +128,7 @@ class AggregatorPipe(Pipe):
         self.online = False
         #: The collaborator process's session id (from HELLO).
         self.session = ""
-        #: The request waiting for the step hooks: a PUSH or a PULL.
+        #: The request waiting for the step hooks: a PUSH, a PULL or an ASK.
         self.request: Envelope | None = None
         #: A WAIT was sent for the pending request (once per request).
         self.told_to_wait = False
@@ -121,7 +148,7 @@ class AggregatorPipe(Pipe):
             return OFFLINE
         if self.request is None:
             return ZOMBIE
-        return PUSHING if self.request.kind == Kind.PUSH else PULLING
+        return _STATES.get(self.request.kind, PULLING)
 
 
 class CollaboratorPipe(Pipe):

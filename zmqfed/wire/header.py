@@ -60,6 +60,8 @@ class Kind(str, enum.Enum):
     PONG = "PONG"
     CHUNK = "CHUNK"  # a part of a streamed PUSH or DATA
     CREDIT = "CREDIT"  # the receiver of a stream allows more bytes in flight
+    ASK = "ASK"  # collaborator -> aggregator: one more exchange, outside the model's PUSH/PULL
+    REPLY = "REPLY"  # the answer to an ASK (meta and tensors set by the aggregator's hooks)
 
     def __str__(self) -> str:
         return self.value
