@@ -81,6 +81,7 @@ from zmqfed.functional.policies import (
     version_check,
 )
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
+from zmqfed.functional.secagg import SecAggAborted, SecAggConfig, secure_aggregation
 
 __all__ = [
     "AggregationRule",
@@ -90,6 +91,8 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "RunningFedAvg",
+    "SecAggAborted",
+    "SecAggConfig",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
@@ -139,6 +142,7 @@ __all__ = [
     "period_step",
     "request_parked",
     "running_fedavg",
+    "secure_aggregation",
     "sign_gradient_clip",
     "step_started",
     "streaming_fedavg",
