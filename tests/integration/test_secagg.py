@@ -7,6 +7,7 @@ same updates (``naive_aggregation``) within the quantization error.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -319,3 +320,17 @@ def test_secure_aggregation_checks_its_parameters_against_the_group(federation):
         secure_aggregation(threshold=1)
     with fed.agg, pytest.raises(ConfigError, match="overflow the ring"):
         secure_aggregation(quantization_range=2**30, modulus_range=2**31)
+
+
+def test_the_benchmark_runs_and_reports_both_modes(run_python, tmp_path, slow_factor):
+    out = tmp_path / "secagg.jsonl"
+    proc = run_python(
+        script=Path(__file__).resolve().parents[2] / "tools" / "secagg_bench.py",
+        args=["--clients", "3", "--models", "digits", "--rounds", "1", "--json", str(out)],
+    )
+    stdout, stderr = proc.communicate(timeout=120 * slow_factor)
+    assert proc.returncode == 0, stdout + stderr
+    assert "| digits | 4,810 | 3 |" in stdout
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["plain"]["bytes"] > 0 and row["secagg"]["bytes"] > row["plain"]["bytes"]
+    assert row["secagg"]["seconds"] > 0 and "secagg_bench.py" in row["command"]

@@ -189,3 +189,18 @@ def test_masked_vectors_are_uniform_whatever_the_update():
     counts = Counter((masked // 2**28).tolist())
     assert len(set(vector[:-1].tolist())) <= 2  # the update itself takes two values
     assert len(counts) == 16 and min(counts.values()) > 1000  # the masked one all 16 bins
+
+
+@pytest.mark.parametrize("bits", [32, 48])
+def test_masks_made_in_pieces_equal_the_whole_mask(bits):
+    seed, other = os.urandom(32), os.urandom(32)
+    n = crypto.MASK_PIECE * 2 + 1000
+    whole = crypto.mask_stream(seed, n, bits)
+    start = crypto.MASK_PIECE + 16
+    assert torch.equal(crypto.mask_stream(seed, 500, bits, start), whole[start : start + 500])
+    with pytest.raises(ConfigError, match="64-byte block"):
+        crypto.mask_stream(seed, 10, bits, 3)
+    vector = torch.randint(0, 2**bits, (n,), dtype=torch.int64)
+    expected = (vector + whole - crypto.mask_stream(other, n, bits)) % 2**bits
+    crypto.add_masks(vector, [(seed, 1), (other, -1)], bits)
+    assert torch.equal(vector, expected)

@@ -22,6 +22,7 @@ import base64
 import binascii
 import os
 import secrets
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,7 @@ from zmqfed.errors import ProtocolError, SecurityError
 from zmqfed.functional.secagg import crypto
 from zmqfed.functional.secagg.ring import (
     SecAggConfig,
+    check_weight,
     encode_update,
     layout_of,
     neighbourhoods,
@@ -46,6 +48,9 @@ __all__ = ["TOPIC", "SecAggClient", "b64", "pair_context", "round_context", "unb
 
 #: The exchange topic of every secure-aggregation message.
 TOPIC = "secagg"
+#: Encoding and masking are CPU-bound: collaborators simulated in one process
+#: (threads) take turns, one per core, so their buffers do not pile up in memory.
+_MASKING = threading.BoundedSemaphore(os.cpu_count() or 1)
 
 
 def b64(data: bytes) -> str:
@@ -101,8 +106,8 @@ class SecAggClient:
     ) -> Envelope:
         cfg, me = self.config, m.nick_name
         weight = float(meta.get(cfg.weight_key, 1.0))
-        layout = layout_of(tensors)
-        vector = encode_update(tensors, weight, cfg, self._generator)  # fails before talking
+        layout = layout_of(tensors)  # what cannot be encoded fails before any exchange
+        check_weight(weight, cfg)
 
         # 1. keys: who takes part, the round seed, the neighbours' keys.
         curve = m.curve
@@ -178,16 +183,16 @@ class SecAggClient:
             held[w] = (cut[0], dict(zip(theirs, cut[1:], strict=True)))
 
         # 3. the masked upload: only neighbours whose bundle arrived mask with this client.
-        bits = cfg.bits
-        ring = cfg.modulus_range - 1
-        vector.add_(crypto.mask_stream(self_seed, vector.numel(), bits)).bitwise_and_(ring)
-        for w in sorted(held):
-            mask = crypto.mask_stream(seeds[w], vector.numel(), bits)
-            (vector.add_(mask) if me < w else vector.sub_(mask)).bitwise_and_(ring)
+        masks = [(self_seed, 1)] + [(seeds[w], 1 if me < w else -1) for w in sorted(held)]
+        with _MASKING:
+            vector = encode_update(tensors, weight, cfg, self._generator)
+            crypto.add_masks(vector, masks, cfg.bits)
+            wire = to_wire(vector, layout, cfg)
+        del vector
         out_meta = {key: value for key, value in meta.items() if key != cfg.weight_key}
         out_meta["secagg_ints"] = [[n, f] for n, f, _, is_float in layout if not is_float]
-        ack = send(to_wire(vector, layout, cfg), out_meta)
-        del vector
+        ack = send(wire, out_meta)
+        del wire
 
         # 4. unmasking: reveal one kind of share per neighbour, never both.
         reply = m.exchange(TOPIC, {"phase": "unmask"}).meta

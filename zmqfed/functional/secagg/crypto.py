@@ -43,9 +43,11 @@ except ImportError as exc:  # pragma: no cover - the test extra installs it
 
 __all__ = [
     "KEY_BYTES",
+    "MASK_PIECE",
     "PRIME",
     "SHARE_BYTES",
     "KeyPair",
+    "add_masks",
     "agree",
     "combine_shares",
     "curve_key_pair",
@@ -150,28 +152,65 @@ def unseal(key: bytes, sealed: bytes, associated: bytes) -> bytes:
         raise SecurityError("a sealed message failed authentication") from None
 
 
-def mask_stream(seed: bytes, count: int, modulus_bits: int) -> torch.Tensor:
-    """``count`` pseudo-random ring elements in ``[0, 2**modulus_bits)`` from ``seed`` (int64).
+def _key_stream(seed: bytes, count: int, word: int, start: int) -> bytearray:
+    """``count`` words of ``word`` bytes of ChaCha20(seed) from word ``start`` (block aligned)."""
+    if len(seed) != KEY_BYTES:
+        raise ConfigError(f"a mask seed has {KEY_BYTES} bytes")
+    if (start * word) % 64:
+        raise ConfigError(f"a mask piece must start on a 64-byte block, not at word {start}")
+    counter = (start * word // 64).to_bytes(4, "little")  # the first 4 nonce bytes count blocks
+    encryptor = Cipher(algorithms.ChaCha20(seed, counter + bytes(12)), mode=None).encryptor()
+    return bytearray(encryptor.update(bytes(count * word)))
+
+
+def mask_stream(seed: bytes, count: int, modulus_bits: int, start: int = 0) -> torch.Tensor:
+    """Ring elements ``start .. start + count`` of the mask of ``seed`` (int64).
 
     ChaCha20 with the 32-byte ``seed`` as key and a zero nonce (every seed
     is used for one mask only) encrypts zeros; the key stream is read as
     little-endian 32-bit words for rings up to ``2**32``, 64-bit words above,
-    and reduced modulo the ring, which is a power of two: every element is
-    uniform.
+    and reduced modulo the ring, a power of two: every element is uniform.
+    ``start`` must fall on a 64-byte block (a multiple of 16 or 8 words): the
+    stream's block counter is set to it, so a mask can be made in pieces.
     """
-    if len(seed) != KEY_BYTES:
-        raise ConfigError(f"a mask seed has {KEY_BYTES} bytes")
+    word = 8 if modulus_bits > 32 else 4
+    stream = _key_stream(seed, max(count, 0), word, start)
     if count <= 0:
         return torch.zeros(0, dtype=torch.int64)
-    wide = modulus_bits > 32
-    nbytes = count * (8 if wide else 4)
-    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    stream = bytearray(encryptor.update(bytes(nbytes)))
-    if wide:
+    if word == 8:
         words = torch.frombuffer(stream, dtype=torch.int64)
     else:
         words = torch.frombuffer(stream, dtype=torch.int32).to(torch.int64)
     return words.bitwise_and_((1 << modulus_bits) - 1)
+
+
+#: Ring elements masked per piece (8 MiB of int64): bounds the memory masking takes.
+MASK_PIECE = 2**20
+
+
+def add_masks(
+    vector: torch.Tensor, masks: Sequence[tuple[bytes, int]], modulus_bits: int
+) -> torch.Tensor:
+    """``vector += sign * mask(seed)`` for every ``(seed, sign)``, modulo ``2**modulus_bits``.
+
+    In place on an int64 ``vector`` of ring elements, a piece at a time, so
+    the extra memory is a few pieces whatever the model's size.
+    """
+    ring = (1 << modulus_bits) - 1
+    n = vector.numel()
+    for start in range(0, n, MASK_PIECE):
+        piece = vector[start : start + MASK_PIECE]
+        for seed, sign in masks:
+            if modulus_bits > 32:
+                mask = mask_stream(seed, piece.numel(), modulus_bits, start)
+                (piece.add_(mask) if sign > 0 else piece.sub_(mask)).bitwise_and_(ring)
+                continue
+            # 32-bit words, signed: congruent to the unsigned ones modulo 2**32; at most
+            # MAX_NEIGHBOURS + 1 of them cannot overflow int64 before the one reduction below
+            words = torch.frombuffer(_key_stream(seed, piece.numel(), 4, start), dtype=torch.int32)
+            piece.add_(words) if sign > 0 else piece.sub_(words)
+        piece.bitwise_and_(ring)
+    return vector
 
 
 def split_secret(secret: bytes, xs: Sequence[int], threshold: int) -> list[bytes]:

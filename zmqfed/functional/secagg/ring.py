@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHT_FIELD",
     "Layout",
     "SecAggConfig",
+    "check_weight",
     "decode_sum",
     "encode_update",
     "from_wire",
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 WEIGHT_FIELD = "secagg.weight"
 #: Largest neighbourhood: the share bundles travel in message headers (64 KiB).
 MAX_NEIGHBOURS = 128
+#: Values encoded per piece (8 MiB of float64): bounds the memory encoding takes.
+PIECE = 2**20
 
 #: ``((name, field, shape, is_float), ...)``: what one upload holds, in order.
 Layout = tuple[tuple[str, str, tuple[int, ...], bool], ...]
@@ -199,47 +202,60 @@ def _length(layout: Layout) -> int:
     return sum(math.prod(shape) for _, _, shape, _ in layout) + 1
 
 
+def check_weight(weight: float, cfg: SecAggConfig) -> None:
+    """ConfigError unless ``weight`` is a number in ``[0, max_weight]``."""
+    if not (math.isfinite(weight) and 0 <= weight <= cfg.max_weight):
+        raise ConfigError(
+            f"secure aggregation: weight {weight!r} must be in [0, max_weight={cfg.max_weight}]"
+        )
+
+
 def encode_update(
     tensors: Mapping[str, Mapping[str, Tensor]],
     weight: float,
     cfg: SecAggConfig,
     generator: torch.Generator,
 ) -> Tensor:
-    """One client's update as ring elements (int64): every field in layout order, then ``f``."""
-    if not (math.isfinite(weight) and 0 <= weight <= cfg.max_weight):
-        raise ConfigError(
-            f"secure aggregation: weight {weight!r} must be in [0, max_weight={cfg.max_weight}]"
-        )
+    """One client's update as ring elements (int64): every field in layout order, then ``f``.
+
+    Float fields become ``floor((clip(x) * f + c) * q / 2c + U)``, ``U``
+    uniform in [0, 1): unbiased stochastic rounding into ``[0, q]``. Done a
+    piece at a time in float64, so the extra memory stays small.
+    """
+    check_weight(weight, cfg)
     factor = weight / cfg.max_weight
     c, q = cfg.clipping_range, cfg.quantization_range
-    parts = []
-    clipped = 0
-    for name, field, _, is_float in layout_of(tensors):
-        t = tensors[name][field].detach().reshape(-1)
-        if is_float:
-            x = t.to(torch.float64)
-            clipped += int((x.abs() > c).sum())
-            scaled = (x.clamp(-c, c) * factor + c) * (q / (2 * c))
-            parts.append(_stochastic_round(scaled, generator).clamp_(0, q))
-        else:
-            parts.append(t.to(torch.int64).remainder(cfg.modulus_range))
-    parts.append(_stochastic_round(torch.tensor([factor * q], dtype=torch.float64), generator))
+    layout = layout_of(tensors)
+    out = torch.empty(_length(layout), dtype=torch.int64)
+    offset = clipped = 0
+    for name, field, _, is_float in layout:
+        flat = tensors[name][field].detach().reshape(-1)
+        target = out[offset : offset + flat.numel()]
+        offset += flat.numel()
+        if not is_float:
+            target.copy_(flat.to(torch.int64).remainder(cfg.modulus_range))
+            continue
+        for start in range(0, flat.numel(), PIECE):
+            x = flat[start : start + PIECE].to(torch.float64, copy=True)
+            low, high = torch.aminmax(x)
+            if float(low) < -c or float(high) > c:
+                clipped += int((x.abs() > c).sum())
+            x.clamp_(-c, c).mul_(factor * q / (2 * c)).add_(q / 2)
+            x.add_(torch.rand(x.shape, generator=generator, dtype=torch.float64)).floor_()
+            target[start : start + x.numel()].copy_(x)
+    noise = float(torch.rand((), generator=generator, dtype=torch.float64))
+    out[-1] = math.floor(factor * q + noise)
     if clipped:
         log.warning("secure aggregation clipped %d values to +-%s", clipped, c)
-    return torch.cat(parts)
-
-
-def _stochastic_round(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Unbiased rounding: up with probability equal to the fractional part."""
-    floor = x.floor()
-    up = torch.rand(x.shape, generator=generator, dtype=torch.float64) < (x - floor)
-    return (floor + up).to(torch.int64)
+    return out
 
 
 def to_wire(vector: Tensor, layout: Layout, cfg: SecAggConfig) -> dict[str, dict[str, Tensor]]:
-    """Split a ring vector into the upload's tensors (``cfg.wire_dtype``), weight under the first."""
-    if cfg.wire_dtype == torch.int32:  # the bit pattern of an unsigned 32-bit value
-        vector = torch.where(vector >= 2**31, vector - 2**32, vector)
+    """Split a ring vector into the upload's tensors (``cfg.wire_dtype``), weight under the first.
+
+    For rings up to ``2**32`` the int32 tensor holds each element's bit
+    pattern: int64 -> int32 keeps the low 32 bits (checked by the tests).
+    """
     vector = vector.to(cfg.wire_dtype)
     out: dict[str, dict[str, Tensor]] = {}
     offset = 0
@@ -258,11 +274,12 @@ def from_wire(
     names = {name for name, _, _, _ in layout}
     if set(tensors) != names:
         raise ProtocolError("a masked upload must hold exactly the round's tensors")
-    parts = []
     expected = [*((n, f, s) for n, f, s, _ in layout), (layout[0][0], WEIGHT_FIELD, (1,))]
     got = sum(len(fields) for fields in tensors.values())
     if got != len(expected):
         raise ProtocolError(f"a masked upload has {got} fields, the round's layout {len(expected)}")
+    vector = torch.empty(_length(layout), dtype=torch.int64)
+    offset = 0
     for name, field, shape in expected:
         t = tensors[name].get(field)
         if t is None:
@@ -272,8 +289,8 @@ def from_wire(
                 f"masked {name}.{field} is {t.dtype} {list(t.shape)}, expected "
                 f"{cfg.wire_dtype} {list(shape)}"
             )
-        parts.append(t.reshape(-1).to(torch.int64))
-    vector = torch.cat(parts)
+        vector[offset : offset + t.numel()].copy_(t.reshape(-1))
+        offset += t.numel()
     if cfg.wire_dtype == torch.int32:
         return vector.bitwise_and_(0xFFFFFFFF)
     if bool(((vector < 0) | (vector >= cfg.modulus_range)).any()):

@@ -364,22 +364,21 @@ class SecAggServer:
         tic = time.perf_counter()
         cfg = self.config
         assert rnd.total is not None and rnd.layout is not None
-        total, n, ring = rnd.total, rnd.total.numel(), cfg.modulus_range - 1
+        total = rnd.total
         survivors = rnd.masked
         dropped = sorted(set(rnd.shared) - set(survivors))
+        masks: list[tuple[bytes, int]] = []
         try:
-            for v in survivors:
-                seed = crypto.combine_shares(rnd.b_shares.get(v, {}), rnd.t)
-                total.sub_(crypto.mask_stream(seed, n, cfg.bits)).bitwise_and_(ring)
-            for w in dropped:
+            for v in survivors:  # the self masks: v added each
+                masks.append((crypto.combine_shares(rnd.b_shares.get(v, {}), rnd.t), -1))
+            for w in dropped:  # survivor v added mask(s_vw) if v < w, subtracted it otherwise
                 for v in rnd.graph[w]:
-                    if v not in survivors:
-                        continue
-                    seed = crypto.combine_shares(rnd.s_shares.get((w, v), {}), rnd.t)
-                    mask = crypto.mask_stream(seed, n, cfg.bits)
-                    (total.sub_(mask) if v < w else total.add_(mask)).bitwise_and_(ring)
+                    if v in survivors:
+                        seed = crypto.combine_shares(rnd.s_shares.get((w, v), {}), rnd.t)
+                        masks.append((seed, -1 if v < w else 1))
         except SecurityError as exc:
             self._abort(m, rnd, f"cannot remove the masks: {exc}")
+        crypto.add_masks(total, masks, cfg.bits)
         data, weight = decode_sum(total, rnd.layout, len(survivors), cfg, m.state_dict)
         meta = Meta(_mean_metrics(rnd.metas))
         meta[cfg.weight_key] = weight
