@@ -12,6 +12,9 @@ run, and reports per round:
   training: a round costs only what the protocol costs, which makes the
   ratio the overhead itself (local training would add the same seconds to
   both).
+* **CPU seconds**: the CPU time of the whole process over the round: every
+  node's work (encoding, masking, unmasking, sockets), and unaffected by
+  other load on the machine, unlike the wall seconds.
 * **bytes**: every byte every node sent, header frames included (counted
   at the ZeroMQ port), over the round.
 
@@ -27,6 +30,7 @@ collaborators of a 10M-parameter model fit in memory.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -131,7 +135,7 @@ def run(
     threads = [threading.Thread(target=collaborator, args=(i,), daemon=True) for i in range(n)]
     for thread in threads:
         thread.start()
-    marks: list[tuple[RoundRecord, int]] = []
+    marks: list[tuple[RoundRecord, int, float]] = []
     optim = FederatedOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), "aggregator")
     api = API(
         agg,
@@ -139,9 +143,8 @@ def run(
         rounds + 1,
         naive_aggregation,
         progress=False,
-        on_round=lambda record: marks.append((record, counter.sent)),
+        on_round=lambda record: marks.append((record, counter.sent, time.process_time())),
     )
-    start = counter.sent
     api.run()
     for thread in threads:
         thread.join(timeout)
@@ -149,10 +152,10 @@ def run(
     if errors:
         raise errors[0]
     out = []
-    previous = marks[0][1] if marks else start
-    for record, sent in marks[1:]:
-        out.append({"seconds": record.seconds, "bytes": sent - previous})
-        previous = sent
+    for (_, sent_before, cpu_before), (record, sent, cpu) in itertools.pairwise(marks):
+        out.append(
+            {"seconds": record.seconds, "cpu": cpu - cpu_before, "bytes": sent - sent_before}
+        )
     return out
 
 
@@ -160,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 100])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["digits", "10m"])
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (digits)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (digits)")
     parser.add_argument("--rounds-10m", type=int, default=1, help="measured rounds (10m)")
     parser.add_argument("--json", type=Path, help="append one JSON line per measurement here")
     args = parser.parse_args()
@@ -170,9 +173,10 @@ def main() -> None:
     command = "python tools/secagg_bench.py " + shlex.join(sys.argv[1:])
     print(f"# {command}  ({platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__})")
     print(
-        "| model | params | clients | FedAvg s/round | SecAgg s/round | time x | FedAvg MB/round | SecAgg MB/round | bytes x |"
+        "| model | params | clients | FedAvg s | SecAgg s | time x | FedAvg CPU s | SecAgg CPU s "
+        "| CPU x | FedAvg MB | SecAgg MB | bytes x |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.models:
         params = sum(p.numel() for p in MODELS[model]().parameters())
         rounds = args.rounds_10m if model == "10m" else args.rounds
@@ -183,13 +187,15 @@ def main() -> None:
                 rows = run(model, n, rounds, secure, counter)
                 result[secure] = {
                     "seconds": statistics.median(r["seconds"] for r in rows),
+                    "cpu": statistics.median(r["cpu"] for r in rows),
                     "bytes": statistics.median(r["bytes"] for r in rows),
                     "wall": time.perf_counter() - tic,
                 }
             plain, sec = result[False], result[True]
             print(
                 f"| {model} | {params:,} | {n} | {plain['seconds']:.2f} | {sec['seconds']:.2f} | "
-                f"{sec['seconds'] / plain['seconds']:.1f} | {plain['bytes'] / 1e6:.1f} | "
+                f"{sec['seconds'] / plain['seconds']:.1f} | {plain['cpu']:.2f} | {sec['cpu']:.2f} | "
+                f"{sec['cpu'] / plain['cpu']:.1f} | {plain['bytes'] / 1e6:.1f} | "
                 f"{sec['bytes'] / 1e6:.1f} | {sec['bytes'] / plain['bytes']:.2f} |",
                 flush=True,
             )

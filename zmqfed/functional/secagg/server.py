@@ -123,6 +123,7 @@ class SecAggServer:
         m.on(step_points.upload_received, self._upload_received, nice=60)
         m.on(step_points.upload_handled, self._upload_handled, nice=0)
         m.on(step_points.after_peer, self._after_peer, nice=0)
+        m.on(step_points.peer_left, self._after_peer, nice=0)
 
     # -- hooks -------------------------------------------------------------------
     def _start(self, ctx: StepContext) -> None:
@@ -131,7 +132,10 @@ class SecAggServer:
         self._pending = None
 
     def _after_peer(self, ctx: StepContext) -> None:
-        if self.round is not None and self.round.phase != DONE:
+        rnd = self.round  # news is handled where it arrives; here only the clock and departures
+        if rnd is None or rnd.phase == DONE:
+            return
+        if ctx.point == step_points.peer_left or time.monotonic() >= rnd.deadline:
             self._advance(ctx.maintainer)
 
     def _exchange(self, ctx: StepContext) -> bool | None:
@@ -153,11 +157,10 @@ class SecAggServer:
             if phase not in record:
                 raise ProtocolError(f"unknown phase {str(phase)[:32]!r}")
             handler = record[phase]
-            if handler is not None:
-                handler(rnd, name, pipe.meta)
+            if handler is not None and handler(rnd, name, pipe.meta):
+                self._advance(m)  # only news can close a phase; a parked request is no news
         except ProtocolError as exc:
             return self._refuse(m, f"secure aggregation: {exc}")
-        self._advance(m)
         return self._answer(m, rnd, pipe, str(phase))
 
     def _upload_received(self, ctx: StepContext) -> bool | None:
@@ -197,9 +200,9 @@ class SecAggServer:
         self._advance(m)
 
     # -- recording ---------------------------------------------------------------
-    def _keys(self, rnd: _Round, name: str, meta: Meta) -> None:
-        if rnd.phase != KEYS:
-            return  # a resend: answered from the closed phase
+    def _keys(self, rnd: _Round, name: str, meta: Meta) -> bool:
+        if rnd.phase != KEYS or name in rnd.publics:
+            return False  # parked, or a resend: answered from the closed phase
         if name not in rnd.expected:
             raise ProtocolError(f"{name} is not a participant of this round")
         public = meta.get("public")
@@ -210,10 +213,11 @@ class SecAggServer:
         if not rnd.publics:
             rnd.deadline = self._deadline()
         rnd.publics[name] = public
+        return True
 
-    def _shares(self, rnd: _Round, name: str, meta: Meta) -> None:
-        if rnd.phase != SHARES:
-            return
+    def _shares(self, rnd: _Round, name: str, meta: Meta) -> bool:
+        if rnd.phase != SHARES or name in rnd.bundles:
+            return False
         if name not in rnd.members:
             raise ProtocolError(f"{name} is not a member of this round")
         bundles = meta.get("bundles")
@@ -223,12 +227,13 @@ class SecAggServer:
         for v, text in bundles.items():
             unb64(text, f"the bundle for {v}", size)
         rnd.bundles[name] = dict(bundles)
+        return True
 
-    def _reveal(self, rnd: _Round, name: str, meta: Meta) -> None:
+    def _reveal(self, rnd: _Round, name: str, meta: Meta) -> bool:
         if rnd.phase != UNMASK or name not in rnd.masked:
             raise ProtocolError(f"{name} cannot reveal shares now")
         if name in rnd.revealed:
-            return
+            return False
         survivors, x = set(rnd.masked), rnd.x(name)
         mine = set(rnd.graph[name]) & set(rnd.shared)
         b, s = meta.get("b"), meta.get("s")
@@ -248,6 +253,7 @@ class SecAggServer:
         for pair, share in s_got.items():
             rnd.s_shares.setdefault(pair, {})[x] = share
         rnd.revealed.add(name)
+        return True
 
     # -- answering ---------------------------------------------------------------
     def _answer(self, m: Maintainer, rnd: _Round, pipe: Pipe, phase: str) -> bool | None:
