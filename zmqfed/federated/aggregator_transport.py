@@ -55,6 +55,7 @@ from zmqfed.wire import (
     StreamConfig,
     decode,
     encode,
+    encode_tensors,
 )
 from zmqfed.wire.header import parse_header
 from zmqfed.wire.stream import parse_chunk_meta, parse_credit_meta
@@ -390,27 +391,12 @@ class AggregatorTransport:
         request = pipe.request
         assert request is not None and request.kind == Kind.ASK
         pipe.request = None
-        env = stamp(
-            Kind.REPLY,
-            self.name,
-            seq=request.seq,
-            incarnation=self.incarnation,
-            version=self.version,
-            meta=meta.to_json_dict(),
-            tensors=tensors,
+        encoded = encode_tensors(  # a snapshot: the hook may reuse its tensors at once
+            tensors or {}, codec=self.codec, limits=self.peer_limits(pipe), snapshot=True
         )
-        frames = encode(env, codec=self.codec, limits=self.peer_limits(pipe))
-        try:
-            self.port.send([pipe.routing_id, *frames])
-        except Unreachable:
-            log.info("%s: %s is unreachable; pipe offline", self.name, pipe.nick_name)
-            self.left(pipe)
-            return False
-        except WouldBlock:
-            log.warning("%s: %s's queue is full; REPLY not sent", self.name, pipe.nick_name)
-            return False
-        pipe.bytes_out += env.nbytes
-        return True
+        return self.send(
+            pipe, Kind.REPLY, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded
+        )
 
     def accept_upload(self, pipe: AggregatorPipe) -> bool:
         """Count ``pipe``'s upload: ACK it, and ACK (not count) any retry of it."""
