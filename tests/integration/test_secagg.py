@@ -20,7 +20,7 @@ from torch import nn
 import zmqfed.topo as topo
 from zmqfed.api import API, run_collaborator
 from zmqfed.core import Maintainer, StepContext, step_points
-from zmqfed.errors import ConfigError, PeerOffline, SecurityError
+from zmqfed.errors import ConfigError, PeerOffline, RemoteError, SecurityError
 from zmqfed.federated import Curve, create_keys
 from zmqfed.functional import (
     SecAggAborted,
@@ -29,6 +29,7 @@ from zmqfed.functional import (
     secure_aggregation,
 )
 from zmqfed.functional.secagg import SecAggServer
+from zmqfed.functional.secagg.client import b64
 from zmqfed.functional.secagg.ring import SecAggConfig, from_wire
 from zmqfed.functional.secagg.server import _layout
 from zmqfed.optim import FederatedOptimizer
@@ -334,3 +335,58 @@ def test_the_benchmark_runs_and_reports_both_modes(run_python, tmp_path, slow_fa
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["plain"]["bytes"] > 0 and row["secagg"]["bytes"] > row["plain"]["bytes"]
     assert row["secagg"]["seconds"] > 0 and "secagg_bench.py" in row["command"]
+
+
+def test_malformed_secagg_messages_are_refused_and_the_round_goes_on(federation):
+    """A member sends nonsense in every phase, then leaves; the others' round completes."""
+    fed = federation(4)
+    with fed.agg:
+        count_step(4)
+        server = secure_aggregation()
+    for i in range(3):
+        fed.collaborator(i)
+    hostile = Maintainer(
+        topo.analysis(fed.star, fed.names[3])[0],
+        _net().state_dict(keep_vars=True),
+        timeout=fed.timeout,
+    )
+    fed.cols[fed.names[3]] = hostile
+    reasons: list[str] = []
+
+    def attack() -> None:
+        hostile.update_version(1)
+        for meta in (
+            {"phase": "nonsense"},
+            {"phase": "keys", "public": "not base64!"},
+            {"phase": "keys", "public": b64(b"short")},
+            {"phase": "shares", "bundles": {"client0": "AAAA"}},
+            {"phase": "unmask"},
+            {"phase": "reveal", "b": {}, "s": {}},
+            {"phase": "keys", "public": b64(bytes(32))},  # a low-order point
+        ):
+            try:
+                hostile.exchange("secagg", meta)
+            except RemoteError as exc:
+                reasons.append(f"{exc.code}: {exc.reason}")
+        hostile.close()
+
+    thread = threading.Thread(target=attack, daemon=True)
+    thread.start()
+    fed.api().run()
+    thread.join(fed.timeout)
+    fed.join()
+    assert not fed.errors
+    assert reasons[:-1] == [
+        "discarded: secure aggregation: unknown phase 'nonsense'",
+        "discarded: secure aggregation: the public key is not valid base64",
+        "discarded: secure aggregation: the public key has 5 bytes, expected 32",
+        "discarded: secure aggregation: client3 is not a member of this round",
+        "discarded: secure aggregation: client3 uploaded no masked input in this round",
+        "discarded: secure aggregation: client3 cannot reveal shares now",
+    ]
+    assert reasons[-1].startswith("discarded: secure aggregation: not a usable X25519 public key")
+    assert sorted(server.last_round["survivors"]) == fed.names[:3]
+    largest = max(v.abs().max().item() for i in range(3) for v in _update(i).values())
+    _assert_close_to(
+        fed.net, fed.plain_fedavg([0, 1, 2]), _bound(SecAggConfig(), WEIGHTS[:3], largest)
+    )

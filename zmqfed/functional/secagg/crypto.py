@@ -49,6 +49,7 @@ __all__ = [
     "KeyPair",
     "add_masks",
     "agree",
+    "check_public",
     "combine_shares",
     "curve_key_pair",
     "curve_public_key",
@@ -124,6 +125,11 @@ def agree(own: KeyPair, peer_public: bytes) -> bytes:
         return own.private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:  # cryptography refuses the all-zero shared secret
         raise SecurityError(f"refused a public key: {exc}") from exc
+
+
+def check_public(public: bytes) -> None:
+    """``SecurityError`` unless ``public`` is an X25519 key that yields a non-zero secret."""
+    agree(KeyPair.generate(), public)
 
 
 def derive(secret: bytes, label: str, context: bytes) -> bytes:

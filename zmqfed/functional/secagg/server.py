@@ -151,13 +151,12 @@ class SecAggServer:
             record = {
                 KEYS: self._keys,
                 SHARES: self._shares,
-                "unmask": None,
+                "unmask": self._unmask,
                 "reveal": self._reveal,
             }
             if phase not in record:
                 raise ProtocolError(f"unknown phase {str(phase)[:32]!r}")
-            handler = record[phase]
-            if handler is not None and handler(rnd, name, pipe.meta):
+            if record[phase](rnd, name, pipe.meta):
                 self._advance(m)  # only news can close a phase; a parked request is no news
         except ProtocolError as exc:
             return self._refuse(m, f"secure aggregation: {exc}")
@@ -209,17 +208,20 @@ class SecAggServer:
         if (public is None) != (self.mode == "curve"):
             raise ProtocolError("the key mode (CURVE or ephemeral) differs from the aggregator's")
         if public is not None:
-            unb64(public, "the public key", crypto.KEY_BYTES)
+            try:
+                crypto.check_public(unb64(public, "the public key", crypto.KEY_BYTES))
+            except SecurityError as exc:
+                raise ProtocolError(f"not a usable X25519 public key ({exc})") from None
         if not rnd.publics:
             rnd.deadline = self._deadline()
         rnd.publics[name] = public
         return True
 
     def _shares(self, rnd: _Round, name: str, meta: Meta) -> bool:
-        if rnd.phase != SHARES or name in rnd.bundles:
-            return False
-        if name not in rnd.members:
+        if rnd.phase == KEYS or name not in rnd.members:
             raise ProtocolError(f"{name} is not a member of this round")
+        if rnd.phase != SHARES or name in rnd.bundles:
+            return False  # parked, or a resend
         bundles = meta.get("bundles")
         if not isinstance(bundles, dict) or set(bundles) != set(rnd.graph[name]):
             raise ProtocolError("the share bundles must be addressed to exactly the neighbours")
@@ -228,6 +230,11 @@ class SecAggServer:
             unb64(text, f"the bundle for {v}", size)
         rnd.bundles[name] = dict(bundles)
         return True
+
+    def _unmask(self, rnd: _Round, name: str, meta: Meta) -> bool:
+        if name not in rnd.masked and (rnd.past(MASKING) or not rnd.past(SHARES)):
+            raise ProtocolError(f"{name} uploaded no masked input in this round")
+        return False  # nothing to record: parked until the masked inputs are in
 
     def _reveal(self, rnd: _Round, name: str, meta: Meta) -> bool:
         if rnd.phase != UNMASK or name not in rnd.masked:
