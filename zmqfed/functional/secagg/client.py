@@ -88,6 +88,27 @@ def _names(value: Any, what: str) -> list[str]:
     return list(value)
 
 
+class _ClientRound:
+    """What one client knows during one round."""
+
+    def __init__(self, me: str, version: int) -> None:
+        self.me = me
+        self.version = version
+        self.members: list[str] = []
+        self.k = self.t = 0
+        self.context = b""
+        self.graph: dict[str, list[str]] = {}
+        self.enc: dict[str, bytes] = {}  # neighbour -> key sealing the bundles between us
+        self.seeds: dict[str, bytes] = {}  # neighbour -> pairwise mask seed
+        self.self_seed = os.urandom(crypto.KEY_BYTES)
+        #: neighbour w -> (share of w's self-mask seed, {v: share of w's seed with v})
+        self.held: dict[str, tuple[bytes, dict[str, bytes]]] = {}
+
+    @property
+    def neighbours(self) -> list[str]:
+        return self.graph[self.me]
+
+
 class SecAggClient:
     """The upload wrapper of one collaborator (registered by ``secure_aggregation``)."""
 
@@ -104,86 +125,16 @@ class SecAggClient:
         meta: dict[str, Any],
         send: SendUpload,
     ) -> Envelope:
-        cfg, me = self.config, m.nick_name
+        cfg = self.config
         weight = float(meta.get(cfg.weight_key, 1.0))
         layout = layout_of(tensors)  # what cannot be encoded fails before any exchange
         check_weight(weight, cfg)
-
-        # 1. keys: who takes part, the round seed, the neighbours' keys.
-        curve = m.curve
-        own = (
-            crypto.curve_key_pair(curve.key_pair(me)[1])
-            if curve is not None
-            else crypto.KeyPair.generate()
-        )
-        reply = m.exchange(
-            TOPIC, {"phase": "keys", "public": None if curve else b64(own.public)}
-        ).meta
-        seed = unb64(reply.get("round"), "the round seed", 16)
-        members = _names(reply.get("members"), "the members")
-        if me not in members or len(set(members)) != len(members):
-            raise SecurityError(f"the round's members are malformed or lack {me}: {members[:8]}")
-        k, t = cfg.resolve(len(members))
-        if reply.get("neighbours") != k or reply.get("threshold") != t:
-            raise SecurityError(
-                f"the aggregator announced k={reply.get('neighbours')}, t={reply.get('threshold')}; "
-                f"this client's configuration gives k={k}, t={t} for {len(members)} clients"
-            )
-        mode = "curve" if curve is not None else "ephemeral"
-        if reply.get("mode") != mode:
-            raise SecurityError(
-                f"the aggregator runs {reply.get('mode')!r} keys, this client {mode!r}"
-            )
-        context = round_context(seed, m.version)
-        graph = neighbourhoods(seed, members, k)
-        mine = graph[me]
-        publics = reply.get("publics")
-        if curve is not None:
-            keys = {v: crypto.curve_public_key(curve.public_key(v)) for v in mine}
-        else:
-            if not isinstance(publics, dict) or set(publics) != set(mine):
-                raise SecurityError("the aggregator sent keys of other clients than the neighbours")
-            keys = {v: unb64(publics[v], f"{v}'s public key", crypto.KEY_BYTES) for v in mine}
-        secret = {v: crypto.agree(own, keys[v]) for v in mine}
-        enc = {v: crypto.derive(secret[v], "enc", pair_context(context, me, v)) for v in mine}
-        seeds = {v: crypto.derive(secret[v], "mask", pair_context(context, me, v)) for v in mine}
-
-        # 2. shares: the self-mask seed and every pairwise seed, t-of-k among the neighbours.
-        self_seed = os.urandom(crypto.KEY_BYTES)
-        xs = [members.index(v) + 1 for v in mine]
-        columns = [crypto.split_secret(self_seed, xs, t)]
-        columns += [crypto.split_secret(seeds[w], xs, t) for w in mine]
-        bundles = {
-            v: b64(
-                crypto.seal(
-                    enc[v], b"".join(col[i] for col in columns), context + f"|{me}>{v}".encode()
-                )
-            )
-            for i, v in enumerate(mine)
-        }
-        reply = m.exchange(TOPIC, {"phase": "shares", "bundles": bundles}).meta
-        incoming = reply.get("bundles")
-        if not isinstance(incoming, dict) or not set(incoming) <= set(mine):
-            raise SecurityError(
-                "the aggregator forwarded bundles from clients that are no neighbours"
-            )
-        held: dict[
-            str, tuple[bytes, dict[str, bytes]]
-        ] = {}  # w -> (share of b_w, {v: share of s_wv})
-        for w, text in incoming.items():
-            plain = crypto.unseal(
-                enc[w], unb64(text, f"{w}'s bundle"), context + f"|{w}>{me}".encode()
-            )
-            theirs = graph[w]
-            if len(plain) != crypto.SHARE_BYTES * (1 + len(theirs)):
-                raise SecurityError(f"{w}'s bundle has the wrong size")
-            cut = [
-                plain[i : i + crypto.SHARE_BYTES] for i in range(0, len(plain), crypto.SHARE_BYTES)
-            ]
-            held[w] = (cut[0], dict(zip(theirs, cut[1:], strict=True)))
-
-        # 3. the masked upload: only neighbours whose bundle arrived mask with this client.
-        masks = [(self_seed, 1)] + [(seeds[w], 1 if me < w else -1) for w in sorted(held)]
+        rnd = _ClientRound(m.nick_name, m.version)
+        self._keys(m, rnd)
+        self._shares(m, rnd)
+        # the masked upload: only neighbours whose bundle arrived mask with this client
+        masks = [(rnd.self_seed, 1)]
+        masks += [(rnd.seeds[w], 1 if rnd.me < w else -1) for w in sorted(rnd.held)]
         with _MASKING:
             vector = encode_update(tensors, weight, cfg, self._generator)
             crypto.add_masks(vector, masks, cfg.bits)
@@ -193,12 +144,81 @@ class SecAggClient:
         out_meta["secagg_ints"] = [[n, f] for n, f, _, is_float in layout if not is_float]
         ack = send(wire, out_meta)
         del wire
+        self._unmask(m, rnd)
+        return ack
 
-        # 4. unmasking: reveal one kind of share per neighbour, never both.
+    def _keys(self, m: Maintainer, rnd: _ClientRound) -> None:
+        """Phase 1: learn the members, the round seed and the neighbours' keys; agree on secrets."""
+        cfg, me, curve = self.config, rnd.me, m.curve
+        if curve is not None:
+            own = crypto.curve_key_pair(curve.key_pair(me)[1])
+        else:
+            own = crypto.KeyPair.generate()
+        public = None if curve is not None else b64(own.public)
+        reply = m.exchange(TOPIC, {"phase": "keys", "public": public}).meta
+        seed = unb64(reply.get("round"), "the round seed", 16)
+        rnd.members = _names(reply.get("members"), "the members")
+        if me not in rnd.members or len(set(rnd.members)) != len(rnd.members):
+            raise SecurityError(f"the round's members are malformed or lack {me}")
+        rnd.k, rnd.t = cfg.resolve(len(rnd.members))
+        if reply.get("neighbours") != rnd.k or reply.get("threshold") != rnd.t:
+            raise SecurityError(
+                f"the aggregator announced k={reply.get('neighbours')}, "
+                f"t={reply.get('threshold')}; this client's configuration gives "
+                f"k={rnd.k}, t={rnd.t} for {len(rnd.members)} clients"
+            )
+        mode = "curve" if curve is not None else "ephemeral"
+        if reply.get("mode") != mode:
+            raise SecurityError(
+                f"the aggregator runs {reply.get('mode')!r} keys, this client {mode!r}"
+            )
+        rnd.context = round_context(seed, rnd.version)
+        rnd.graph = neighbourhoods(seed, rnd.members, rnd.k)
+        if curve is not None:  # long-term keys from the keys directory: nothing to relay
+            keys = {v: crypto.curve_public_key(curve.public_key(v)) for v in rnd.neighbours}
+        else:
+            publics = reply.get("publics")
+            if not isinstance(publics, dict) or set(publics) != set(rnd.neighbours):
+                raise SecurityError("the aggregator sent keys of other clients than the neighbours")
+            keys = {v: unb64(publics[v], f"{v}'s key", crypto.KEY_BYTES) for v in rnd.neighbours}
+        for v in rnd.neighbours:
+            secret, pair = crypto.agree(own, keys[v]), pair_context(rnd.context, me, v)
+            rnd.enc[v] = crypto.derive(secret, "enc", pair)
+            rnd.seeds[v] = crypto.derive(secret, "mask", pair)
+
+    def _shares(self, m: Maintainer, rnd: _ClientRound) -> None:
+        """Phase 2: deal t-of-k shares of the self-mask seed and of every pairwise seed."""
+        me, mine = rnd.me, rnd.neighbours
+        xs = [rnd.members.index(v) + 1 for v in mine]
+        columns = [crypto.split_secret(rnd.self_seed, xs, rnd.t)]
+        columns += [crypto.split_secret(rnd.seeds[w], xs, rnd.t) for w in mine]
+        bundles = {}
+        for i, v in enumerate(mine):
+            plain = b"".join(column[i] for column in columns)
+            bundles[v] = b64(crypto.seal(rnd.enc[v], plain, rnd.context + f"|{me}>{v}".encode()))
+        reply = m.exchange(TOPIC, {"phase": "shares", "bundles": bundles}).meta
+        incoming = reply.get("bundles")
+        if not isinstance(incoming, dict) or not set(incoming) <= set(mine):
+            raise SecurityError(
+                "the aggregator forwarded bundles of clients that are no neighbours"
+            )
+        size = crypto.SHARE_BYTES
+        for w, text in incoming.items():
+            associated = rnd.context + f"|{w}>{me}".encode()
+            plain = crypto.unseal(rnd.enc[w], unb64(text, f"{w}'s bundle"), associated)
+            theirs = rnd.graph[w]
+            if len(plain) != size * (1 + len(theirs)):
+                raise SecurityError(f"{w}'s bundle has the wrong size")
+            cut = [plain[i : i + size] for i in range(0, len(plain), size)]
+            rnd.held[w] = (cut[0], dict(zip(theirs, cut[1:], strict=True)))
+
+    def _unmask(self, m: Maintainer, rnd: _ClientRound) -> None:
+        """Phase 4: learn who survived; reveal one kind of share per neighbour, never both."""
         reply = m.exchange(TOPIC, {"phase": "unmask"}).meta
         survivors = set(_names(reply.get("survivors"), "the survivors"))
         dropped = set(_names(reply.get("dropped"), "the dropouts"))
-        self.check_unmask_request(me, survivors, dropped, set(members), t)
+        self.check_unmask_request(rnd.me, survivors, dropped, set(rnd.members), rnd.t)
+        held = rnd.held
         reveal_b = {w: b64(held[w][0]) for w in sorted(survivors & set(held))}
         reveal_s = {
             w: {v: b64(share) for v, share in held[w][1].items() if v in survivors}
@@ -206,13 +226,12 @@ class SecAggClient:
         }
         m.exchange(TOPIC, {"phase": "reveal", "b": reveal_b, "s": reveal_s})
         self.last_round = {
-            "members": members,
-            "neighbours": mine,
+            "members": rnd.members,
+            "neighbours": rnd.neighbours,
             "shared": sorted(held),
             "survivors": sorted(survivors),
             "dropped": sorted(dropped),
         }
-        return ack
 
     @staticmethod
     def check_unmask_request(
