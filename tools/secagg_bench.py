@@ -20,8 +20,9 @@ run, and reports per round:
 
 The first round of each federation (connections, handshakes) is not
 counted. Collaborators share one copy of the model's tensors (their
-downloads are identical) and each uploads it plus its own offset, so 100
-collaborators of a 10M-parameter model fit in memory.
+downloads are identical), drop each download once it is unpackaged, and
+upload the model plus an offset of their own, so 100 collaborators of a
+10M-parameter model fit in memory.
 
     python tools/secagg_bench.py                          # 8 and 100 clients, digits and 10M
     python tools/secagg_bench.py --clients 8 --models digits --rounds 5
@@ -125,8 +126,13 @@ def run(
             return state
 
         m.register_package_hook(0, own_update)
+
+        def train(meta: Any) -> dict[str, Any]:
+            m.data = {}  # unpackaged already: 100 copies of a 10M model need not stay around
+            return {"instances": 100 + i}
+
         try:
-            run_collaborator(m, lambda meta: {"instances": 100 + i}, rounds=rounds + 1)
+            run_collaborator(m, train, rounds=rounds + 1)
         except BaseException as exc:
             errors.append(exc)
         finally:
