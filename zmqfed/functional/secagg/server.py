@@ -122,8 +122,8 @@ class SecAggServer:
         m.on(step_points.exchange_requested, self._exchange)
         m.on(step_points.upload_received, self._upload_received, nice=60)
         m.on(step_points.upload_handled, self._upload_handled, nice=0)
-        m.on(step_points.after_peer, self._after_peer, nice=0)
-        m.on(step_points.peer_left, self._after_peer, nice=0)
+        m.on(step_points.after_peer, self._recheck, nice=0)
+        m.on(step_points.peer_left, self._recheck, nice=0)
 
     # -- hooks -------------------------------------------------------------------
     def _start(self, ctx: StepContext) -> None:
@@ -131,8 +131,9 @@ class SecAggServer:
         self.round = _Round(m.version + 1, self.participants(m))
         self._pending = None
 
-    def _after_peer(self, ctx: StepContext) -> None:
-        rnd = self.round  # news is handled where it arrives; here only the clock and departures
+    def _recheck(self, ctx: StepContext) -> None:
+        """After each peer: close a phase whose deadline passed or whose straggler left."""
+        rnd = self.round  # news is handled where it arrives
         if rnd is None or rnd.phase == DONE:
             return
         if ctx.point == step_points.peer_left or time.monotonic() >= rnd.deadline:
@@ -420,12 +421,14 @@ class SecAggServer:
     def _abort(self, m: Maintainer, rnd: _Round, reason: str) -> None:
         message = f"secure aggregation of version {rnd.version} aborted: {reason}"
         current = m.pipe
-        for pipe in m.all_pipes():
-            request = getattr(pipe, "request", None)
-            if request is not None and request.kind in (Kind.ASK, Kind.PUSH):
-                m.pipe = pipe
-                m.discard(message)
-        m.pipe = current
+        try:  # refuse every request still waiting, so no collaborator waits for nothing
+            for pipe in m.all_pipes():
+                request = getattr(pipe, "request", None)
+                if request is not None and request.kind in (Kind.ASK, Kind.PUSH):
+                    m.pipe = pipe  # Maintainer.discard acts on the current pipe
+                    m.discard(message)
+        finally:
+            m.pipe = current
         self.round = None
         raise SecAggAborted(message)
 
