@@ -20,6 +20,13 @@ from zmqfed.functional import count_step
 from zmqfed.wire import Envelope
 
 
+def _upload(col: Maintainer) -> None:
+    """The collaborator's upload of round 1 (the aggregator's count_step ends its step)."""
+    col.package()
+    col.update_version(1)
+    col.step(download=False)
+
+
 def test_an_exchange_is_parked_until_every_peer_asked_then_answered_with_meta_and_tensors(
     federation,  # noqa: F811
 ):
@@ -47,9 +54,7 @@ def test_an_exchange_is_parked_until_every_peer_asked_then_answered_with_meta_an
             answers[col.nick_name] = col.exchange(
                 "sum", {"i": i}, {"x": {"v": torch.full((3,), float(i + 1))}}
             )
-            col.package()
-            col.update_version(1)
-            col.step(download=False)
+            _upload(col)
 
         return run
 
@@ -76,9 +81,7 @@ def test_an_exchange_no_hook_answers_is_refused_naming_the_topic(federation):  #
         with pytest.raises(RemoteError) as info:
             col.exchange("nobody-knows")
         errors.append(info.value)
-        col.package()
-        col.update_version(1)
-        col.step(download=False)
+        _upload(col)
 
     fed.run("client0", run)
     fed.agg.step()
@@ -110,12 +113,7 @@ def test_upload_wrappers_nest_and_may_replace_the_upload(federation):  # noqa: F
     col.register_upload_wrapper(inner)
     expected = {k: v.detach() * 10 for k, v in col.state_dict.items()}
 
-    def run(m: Maintainer) -> None:
-        m.package()
-        m.update_version(1)
-        m.step(download=False)
-
-    fed.run("client0", run)
+    fed.run("client0", _upload)
     fed.agg.step()
     fed.join()
     assert order == ["outer in", "inner in", "inner out", "outer out"]
