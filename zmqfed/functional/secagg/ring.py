@@ -182,14 +182,25 @@ def neighbourhoods(seed: bytes, members: Sequence[str], k: int) -> dict[str, lis
     return out
 
 
-def layout_of(tensors: Mapping[str, Mapping[str, Tensor]]) -> Layout:
-    """The layout of an upload: every (name, field) in sorted order, with shape and kind."""
+def layout_of(
+    tensors: Mapping[str, Mapping[str, Tensor]], integers: set[tuple[str, str]] | None = None
+) -> Layout:
+    """The layout of an upload: every (name, field) in sorted order, with shape and kind.
+
+    For a masked upload as received (every tensor holds ring elements), pass
+    ``integers``, the (name, field) pairs that were integer tensors: the
+    weight field is left out.
+    """
     out = []
     for name in sorted(tensors):
         for field in sorted(tensors[name]):
             t = tensors[name][field]
             if not isinstance(t, Tensor):
                 raise ConfigError(f"secure aggregation uploads tensors; {name}.{field} is not one")
+            if integers is not None:
+                if field != WEIGHT_FIELD:
+                    out.append((name, field, tuple(t.shape), (name, field) not in integers))
+                continue
             if t.is_complex():
                 raise ConfigError(f"secure aggregation cannot sum complex {name}.{field}")
             out.append((name, field, tuple(t.shape), t.is_floating_point()))

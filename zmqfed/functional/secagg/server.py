@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from zmqfed.core import StepContext, step_points
-from zmqfed.errors import ProtocolError, SecurityError, ZmqfedError
+from zmqfed.errors import ConfigError, ProtocolError, SecurityError, ZmqfedError
 from zmqfed.functional.secagg import crypto
 from zmqfed.functional.secagg.client import TOPIC, b64, round_context, unb64
 from zmqfed.functional.secagg.ring import (
-    WEIGHT_FIELD,
     Layout,
     SecAggConfig,
     decode_sum,
     from_wire,
+    layout_of,
     neighbourhoods,
 )
 from zmqfed.meta import Meta
@@ -445,16 +445,10 @@ def _layout(tensors: Any, ints: Any) -> Layout:
         isinstance(i, list) and len(i) == 2 and all(isinstance(s, str) for s in i) for i in ints
     ):
         raise ProtocolError("meta 'secagg_ints' must list [name, field] pairs")
-    integers = {(n, f) for n, f in ints}
-    out = []
-    for name in sorted(tensors):
-        for field in sorted(tensors[name]):
-            if field != WEIGHT_FIELD:
-                shape = tuple(tensors[name][field].shape)
-                out.append((name, field, shape, (name, field) not in integers))
-    if not out:
-        raise ProtocolError("a masked upload holds no tensors")
-    return tuple(out)
+    try:
+        return layout_of(tensors, {(n, f) for n, f in ints})
+    except ConfigError as exc:
+        raise ProtocolError(f"a masked upload: {exc}") from None
 
 
 def _mean_metrics(metas: list[Meta]) -> dict[str, Any]:
