@@ -264,3 +264,20 @@ def test_systemd_unit_runs_a_valid_zmqfed_node_command():
     assert unit in docs  # docs/operations.md shows this very unit
     assert callable(load_factory(args.app))
     assert "KillSignal=SIGTERM" in unit  # zmqfed-node stops cleanly on SIGTERM
+
+
+def test_sim_runs_secure_aggregation_to_the_closed_form(run_python, tmp_path, slow_factor):
+    """zmqfed-sim with App(configure=secure_aggregation): every round one secure mean."""
+    logdir = tmp_path / "sim"
+    app = "tests.integration.secagg_app:factory"
+    proc = _sim(
+        run_python, logdir, "--star", "3", "--app", app, "--rounds", "4", "--timeout", "120"
+    )
+    out, err = proc.communicate(timeout=150 * slow_factor)
+    assert proc.returncode == 0, out + err
+    records = [json.loads(x) for x in (logdir / "aggregator.rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert all(r["participants"] == 1 for r in records)  # one aggregate, never an upload
+    assert "secure aggregation of 3 clients (0 dropped)" in (logdir / "aggregator.log").read_text()
+    # within the quantization error of the closed form (steps of 2 * 8 / 2**22)
+    assert torch.allclose(_weight(logdir), torch.full((1, 4), expected_weight(3, 4)), atol=1e-4)

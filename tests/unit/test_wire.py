@@ -318,6 +318,8 @@ def test_public_api_is_pinned() -> None:
         "CREDIT",
         "SET",
         "TRANSFER",
+        "ASK",
+        "REPLY",
     )
 
 

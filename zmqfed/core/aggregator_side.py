@@ -220,9 +220,28 @@ class AggregatorSide:
             else:
                 self.transport.park(pipe)
                 self._run(points.request_parked, pipe)
+        elif pipe.is_asking:
+            self._exchange(pipe)
         else:
             self._run(points.peer_invalid, pipe)
         self._run(points.after_peer, pipe)
+
+    def _exchange(self, pipe: AggregatorPipe) -> None:
+        """An exchange (ASK): a hook answers it (REPLY), parks it, or nobody knows its topic."""
+        verdict = self._run(points.exchange_requested, pipe)
+        if pipe.request is None:  # a hook discarded it
+            return
+        if verdict is None:
+            topic = str(pipe.meta.get("topic", ""))[:64]
+            self.transport.refuse(
+                pipe, ErrorCode.UNEXPECTED, f"no hook on {self.m.nick_name} answers topic {topic!r}"
+            )
+        elif verdict:
+            meta, tensors = pipe.take_out_meta() or Meta(), pipe.take_out_tensors()
+            self._run(points.exchange_answered, pipe, self.transport.reply(pipe, meta, tensors))
+        else:
+            self.transport.park(pipe)
+            self._run(points.request_parked, pipe)
 
     def _receive_upload(self, pipe: AggregatorPipe) -> bool:
         """Validate ``pipe``'s pending upload; count and ACK it, or refuse it."""

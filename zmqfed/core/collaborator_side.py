@@ -1,15 +1,21 @@
-"""``CollaboratorSide``: a collaborator's ``step()`` -- upload, then download, blocking."""
+"""``CollaboratorSide``: a collaborator's ``step()`` -- upload, then download, blocking.
+
+The upload goes through the registered upload wrappers (outermost first)
+before it is sent as a PUSH; ``exchange`` makes one more request/answer
+(ASK/REPLY) with the aggregator, e.g. from a wrapper.
+"""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from zmqfed.core.contracts import StepResult
+from zmqfed.core.contracts import SendUpload, StepResult, UploadWrapper
 from zmqfed.errors import ConfigError, PeerTimeout
 from zmqfed.federated import CollaboratorTransport, Pipe
 from zmqfed.meta import Meta
-from zmqfed.wire import Kind
+from zmqfed.wire import Envelope, Kind
 from zmqfed.wire.header import TensorDesc
 
 if TYPE_CHECKING:
@@ -26,6 +32,8 @@ class CollaboratorSide:
     def __init__(self, maintainer: Maintainer, transport: CollaboratorTransport) -> None:
         self.m = maintainer
         self.transport = transport
+        #: Wrappers around the upload, in registration order (the first runs outermost).
+        self.wrappers: list[UploadWrapper] = []
 
     # -- what the Maintainer asks ------------------------------------------------
     def pipes(self) -> list[Pipe]:
@@ -86,13 +94,20 @@ class CollaboratorSide:
             tensors = m.apply_hooks(m.packaged_data, unpackage=False)
         out_meta = Meta(meta if meta is not None else m.meta).to_json_dict()
         if upload:
-            t.request(
-                Kind.PUSH,
-                meta=out_meta,
-                version=max(m.version, 0),
-                tensors=tensors,
-                timeout=_left(deadline),
-            )
+
+            def push(tensors: dict[str, dict[str, Tensor]], meta: dict[str, Any]) -> Envelope:
+                return t.request(
+                    Kind.PUSH,
+                    meta=meta,
+                    version=max(m.version, 0),
+                    tensors=tensors,
+                    timeout=_left(deadline),
+                )
+
+            send: SendUpload = push
+            for wrapper in reversed(self.wrappers):  # the first registered runs outermost
+                send = partial(_wrapped, wrapper, m, send)
+            send(tensors, out_meta)
         if download:
             reply = t.request(
                 Kind.PULL,
@@ -109,9 +124,34 @@ class CollaboratorSide:
                 meta.update(m.meta)
         return StepResult(uploads=int(upload), downloads=int(download))
 
+    def exchange(
+        self,
+        topic: str,
+        meta: dict[str, Any] | None,
+        tensors: dict[str, dict[str, Tensor]] | None,
+        timeout: float | None,
+    ) -> Envelope:
+        if not isinstance(topic, str) or not topic:
+            raise ConfigError(f"an exchange needs a topic (a non-empty string), got {topic!r}")
+        out = Meta(meta or {}).to_json_dict()
+        out["topic"] = topic
+        return self.transport.request(
+            Kind.ASK, meta=out, version=max(self.m.version, 0), tensors=tensors, timeout=timeout
+        )
+
     def _own_tensor(self, desc: TensorDesc) -> Tensor | None:
         """Where a streamed download of ``desc`` may land: the local tensor it replaces."""
         return self.m.state_dict.get(desc.key) if desc.field == "param" else None
+
+
+def _wrapped(
+    wrapper: UploadWrapper,
+    m: Maintainer,
+    send: SendUpload,
+    tensors: dict[str, dict[str, Tensor]],
+    meta: dict[str, Any],
+) -> Envelope:
+    return wrapper(m, tensors, meta, send)
 
 
 def _left(deadline: float | None) -> float | None:

@@ -22,12 +22,15 @@ from torch import Tensor
 if TYPE_CHECKING:
     from zmqfed.core.maintainer import Maintainer
     from zmqfed.federated import Pipe
+    from zmqfed.wire import Envelope
 
 __all__ = [
     "PackageHook",
+    "SendUpload",
     "StepContext",
     "StepHook",
     "StepResult",
+    "UploadWrapper",
     "as_context",
     "contract_keys",
     "optim_as_list",
@@ -84,6 +87,34 @@ class StepHook(Protocol):
     """
 
     def __call__(self, ctx: StepContext, /) -> bool | None: ...
+
+
+class SendUpload(Protocol):
+    """``send(tensors, meta) -> Envelope``: send an upload on (to the next wrapper, or the PUSH)."""
+
+    def __call__(
+        self, tensors: dict[str, dict[str, Tensor]], meta: dict[str, Any], /
+    ) -> Envelope: ...
+
+
+class UploadWrapper(Protocol):
+    """``wrapper(maintainer, tensors, meta, send) -> Envelope``: around a collaborator's upload.
+
+    Registered with ``Maintainer.register_upload_wrapper``, it receives the
+    whole upload (after the package hooks) and the meta of the PUSH, and
+    must call ``send`` once with what to upload instead; it may talk to the
+    aggregator before and after (``maintainer.exchange``).  It returns what
+    ``send`` returned (the ACK).
+    """
+
+    def __call__(
+        self,
+        maintainer: Maintainer,
+        tensors: dict[str, dict[str, Tensor]],
+        meta: dict[str, Any],
+        send: SendUpload,
+        /,
+    ) -> Envelope: ...
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from zmqfed.core.contracts import (
     StepContext,
     StepHook,
     StepResult,
+    UploadWrapper,
     contract_keys,
     optim_as_list,
 )
@@ -47,7 +48,7 @@ from zmqfed.federated import (
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import close_at_exit
 from zmqfed.meta import Meta
-from zmqfed.wire import DEFAULT_LIMITS, DEFAULT_STREAM, Limits, StreamConfig
+from zmqfed.wire import DEFAULT_LIMITS, DEFAULT_STREAM, Envelope, Limits, StreamConfig
 
 __all__ = ["Maintainer"]
 
@@ -133,6 +134,8 @@ class Maintainer:
             )
         self.limits = limits  # allow_pickle needs CURVE: the transports refuse it otherwise
         self.codec = codec
+        #: The node's CurveZMQ keys, or None (hooks may use them, e.g. for key agreement).
+        self.curve = curve
         self.download_in_place = download_in_place
         self.state_dict: dict[str, Tensor] = dict(state_dict) if state_dict is not None else {}
         self.version = 0
@@ -244,6 +247,43 @@ class Maintainer:
             return step_hook(ctx.maintainer, ctx.flag)
 
         self._hooks.add_step(step_name, openfed_shape, nice)  # type: ignore[arg-type]
+
+    def register_upload_wrapper(self, wrapper: UploadWrapper) -> None:
+        """Collaborator: run ``wrapper(maintainer, tensors, meta, send)`` around every upload.
+
+        The wrapper gets the whole upload (after the package hooks) and the
+        PUSH's meta, and calls ``send(tensors, meta)`` once with what to
+        upload instead; before and after, it may talk to the aggregator with
+        :meth:`exchange`.  Wrappers registered first run outermost.
+        """
+        if not isinstance(self._side, CollaboratorSide):
+            raise ConfigError("upload wrappers run on a collaborator")
+        if not callable(wrapper):
+            raise ConfigError(f"an upload wrapper must be callable, got {wrapper!r}")
+        self._side.wrappers.append(wrapper)
+
+    def exchange(
+        self,
+        topic: str,
+        meta: dict[str, Any] | None = None,
+        tensors: dict[str, dict[str, Tensor]] | None = None,
+        timeout: float | None = None,
+    ) -> Envelope:
+        """Collaborator: one more request/answer with the aggregator, beside upload and download.
+
+        Sends ASK with ``meta`` (plus ``topic``) and ``tensors`` and blocks
+        until a hook at the aggregator's ``exchange_requested`` point
+        answers; returns the REPLY (its ``meta`` and ``tensors``).  Raises
+        ``RemoteError`` (code ``unexpected``) when no hook there answers
+        ``topic``, and ``PeerTimeout`` after ``timeout`` (default: the
+        Maintainer's).
+        """
+        if not isinstance(self._side, CollaboratorSide):
+            raise ConfigError("exchange() is for collaborators; aggregators answer in hooks")
+        if self._closed:
+            raise ConfigError(f"{self.nick_name}: the maintainer is closed")
+        timeout = self.timeout if timeout is None else timeout
+        return self._side.exchange(topic, meta, tensors, timeout)
 
     def on(self, point: str, hook: StepHook, nice: int = 50) -> None:
         """Run ``hook(ctx)`` at step point ``point``; ``ctx`` is a :class:`StepContext`.

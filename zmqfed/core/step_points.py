@@ -10,6 +10,9 @@ an upload arrived     ``upload_received`` (False: park it) -> ``upload_handled``
                       (flag: counted) or ``request_parked``
 a download is asked   ``download_requested`` (False: park it) ->
                       ``download_served`` (flag: sent) or ``request_parked``
+an exchange is asked  ``exchange_requested`` (True: answer it, False: park
+                      it) -> ``exchange_answered`` (flag: sent) or
+                      ``request_parked``
 nothing pending       ``peer_idle``
 the peer is gone      ``peer_leaving`` -> ``peer_left``
 none of these         ``peer_invalid``
@@ -49,6 +52,8 @@ __all__ = [
     "canonical",
     "download_requested",
     "download_served",
+    "exchange_answered",
+    "exchange_requested",
     "peer_idle",
     "peer_invalid",
     "peer_leaving",
@@ -65,6 +70,8 @@ upload_received = "upload_received"  # return False to park the upload for now
 upload_handled = "upload_handled"  # flag: the upload was counted
 download_requested = "download_requested"  # return False to park the request
 download_served = "download_served"  # flag: the model was sent
+exchange_requested = "exchange_requested"  # True: answer it now, False: park it
+exchange_answered = "exchange_answered"  # flag: the REPLY was sent
 peer_idle = "peer_idle"
 peer_invalid = "peer_invalid"
 request_parked = "request_parked"
@@ -81,6 +88,8 @@ STEP_NAMES = (
     upload_handled,
     download_requested,
     download_served,
+    exchange_requested,
+    exchange_answered,
     peer_idle,
     peer_invalid,
     request_parked,

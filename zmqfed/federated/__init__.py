@@ -34,6 +34,7 @@ from zmqfed.federated.openfed_names import (
     zombie,
 )
 from zmqfed.federated.pipe import (
+    ASKING,
     OFFLINE,
     PULLING,
     PUSHING,
@@ -58,6 +59,7 @@ from zmqfed.props import (
 
 __all__ = [
     "AGGREGATOR",
+    "ASKING",
     "COLLABORATOR",
     "OFFLINE",
     "PULLING",

@@ -11,8 +11,8 @@ node, and a retried upload is acknowledged again rather than counted twice.
 
 What it reports, as :class:`PeerEvent` from :meth:`events`: a peer joined,
 a request (an upload or a download) is pending on a peer, a peer left.  What
-it is asked to do: :meth:`serve`, :meth:`accept_upload`, :meth:`park`,
-:meth:`refuse`.  The aggregator's step loop
+it is asked to do: :meth:`serve`, :meth:`reply`, :meth:`accept_upload`,
+:meth:`park`, :meth:`refuse`.  The aggregator's step loop
 (:mod:`zmqfed.core.aggregator_side`) turns events into hook verdicts and
 verdicts into these actions, and never writes a peer's fields.
 """
@@ -60,6 +60,7 @@ from zmqfed.wire import (
     StreamConfig,
     decode,
     encode,
+    encode_tensors,
 )
 from zmqfed.wire.stream import parse_credit_meta
 
@@ -329,7 +330,7 @@ class AggregatorTransport:
         if kind in CHANNEL_KINDS or kind == Kind.ACK:  # the pipe-level channel: no request
             self.channel.dispatch(pipe, env)
             return None
-        if kind not in (Kind.PUSH, Kind.PULL):
+        if kind not in (Kind.PUSH, Kind.PULL, Kind.ASK):
             self.refuse_message(
                 pipe.routing_id,
                 env.seq,
@@ -354,6 +355,11 @@ class AggregatorTransport:
         if kind == Kind.PUSH and self.members.counted_already(pipe, env):
             return None
         if env.stream is not None:
+            if kind == Kind.ASK:  # exchanges are small: only uploads and models stream
+                self.refuse_message(
+                    pipe.routing_id, env.seq, ErrorCode.PROTOCOL, "an ASK cannot be streamed"
+                )
+                return None
             done = self.streams.announce(pipe, env)
             return None if done is None else PeerEvent(PeerEventKind.REQUEST, done)
         self.request_arrived(pipe, env)
@@ -391,6 +397,20 @@ class AggregatorTransport:
             pipe, Kind.DATA, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded
         )
 
+    def reply(
+        self, pipe: AggregatorPipe, meta: Meta, tensors: dict[str, dict[str, Any]] | None = None
+    ) -> bool:
+        """Answer ``pipe``'s exchange (ASK) with REPLY: ``meta`` and ``tensors``, sent whole."""
+        request = pipe.request
+        assert request is not None and request.kind == Kind.ASK
+        pipe.request = None
+        encoded = encode_tensors(  # a snapshot: the hook may reuse its tensors at once
+            tensors or {}, codec=self.codec, limits=self.peer_limits(pipe), snapshot=True
+        )
+        return self.send(
+            pipe, Kind.REPLY, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded
+        )
+
     def accept_upload(self, pipe: AggregatorPipe) -> bool:
         """Count ``pipe``'s upload: ACK it, and ACK (not count) any retry of it."""
         request = pipe.request
@@ -419,6 +439,7 @@ class AggregatorTransport:
         if request.kind == Kind.PUSH:  # an upload answering a model older than ours is stale
             stale = code is ErrorCode.DISCARDED and meta_version(request.meta) <= self.version
             self.stats.count_upload("stale" if stale else code.value)
+        pipe.take_out_tensors()
         self.refuse_message(pipe.routing_id, request.seq, code, reason)
 
     def model_changed(self) -> None:

@@ -4,13 +4,15 @@ On the aggregator every collaborator has an :class:`AggregatorPipe` (a
 routing id on the group's ROUTER); a collaborator has one
 :class:`CollaboratorPipe` to its aggregator.  A pipe's state is derived from
 the Maintainer's request waiting on it: ``'push'`` (an upload is pending),
-``'pull'`` (a download request is pending), ``'zombie'`` (nothing pending)
-or ``'offline'`` -- OpenFed's state names and values.
+``'pull'`` (a download request is pending), ``'ask'`` (an exchange, ASK, is
+pending), ``'zombie'`` (nothing pending) or ``'offline'`` -- OpenFed's state
+names and values, and one of zmqfed's own.
 
 Pipes are views: the transport of their end owns every field that changes
 with the protocol (:mod:`zmqfed.federated.aggregator_transport`,
 :mod:`zmqfed.federated.collaborator_transport`).  What users and hooks set
-on a pipe is the meta of the next reply (:meth:`Pipe.set_meta`).
+on a pipe is the meta of the next reply (:meth:`Pipe.set_meta`) and, for
+an exchange, the tensors of the REPLY (:meth:`Pipe.set_tensors`).
 
 OpenFed's pipe-level API talks to the peer without a Maintainer:
 :meth:`Pipe.direct_set` / :meth:`Pipe.direct_get` exchange JSON-safe values
@@ -32,6 +34,8 @@ from zmqfed.props import AGGREGATOR, COLLABORATOR
 from zmqfed.wire import Kind
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from zmqfed.federated.channel_ends import ChannelEnd
     from zmqfed.federated.chunked import InStream, OutStream
     from zmqfed.federated.collaborator_transport import CollaboratorTransport
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from zmqfed.wire import Envelope
 
 __all__ = [
+    "ASKING",
     "OFFLINE",
     "PULLING",
     "PUSHING",
@@ -50,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PUSHING, PULLING, ZOMBIE, OFFLINE = "push", "pull", "zombie", "offline"
+PUSHING, PULLING, ASKING, ZOMBIE, OFFLINE = "push", "pull", "ask", "zombie", "offline"
 #: How long the pipe-level methods wait by default (OpenFed's transfers gave up after 30 min).
 PIPE_TIMEOUT = 1800.0
 
@@ -63,6 +68,7 @@ class Pipe:
         #: The last meta received from the peer.
         self.meta: Meta = Meta()
         self._out_meta: Meta | None = None
+        self._out_tensors: dict[str, dict[str, Tensor]] | None = None
         #: Raw tensor bytes received from / sent to the peer.
         self.bytes_in = 0
         self.bytes_out = 0
@@ -83,6 +89,18 @@ class Pipe:
         """The meta set with :meth:`set_meta` for the next message, consumed once read."""
         meta, self._out_meta = self._out_meta, None
         return meta
+
+    def set_tensors(self, tensors: dict[str, dict[str, Tensor]]) -> None:
+        """Set the tensors of the REPLY to the peer's pending exchange (ASK).
+
+        ``tensors`` maps a name to ``{field: tensor}``, like an upload.
+        """
+        self._out_tensors = {name: dict(fields) for name, fields in tensors.items()}
+
+    def take_out_tensors(self) -> dict[str, dict[str, Tensor]] | None:
+        """The tensors set with :meth:`set_tensors`, consumed once read."""
+        tensors, self._out_tensors = self._out_tensors, None
+        return tensors
 
     # -- OpenFed's pipe-level API -------------------------------------------------------
     def _end(self) -> ChannelEnd:
@@ -164,6 +182,11 @@ class Pipe:
         return self.state == PULLING
 
     @property
+    def is_asking(self) -> bool:
+        """The peer asked for an exchange (ASK) that waits to be answered."""
+        return self.state == ASKING
+
+    @property
     def is_zombie(self) -> bool:
         """Connected, nothing pending."""
         return self.state == ZOMBIE
@@ -175,6 +198,10 @@ class Pipe:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.nick_name!r} {self.state}>"
+
+
+#: A pending request's kind -> the pipe's state.
+_STATES = {Kind.PUSH.value: PUSHING, Kind.PULL.value: PULLING, Kind.ASK.value: ASKING}
 
 
 class AggregatorPipe(Pipe):
@@ -189,7 +216,7 @@ class AggregatorPipe(Pipe):
         self.session = ""
         #: Sessions newer processes of this name replaced, and when.
         self.superseded: dict[str, float] = {}
-        #: The request waiting for the step hooks: a PUSH or a PULL.
+        #: The request waiting for the step hooks: a PUSH, a PULL or an ASK.
         self.request: Envelope | None = None
         #: A WAIT was sent for the pending request (once per request).
         self.told_to_wait = False
@@ -212,7 +239,7 @@ class AggregatorPipe(Pipe):
             return OFFLINE
         if self.request is None:
             return ZOMBIE
-        return PUSHING if self.request.kind == Kind.PUSH else PULLING
+        return _STATES.get(self.request.kind, PULLING)
 
 
 class CollaboratorPipe(Pipe):

@@ -24,6 +24,8 @@ from zmqfed.core.step_points import (
     before_upload,
     download_requested,
     download_served,
+    exchange_answered,
+    exchange_requested,
     peer_idle,
     peer_invalid,
     peer_leaving,
@@ -87,6 +89,7 @@ from zmqfed.functional.policies import (
     version_check,
 )
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
+from zmqfed.functional.secagg import SecAggAborted, SecAggConfig, secure_aggregation
 
 __all__ = [
     "DPSGD",
@@ -102,6 +105,8 @@ __all__ = [
     "PublicKey",
     "RDPAccountant",
     "RunningFedAvg",
+    "SecAggAborted",
+    "SecAggConfig",
     "StreamingFedAvg",
     "after_destroy",
     "after_download",
@@ -132,6 +137,8 @@ __all__ = [
     "download_served",
     "dp_sgd",
     "elastic_aggregation",
+    "exchange_answered",
+    "exchange_requested",
     "float_to_long",
     "half_precision",
     "install_aggregate",
@@ -156,6 +163,7 @@ __all__ = [
     "period_step",
     "request_parked",
     "running_fedavg",
+    "secure_aggregation",
     "sign_gradient_clip",
     "step_started",
     "streaming_fedavg",

@@ -62,6 +62,8 @@ class Kind(str, enum.Enum):
     CREDIT = "CREDIT"  # the receiver of a stream allows more bytes in flight
     SET = "SET"  # pipe channel: a key-value pair for the peer (either direction)
     TRANSFER = "TRANSFER"  # pipe channel: one ordered item of tensors and JSON (either direction)
+    ASK = "ASK"  # collaborator -> aggregator: one more exchange, outside the model's PUSH/PULL
+    REPLY = "REPLY"  # the answer to an ASK (meta and tensors set by the aggregator's hooks)
 
     def __str__(self) -> str:
         return self.value
