@@ -122,6 +122,8 @@ class SecAggServer:
         m.on(step_points.exchange_requested, self._exchange)
         m.on(step_points.upload_received, self._upload_received, nice=60)
         m.on(step_points.upload_handled, self._upload_handled, nice=0)
+        # first of the unpackage hooks: a masked upload is ring elements, not a model
+        m.register_unpackage_hook(-(2**30), self._stand_in)
         m.on(step_points.after_peer, self._recheck, nice=0)
         m.on(step_points.peer_left, self._recheck, nice=0)
 
@@ -183,6 +185,16 @@ class SecAggServer:
         except ProtocolError as exc:
             return self._refuse(m, f"secure aggregation: {exc}")
         return None
+
+    def _stand_in(self, state: dict[str, Tensor], p: Tensor) -> dict[str, Tensor]:
+        """While a masked upload is received, stand the model's own tensors in for it.
+
+        ``_upload_received`` took the masked vector and checked it against
+        the round's layout (int32 ring elements and the weight field); the
+        aggregator's check of an upload against the model would refuse that
+        layout, and the entry it records is dropped at ``upload_handled``.
+        """
+        return {"param": p} if self._pending is not None else state
 
     def _upload_handled(self, ctx: StepContext) -> None:
         pending, self._pending = self._pending, None
