@@ -1,4 +1,10 @@
-"""``CollaboratorSide``: a collaborator's ``step()`` -- upload, then download, blocking."""
+"""``CollaboratorSide``: a collaborator's ``step()`` -- upload, then download, blocking.
+
+:meth:`CollaboratorSide.step_cycle` is the same step as a cycle that yields
+where it would wait (:mod:`zmqfed.federated.collaborator_link`), so a
+:class:`~zmqfed.federated.multiplex.Multiplexer` can run the steps of
+thousands of collaborators in one thread.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from zmqfed.core.contracts import StepResult
 from zmqfed.errors import ConfigError, PeerTimeout
 from zmqfed.federated import CollaboratorTransport, Pipe
+from zmqfed.federated.collaborator_link import Cycle, drive
 from zmqfed.meta import Meta
 from zmqfed.wire import Kind
 from zmqfed.wire.header import TensorDesc
@@ -56,8 +63,14 @@ class CollaboratorSide:
     def step(
         self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
     ) -> StepResult:
+        return drive(self.step_cycle(upload, download, meta, timeout), self.transport.link.port)
+
+    def step_cycle(
+        self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
+    ) -> Cycle[StepResult]:
+        """:meth:`step` as a cycle: yields where it would wait."""
         try:
-            return self._step(upload, download, meta, timeout)
+            return (yield from self._step(upload, download, meta, timeout))
         except PeerTimeout as exc:
             # Each request gets only what is left of the step's time: report
             # the step's timeout, not the remainder the last request had.
@@ -67,14 +80,14 @@ class CollaboratorSide:
 
     def _step(
         self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
-    ) -> StepResult:
+    ) -> Cycle[StepResult]:
         m, t = self.m, self.transport
         deadline = None if timeout is None else time.monotonic() + timeout
         out_meta = Meta(meta if meta is not None else m.meta).to_json_dict()
         if upload:
             if not m.packaged_data:
                 m.package()
-            t.request(
+            yield from t.request_cycle(
                 Kind.PUSH,
                 meta=out_meta,
                 version=max(m.version, 0),
@@ -82,7 +95,7 @@ class CollaboratorSide:
                 timeout=_left(deadline),
             )
         if download:
-            reply = t.request(
+            reply = yield from t.request_cycle(
                 Kind.PULL,
                 meta=out_meta,
                 version=max(m.version, 0),

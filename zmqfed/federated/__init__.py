@@ -11,6 +11,7 @@ from zmqfed.federated.collaborator_transport import CollaboratorTransport
 from zmqfed.federated.events import PeerEvent, PeerEventKind, TransportStats
 from zmqfed.federated.group import init_federated_group
 from zmqfed.federated.memory import MemoryNetwork
+from zmqfed.federated.multiplex import Multiplexer
 from zmqfed.federated.pipe import (
     OFFLINE,
     PULLING,
@@ -49,6 +50,7 @@ __all__ = [
     "FederatedProperties",
     "Kind",
     "MemoryNetwork",
+    "Multiplexer",
     "Network",
     "PeerEvent",
     "PeerEventKind",

@@ -7,19 +7,34 @@ back after a drop, and every few seconds while it stands unanswered, so a
 HELLO swallowed by a dying aggregator cannot stall the collaborator -- and it
 reads replies, acting on BYE and on link events.  The request cycle on top
 is :class:`~zmqfed.federated.collaborator_transport.CollaboratorTransport`'s.
+
+Every method that waits is a generator (a *cycle*): it yields :class:`Wait`
+where it would block, and is resumed with whether the port became ready.
+:func:`drive` runs one cycle to its end, blocking on its port; a
+:class:`~zmqfed.federated.multiplex.Multiplexer` runs thousands of them on
+one poller (docs/zeromq.md §26).  Either way the same protocol code runs.
+
+A link may go without a socket monitor (``monitor=False``: one ZeroMQ
+socket per collaborator instead of three).  It then learns nothing of its
+connection: it says HELLO again every few seconds until answered, and sends
+a pending request again after ``SILENCE_RESEND`` seconds without a word from
+the aggregator (safe: requests are idempotent).  A refused key then shows as
+a timeout, not as ``SecurityError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
-from zmqfed.federated.ports import Frame, LinkEventKind, Network, WouldBlock
+from zmqfed.federated.ports import Frame, LinkEventKind, Network, Port, WouldBlock
 from zmqfed.federated.protocol import (
     CONNECTION_ERRORS,
     discard_rest,
@@ -33,16 +48,59 @@ from zmqfed.federated.sockets import SocketOptions
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import Envelope, Kind, Limits, decode, encode
 
-__all__ = ["RESEND", "CollaboratorLink", "remaining_ms"]
+__all__ = ["RESEND", "CollaboratorLink", "Cycle", "Wait", "drive", "remaining_ms"]
 
 log = logging.getLogger(__name__)
 
 #: Longest single wait (ms): signals and deadlines are seen promptly.
 POLL_MS = 500
+#: ... for a link without a monitor (its timers bound the wait themselves).
+UNMONITORED_POLL_MS = 5000
 #: Seconds after which an unanswered HELLO is sent again.
 HELLO_RESEND = 3.0
 #: ``read_replies``: the aggregator said BYE; the request must be sent again.
 RESEND = object()
+#: Seconds without a word from the aggregator after which a link without a
+#: monitor sends its pending request again (it cannot see a lost connection).
+SILENCE_RESEND = 30.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Where a cycle would block: until its port has input (or room to send), at most ``ms``.
+
+    ``idle``: just let ``ms`` pass, whatever arrives meanwhile (simulated work).
+    """
+
+    ms: int
+    writable: bool = False
+    idle: bool = False
+
+
+#: A protocol step that may wait: yields :class:`Wait`, is sent whether the
+#: port became ready, and returns its result.
+Cycle = Generator[Wait, bool, T]
+
+
+def drive(cycle: Cycle[T], port: Port) -> T:
+    """Run ``cycle`` to its end, blocking on ``port`` wherever it waits."""
+    try:
+        wait = next(cycle)
+        while True:
+            if wait.idle:
+                time.sleep(wait.ms / 1000)
+                ready = False
+            elif wait.writable:
+                port.wait_writable(wait.ms)
+                ready = True
+            else:
+                ready = port.wait(wait.ms)
+            wait = cycle.send(ready)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
 
 
 class CollaboratorLink:
@@ -56,6 +114,7 @@ class CollaboratorLink:
         limits: Limits,
         options: SocketOptions | None = None,
         curve: Curve | None = None,
+        monitor: bool = True,
     ) -> None:
         assert props.address.endpoint is not None
         self.nick_name = props.nick_name
@@ -66,8 +125,21 @@ class CollaboratorLink:
         self.session = uuid.uuid4().hex[:16]
         security = curve.client(self.nick_name, self.aggregator_name) if curve else None
         self.port = network.dealer(
-            self.endpoint, self.nick_name, options=options, limits=limits, security=security
+            self.endpoint,
+            self.nick_name,
+            options=options,
+            limits=limits,
+            security=security,
+            monitor=monitor,
         )
+        #: Link events are reported (a socket monitor); without, see the module doc.
+        self.monitored = monitor
+        #: Longest single wait in ms. Without a monitor there are no link
+        #: events to look at between waits: fewer wake-ups.
+        self.poll_ms = POLL_MS if monitor else UNMONITORED_POLL_MS
+        #: Seconds of silence after which an unmonitored link resends its request.
+        self.silence_resend = SILENCE_RESEND * random.uniform(1.0, 1.5)
+        self._heard = time.monotonic()
         #: A connection to the aggregator exists (its handshake completed).
         self.connected = False
         #: The aggregator answered HELLO on the current connection.
@@ -105,7 +177,7 @@ class CollaboratorLink:
         return restarted
 
     # -- handshake ---------------------------------------------------------------------
-    def ensure_welcome(self, deadline: float | None, timeout: float | None) -> None:
+    def ensure_welcome(self, deadline: float | None, timeout: float | None) -> Cycle[None]:
         """Say HELLO until the aggregator answers WELCOME (or refuses: RemoteError)."""
         while not self.welcomed:
             seq = self.next_seq()
@@ -122,9 +194,9 @@ class CollaboratorLink:
                 ),
             )
             self._lost = self._relinked = False
-            self.send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
+            yield from self.send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
             resend_at = time.monotonic() + HELLO_RESEND
-            reply = self.wait_reply(
+            reply = yield from self.wait_reply(
                 seq, deadline, timeout, what="answer HELLO", hello_until=resend_at
             )
             if reply is None:
@@ -183,7 +255,7 @@ class CollaboratorLink:
         timeout: float | None,
         *,
         hello: bool = False,
-    ) -> bool:
+    ) -> Cycle[bool]:
         """Send once the port takes it; False if the handshake was lost meanwhile."""
         while True:
             self.link_events()
@@ -194,12 +266,12 @@ class CollaboratorLink:
                 return True
             except WouldBlock:
                 pass  # at the high-water mark
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, self.poll_ms)
             if wait == 0:
                 raise PeerTimeout(
                     self.aggregator_name, timeout or 0.0, f"take a message at {self.endpoint}"
                 )
-            self.port.wait_writable(wait)
+            yield Wait(wait, writable=True)
 
     def wait_reply(
         self,
@@ -209,17 +281,20 @@ class CollaboratorLink:
         *,
         what: str,
         hello_until: float | None = None,
-    ) -> Envelope | None:
+    ) -> Cycle[Envelope | None]:
         """The answer to request ``seq``; None when the request must be sent again.
 
         ``hello_until``: the request is a HELLO, sent again after this time or
         once the link came back.
         """
+        self._heard = time.monotonic()
         while True:
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, self.poll_ms)
             if wait == 0:
                 raise PeerTimeout(self.aggregator_name, timeout or 0.0, what)
-            ready = self.port.wait(wait)
+            if hello_until is not None and not self.monitored:
+                wait = max(1, min(wait, int((hello_until - time.monotonic()) * 1000) + 1))
+            ready = yield Wait(wait)
             # Read what already arrived before acting on a disconnect: an
             # aggregator that ACKs and exits leaves the ACK in our queue.
             if ready:
@@ -230,7 +305,15 @@ class CollaboratorLink:
             if hello_until is not None:
                 # Unanswered: ask again once the link is back, or while it stands
                 # (not while it is down: the port would queue HELLO after HELLO).
-                if self._relinked or (self.connected and time.monotonic() >= hello_until):
+                # Without a monitor the link's state is unknown: ask again anyway.
+                standing = self.connected or not self.monitored
+                if self._relinked or (standing and time.monotonic() >= hello_until):
+                    return None
+            elif not self.monitored:
+                if time.monotonic() - self._heard >= self.silence_resend:
+                    log.debug(
+                        "%s: no word from %s; sending again", self.nick_name, self.aggregator_name
+                    )
                     return None
             elif not self.welcomed and self.connected:
                 # After a disconnect keep listening: the event can overtake a
@@ -250,6 +333,7 @@ class CollaboratorLink:
                 frames = recv_message(self.port, land or self._drop_chunk)
             except WouldBlock:
                 return None
+            self._heard = time.monotonic()
             if frames is None:
                 continue  # a chunk, landed
             try:
@@ -307,11 +391,11 @@ class CollaboratorLink:
         self.port.close()
 
 
-def remaining_ms(deadline: float | None) -> int:
-    """Milliseconds to wait now: what is left of ``deadline``, at most ``POLL_MS``."""
+def remaining_ms(deadline: float | None, cap: int = POLL_MS) -> int:
+    """Milliseconds to wait now: what is left of ``deadline``, at most ``cap``."""
     if deadline is None:
-        return POLL_MS
+        return cap
     left = deadline - time.monotonic()
     if left <= 0:
         return 0
-    return max(1, min(POLL_MS, int(left * 1000)))
+    return max(1, min(cap, int(left * 1000)))

@@ -7,6 +7,11 @@ a streamed reply, and after a lost connection, a BYE or an aggregator
 restart has its link say HELLO again and sends the request again -- safe
 because uploads are idempotent by (session, seq).  The connection and the
 handshake are :class:`~zmqfed.federated.collaborator_link.CollaboratorLink`'s.
+
+:meth:`CollaboratorTransport.request_cycle` is the request as a cycle (a
+generator that yields where it would wait, see
+:mod:`~zmqfed.federated.collaborator_link`); :meth:`~CollaboratorTransport.request`
+drives it, blocking.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from zmqfed.errors import (
     RemoteError,
 )
 from zmqfed.federated.chunked import Destination, InStream, OutStream, new_stream_id
-from zmqfed.federated.collaborator_link import RESEND, CollaboratorLink, remaining_ms
+from zmqfed.federated.collaborator_link import (
+    RESEND,
+    CollaboratorLink,
+    Cycle,
+    Wait,
+    drive,
+    remaining_ms,
+)
 from zmqfed.federated.pipe import CollaboratorPipe
 from zmqfed.federated.ports import Frame, Network
 from zmqfed.federated.protocol import (
@@ -68,9 +80,10 @@ class CollaboratorTransport:
         codec: str = "raw",
         curve: Curve | None = None,
         stream: StreamConfig = DEFAULT_STREAM,
+        monitor: bool = True,
     ) -> None:
         self.link = CollaboratorLink(
-            props, network=network, limits=limits, options=options, curve=curve
+            props, network=network, limits=limits, options=options, curve=curve, monitor=monitor
         )
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
@@ -110,6 +123,27 @@ class CollaboratorTransport:
         :class:`AggregatorRewound` when a restarted aggregator is behind the
         version a PULL asks for, :class:`PeerOffline` when the federation ended.
         """
+        cycle = self.request_cycle(
+            kind,
+            meta=meta,
+            version=version,
+            tensors=tensors,
+            timeout=timeout,
+            destination=destination,
+        )
+        return drive(cycle, self.link.port)
+
+    def request_cycle(
+        self,
+        kind: Kind,
+        *,
+        meta: dict[str, Any],
+        version: int,
+        tensors: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        destination: Destination | None = None,
+    ) -> Cycle[Envelope]:
+        """:meth:`request` as a cycle: yields :class:`Wait` where it would block."""
         if self.closed:
             raise PeerOffline(f"pipe to {self.aggregator_name!r} is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -117,7 +151,7 @@ class CollaboratorTransport:
         seq = link.next_seq()
         attempts = 0
         while True:
-            link.ensure_welcome(deadline, timeout)
+            yield from link.ensure_welcome(deadline, timeout)
             if link.take_restart():
                 self._check_rewound(kind, meta)
             # Decided after WELCOME: the aggregator's frame bound may have changed.
@@ -151,10 +185,10 @@ class CollaboratorTransport:
             attempts += 1
             if attempts > 1:
                 self.resends += 1
-            if not link.send(frames, deadline, timeout):
+            if not (yield from link.send(frames, deadline, timeout)):
                 continue  # the link dropped before the send: handshake again
             self.pipe.bytes_out += env.nbytes
-            reply = self._answer(kind, seq, out, destination, deadline, timeout)
+            reply = yield from self._answer(kind, seq, out, destination, deadline, timeout)
             if out is not None:
                 self.pipe.bytes_out += out.sent
                 out.wait_sent(timeout=5.0)  # acknowledged or abandoned: the port lets go
@@ -185,14 +219,14 @@ class CollaboratorTransport:
         destination: Destination | None,
         deadline: float | None,
         timeout: float | None,
-    ) -> Envelope | None:
+    ) -> Cycle[Envelope | None]:
         """Wait for the answer to request ``seq``, running a stream on the way.
 
         Sends an upload's chunks as credit arrives and receives a streamed
         reply's chunks; None when the request must be sent again.
         """
         while True:
-            reply = self.link.wait_reply(seq, deadline, timeout, what=f"answer {kind}")
+            reply = yield from self.link.wait_reply(seq, deadline, timeout, what=f"answer {kind}")
             if reply is None:
                 return None
             if reply.kind == Kind.CHUNK:
@@ -205,11 +239,11 @@ class CollaboratorTransport:
                     continue
                 if out is not None and sid == out.id:
                     out.grant(nbytes)
-                    if not self._pump(out, deadline, timeout):
+                    if not (yield from self._pump(out, deadline, timeout)):
                         return None
                 continue
             if reply.stream is not None and reply.kind == Kind.DATA:
-                return self._receive_stream(reply, seq, destination, deadline, timeout)
+                return (yield from self._receive_stream(reply, seq, destination, deadline, timeout))
             return reply
 
     # -- streams --------------------------------------------------------------------------
@@ -231,7 +265,7 @@ class CollaboratorTransport:
             stream.broken = str(exc)
         return True
 
-    def _pump(self, out: OutStream, deadline: float | None, timeout: float | None) -> bool:
+    def _pump(self, out: OutStream, deadline: float | None, timeout: float | None) -> Cycle[bool]:
         """Send ``out``'s chunks while its credit lasts; False if the link was lost."""
         link = self.link
         while out.ready:
@@ -240,10 +274,10 @@ class CollaboratorTransport:
                 return False
             if pump(link.port, out):
                 continue
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, link.poll_ms)
             if wait == 0:
                 raise PeerTimeout(self.aggregator_name, timeout or 0.0, "take the upload's chunks")
-            link.port.wait_writable(wait)
+            yield Wait(wait, writable=True)
         return True
 
     def _receive_stream(
@@ -253,7 +287,7 @@ class CollaboratorTransport:
         destination: Destination | None,
         deadline: float | None,
         timeout: float | None,
-    ) -> Envelope | None:
+    ) -> Cycle[Envelope | None]:
         """Receive the chunks of an announced reply; None when the request must be sent again.
 
         An ERROR about the request (e.g. ``stream-aborted``) is returned as is.
@@ -270,18 +304,18 @@ class CollaboratorTransport:
                     incarnation=link.incarnation,
                     meta=credit_meta(stream.id, credit),
                 )
-                if not link.send(encode(env, limits=self.limits), deadline, timeout):
+                if not (yield from link.send(encode(env, limits=self.limits), deadline, timeout)):
                     return None
             if stream.done:
                 return stream.envelope()
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, link.poll_ms)
             if wait == 0:
                 raise PeerTimeout(
                     self.aggregator_name,
                     timeout or 0.0,
                     f"stream the model ({stream.received} of {stream.total} bytes arrived)",
                 )
-            if link.port.wait(wait):
+            if (yield Wait(wait)):
                 reply = link.read_replies(seq, lambda f: self._land(stream, f))
                 if stream.broken:
                     log.warning("%s: download stream broke: %s", self.nick_name, stream.broken)

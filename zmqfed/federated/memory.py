@@ -72,6 +72,7 @@ class MemoryPort:
         self._outbox: deque[list[bytearray]] = deque()  # a DEALER's, while unconnected
         self.peers: dict[bytes, MemoryPort] = {}  # a ROUTER's connected DEALERs
         self.router: MemoryPort | None = None  # a DEALER's ROUTER
+        self.monitored = True  # False: link events are not reported
         self.closed = False
 
     # -- delivery (network lock held) ---------------------------------------
@@ -80,8 +81,9 @@ class MemoryPort:
         self._cond.notify_all()
 
     def _event(self, kind: LinkEventKind) -> None:
-        self._events.append(LinkEvent(kind))
-        self._cond.notify_all()
+        if self.monitored:
+            self._events.append(LinkEvent(kind))
+            self._cond.notify_all()
 
     # -- Port ---------------------------------------------------------------
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
@@ -182,6 +184,7 @@ class MemoryNetwork:
         options: SocketOptions | None = None,
         limits: Limits | None = None,
         security: ClientSecurity | None = None,
+        monitor: bool = True,
     ) -> MemoryPort:
         """A DEALER with ``routing_id``, connected (now or once bound) to ``endpoint``."""
         _no_security(security)
@@ -191,6 +194,7 @@ class MemoryNetwork:
                 f"nick name {routing_id!r} cannot be a routing id (1-255 bytes, no leading NUL)"
             )
         port = MemoryPort(self, endpoint, rid)
+        port.monitored = monitor
         with self.lock:
             self._dealers.setdefault(endpoint, []).append(port)
             router = self._routers.get(endpoint)

@@ -28,6 +28,7 @@ __all__ = [
     "context",
     "make_dealer",
     "make_router",
+    "raise_fd_limit",
     "recv_into",
     "shutdown",
     "tune_malloc",
@@ -185,16 +186,56 @@ def tune_malloc(
     return ok
 
 
+#: The most sockets libzmq lets one Context hold (its socket limit, ZMQ_SOCKET_LIMIT).
+MAX_SOCKETS_CEILING = 65535
+_fd_limit: int | None = None
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now.
+
+    Every TCP connection costs a descriptor, and every ZeroMQ socket one
+    more (its mailbox's eventfd).  At the soft limit libzmq fails to accept
+    and retries without a word, burning CPU (docs/zeromq.md §25), so a
+    process that holds many peers needs the hard limit.  Logs a warning
+    when the limit cannot be raised.  Once per process.
+    """
+    global _fd_limit
+    if _fd_limit is not None:
+        return _fd_limit
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        _fd_limit = 1024
+        return _fd_limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    _fd_limit = int(min(soft, 1 << 30))
+    return _fd_limit
+
+
 def context() -> zmq.Context:
     """The process-wide Context, created on first use (after fork/spawn).
 
-    Creating it also calls :func:`tune_malloc` (opt out: ``ZMQFED_TUNE_MALLOC=0``).
+    Creating it also calls :func:`tune_malloc` (opt out: ``ZMQFED_TUNE_MALLOC=0``)
+    and :func:`raise_fd_limit`, and lets the Context hold as many sockets as
+    the descriptor limit allows (libzmq's default is 1,023; docs/zeromq.md §26).
     """
     global _ctx, _ctx_pid
     with _ctx_lock:
         if _ctx is None or _ctx_pid != os.getpid() or _ctx.closed:
             tune_malloc()
-            _ctx = zmq.Context()
+            limit = raise_fd_limit()
+            ctx = zmq.Context()
+            # before the first socket: libzmq sizes its socket table then
+            ctx.set(zmq.MAX_SOCKETS, max(1023, min(limit, MAX_SOCKETS_CEILING)))
+            _ctx = ctx
             _ctx_pid = os.getpid()
         return _ctx
 

@@ -55,18 +55,25 @@ class _ZmqTracker:
 
 
 class ZmqPort:
-    """A :class:`~zmqfed.federated.ports.Port` over one ZeroMQ socket and its monitor."""
+    """A :class:`~zmqfed.federated.ports.Port` over one ZeroMQ socket and its monitor.
 
-    def __init__(self, sock: zmq.Socket, events: int) -> None:
+    ``events=None``: no monitor (the port reports no link events).  A
+    monitor is a PAIR socket in this process plus one inside libzmq, so a
+    monitored DEALER costs three sockets and four descriptors, an
+    unmonitored one one socket and two descriptors (docs/zeromq.md §26).
+    """
+
+    def __init__(self, sock: zmq.Socket, events: int | None) -> None:
         self.sock = sock
         self.routed = sock.type == zmq.ROUTER
-        self.monitor = sock.get_monitor_socket(events)
+        self.monitor = sock.get_monitor_socket(events) if events is not None else None
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self.monitor, zmq.POLLIN)
         self._send_poller = zmq.Poller()
         self._send_poller.register(sock, zmq.POLLOUT)
-        self._send_poller.register(self.monitor, zmq.POLLIN)
+        if self.monitor is not None:
+            self._poller.register(self.monitor, zmq.POLLIN)
+            self._send_poller.register(self.monitor, zmq.POLLIN)
         self._closed = False
 
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
@@ -107,6 +114,8 @@ class ZmqPort:
 
     def link_events(self) -> list[LinkEvent]:
         out: list[LinkEvent] = []
+        if self.monitor is None:
+            return out
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -120,9 +129,10 @@ class ZmqPort:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.disable_monitor()
-        self.monitor.close(linger=0)
+        if self.monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
         self.sock.close()
 
 
@@ -161,11 +171,14 @@ class ZmqNetwork:
         options: SocketOptions | None,
         limits: Limits,
         security: ClientSecurity | None = None,
+        monitor: bool = True,
     ) -> ZmqPort:
         curve = security.socket_options() if security is not None else None
         sock = make_dealer(
             endpoint, routing_id, options=options, limits=limits, ctx=self._ctx, curve=curve
         )
+        if not monitor:
+            return ZmqPort(sock, None)
         return ZmqPort(
             sock,
             zmq.EVENT_HANDSHAKE_SUCCEEDED
