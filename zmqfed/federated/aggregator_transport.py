@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds after a disconnect at which online peers are probed again.
 REPROBE_DELAYS = (0.25, 1.0, 3.0)
+#: Seconds between two probes of every online peer: a storm of disconnects
+#: (thousands of peers leaving) costs one probe per interval, not one per
+#: disconnect, which would be quadratic in the number of peers.
+PROBE_INTERVAL = 0.25
 #: Messages handled per :meth:`AggregatorTransport.events` call: a flood must not starve timers.
 DRAIN_BATCH = 512
 #: Accepted uploads remembered per peer for idempotent retries.
@@ -131,6 +135,7 @@ class AggregatorTransport:
         self.completed: list[AggregatorPipe] = []
         self._log_refusal = RefusalLog(log, self.name)
         self._reprobe: list[float] = []
+        self._probed = -math.inf
         self._closed = False
 
     # -- what the loop reads ---------------------------------------------------
@@ -184,13 +189,22 @@ class AggregatorTransport:
             e.kind is LinkEventKind.DISCONNECTED for e in self.port.link_events()
         )
         if disconnected:
-            self._reprobe = [now + delay for delay in REPROBE_DELAYS]
+            soonest = max(now, self._probed + PROBE_INTERVAL)
+            self._reprobe = [soonest] * (soonest > now) + [now + d for d in REPROBE_DELAYS]
+            if soonest > now:
+                return
         elif self._reprobe and now >= self._reprobe[0]:
             self._reprobe = [t for t in self._reprobe if t > now]
         else:
             return
+        self._probed = now
+        # One PING for everyone: it names no peer, so it is encoded once.
+        ping = encode(
+            stamp(Kind.PING, self.name, seq=0, incarnation=self.incarnation, version=self.version),
+            limits=self.limits,
+        )
         for pipe in self.online():
-            if not self.send(pipe, Kind.PING, seq=0, meta={}):
+            if not self._send_frames(pipe, Kind.PING, ping):
                 yield PeerEvent(PeerEventKind.LEFT, pipe)
 
     def _receive(self) -> PeerEvent | None:
@@ -501,6 +515,13 @@ class AggregatorTransport:
             kind, self.name, seq=seq, incarnation=self.incarnation, version=self.version, meta=meta
         )
         frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded, stream=stream)
+        if not self._send_frames(pipe, kind, frames):
+            return False
+        if encoded is not None and stream is None:
+            pipe.bytes_out += encoded.nbytes
+        return True
+
+    def _send_frames(self, pipe: AggregatorPipe, kind: Kind, frames: list[Any]) -> bool:
         try:
             self.port.send([pipe.routing_id, *frames])
         except Unreachable:
@@ -510,8 +531,6 @@ class AggregatorTransport:
         except WouldBlock:
             log.warning("%s: %s's queue is full; %s not sent", self.name, pipe.nick_name, kind)
             return False
-        if encoded is not None and stream is None:
-            pipe.bytes_out += encoded.nbytes
         return True
 
     def refuse_message(self, rid: bytes, seq: int, code: ErrorCode, reason: str) -> None:
