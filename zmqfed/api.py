@@ -44,7 +44,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundRecord:
-    """What one aggregator step did."""
+    """What one aggregator step did.
+
+    ``participants`` counts the uploads aggregated.  With a sampling policy
+    (``client_sampling``), ``cohort`` names the collaborators it invited and
+    ``counted`` those whose upload was counted; both are empty otherwise.
+    """
 
     round: int
     mode: str
@@ -54,6 +59,8 @@ class RoundRecord:
     bytes_out: int
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    cohort: list[str] = field(default_factory=list)
+    counted: list[str] = field(default_factory=list)
 
 
 def stale_check(ctx: StepContext | Maintainer) -> bool | None:
@@ -254,6 +261,9 @@ class API(threading.Thread):
             seconds=time.perf_counter() - tic,
             metrics=metrics,
         )
+        if m.cohort is not None:
+            record.cohort = list(m.cohort)
+            record.counted = list(m.sender_list)
         m.clear()
         m.update_version()
         self.records.append(record)

@@ -165,6 +165,9 @@ class Maintainer:
         self.upload_fields: set[str] = set(upload_fields or ())
         #: The peers of the current step (aggregator), or the one pipe (collaborator).
         self.pipes: list[Pipe] = []
+        #: Aggregator: the collaborators a sampling policy invited to the current
+        #: step (``zmqfed.functional.client_sampling``); None when everyone is.
+        self.cohort: list[str] | None = None
         #: The pipe the running step hook is about (OpenFed's "current pipe").
         self.pipe: Pipe | None = None
         #: The step point being run.

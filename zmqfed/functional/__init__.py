@@ -79,11 +79,13 @@ from zmqfed.functional.policies import (
     version_check,
 )
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
+from zmqfed.functional.sampling import ClientSampling, client_sampling
 
 __all__ = [
     "AggregationRule",
     "AutoReducer",
     "Ciphertext",
+    "ClientSampling",
     "CompressionStats",
     "PrivateKey",
     "PublicKey",
@@ -105,6 +107,7 @@ __all__ = [
     "before_peer",
     "before_upload",
     "call_rule",
+    "client_sampling",
     "count_step",
     "deadline_step",
     "device_alignment",
