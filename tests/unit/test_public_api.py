@@ -86,6 +86,7 @@ def test_functional_all_is_pinned():
             "AggregationRule",
             "AutoReducer",
             "Ciphertext",
+            "ClientSampling",
             "CompressionStats",
             "RunningFedAvg",
             "PrivateKey",
@@ -107,6 +108,7 @@ def test_functional_all_is_pinned():
             "before_peer",
             "before_upload",
             "call_rule",
+            "client_sampling",
             "count_step",
             "deadline_step",
             "device_alignment",
@@ -189,6 +191,7 @@ def test_core_and_federated_all_are_pinned():
             "FederatedProperties",
             "Kind",
             "MemoryNetwork",
+            "Multiplexer",
             "Network",
             "PeerEvent",
             "PeerEventKind",
@@ -208,6 +211,21 @@ def test_core_and_federated_all_are_pinned():
         ]
     )
     for module in (zmqfed.core, zmqfed.federated):
+        for name in module.__all__:
+            assert hasattr(module, name), name
+
+
+def test_scale_modules_all_are_pinned():
+    from zmqfed import fedbuff, loadgen
+    from zmqfed.federated import multiplex, sockets
+    from zmqfed.functional import sampling
+
+    assert sorted(fedbuff.__all__) == ["FedBuff", "ServerStep", "inverse_sqrt_staleness"]
+    assert sorted(loadgen.__all__) == ["Crowd", "CrowdReport", "process_usage"]
+    assert sorted(multiplex.__all__) == ["Multiplexer", "sleep_cycle"]
+    assert sorted(sampling.__all__) == ["ClientSampling", "RoundSample", "client_sampling"]
+    assert "raise_fd_limit" in sockets.__all__
+    for module in (fedbuff, loadgen, multiplex, sampling, sockets):
         for name in module.__all__:
             assert hasattr(module, name), name
 
