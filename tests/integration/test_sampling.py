@@ -136,3 +136,37 @@ def test_sampling_arguments_are_checked(free_tcp_endpoint):
         assert (sampling.wanted, sampling.invited) == (2, 3)  # ceil(1.5); at most the group
     finally:
         agg.close()
+
+
+def test_zmqfed_sim_samples_clients_per_round(run_python, tmp_path, slow_factor):
+    """``zmqfed-sim --sample``: the daemons' aggregator trains a seeded sample each round."""
+    from pathlib import Path
+
+    logdir = tmp_path / "logs"
+    proc = run_python(
+        module="zmqfed.cli.sim",
+        args=[
+            "--star", "4",
+            "--app", "tests.integration.toy_app:factory",
+            "--rounds", "3",
+            "--sample", "2",
+            "--sample-seed", "3",
+            "--set", "min_clients=2",  # with round_timeout: the sample's deadline
+            "--set", "round_timeout=60",
+            "--set", "min_online=4",  # draw over all four: a reproducible cohort
+            "--logdir", str(logdir),
+            "--timeout", str(240 * slow_factor),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=300 * slow_factor)
+    assert proc.returncode == 0, (out, err)
+    import json
+
+    lines = (logdir / "aggregator.rounds.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["participants"] for r in records] == [2, 2, 2]
+    names = [f"client{i}" for i in range(4)]
+    for r in records:
+        expected = sorted(random.Random(f"3:{r['version']}").sample(names, 2))
+        assert r["cohort"] == expected and sorted(r["counted"]) == expected, r
