@@ -216,7 +216,7 @@ def test_core_and_federated_all_are_pinned():
 
 
 def test_scale_modules_all_are_pinned():
-    from zmqfed import fedbuff, loadgen
+    from zmqfed import fedbuff, loadgen, ray_sim
     from zmqfed.federated import multiplex, sockets
     from zmqfed.functional import sampling
 
@@ -224,8 +224,9 @@ def test_scale_modules_all_are_pinned():
     assert sorted(loadgen.__all__) == ["Crowd", "CrowdReport", "process_usage"]
     assert sorted(multiplex.__all__) == ["Multiplexer", "sleep_cycle"]
     assert sorted(sampling.__all__) == ["ClientSampling", "RoundSample", "client_sampling"]
+    assert sorted(ray_sim.__all__) == ["NodeActor", "RaySimulation", "import_ray"]
     assert "raise_fd_limit" in sockets.__all__
-    for module in (fedbuff, loadgen, multiplex, sampling, sockets):
+    for module in (fedbuff, loadgen, multiplex, ray_sim, sampling, sockets):
         for name in module.__all__:
             assert hasattr(module, name), name
 
