@@ -44,7 +44,7 @@ from zmqfed.federated.protocol import (
     welcome_meta,
 )
 from zmqfed.federated.security import Curve
-from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.sockets import FD_RESERVE, SocketOptions, open_descriptors, peer_capacity
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import (
@@ -129,6 +129,9 @@ class AggregatorTransport:
         self.roster: dict[str, AggregatorPipe] = {
             name: AggregatorPipe(name) for name in props.collaborators
         }
+        #: Peers online now, and the most this aggregator holds at once.
+        self.online_count = 0
+        self.capacity = self._announce_capacity(options)
         self.served = ServedModel(served, codec=codec, limits=limits, stream=stream)
         self.streams = StreamDesk(self, stream, upload_names)
         #: Peers whose streamed upload completed outside a message of theirs.
@@ -137,6 +140,28 @@ class AggregatorTransport:
         self._reprobe: list[float] = []
         self._probed = -math.inf
         self._closed = False
+
+    def _announce_capacity(self, options: SocketOptions | None) -> int:
+        """Say at start how many peers this aggregator can hold, and why."""
+        fds = peer_capacity()
+        capacity = fds if options is None or options.max_peers is None else options.max_peers
+        capacity = min(capacity, fds) if fds else capacity
+        group = len(self.roster)
+        how = (
+            f"{capacity} peers (one descriptor each: {open_descriptors()} open, "
+            f"{FD_RESERVE} in reserve, limit {fds + open_descriptors() + FD_RESERVE})"
+        )
+        if capacity < group:
+            log.warning(
+                "%s: can hold %s, fewer than the group's %d collaborators: the others "
+                "are refused (over-capacity); raise the descriptor limit (ulimit -n)",
+                self.name,
+                how,
+                group,
+            )
+        else:
+            log.info("%s: can hold %s; the group has %d", self.name, how, group)
+        return capacity
 
     # -- what the loop reads ---------------------------------------------------
     @property
@@ -409,6 +434,20 @@ class AggregatorTransport:
                 "two processes must not share one node's name",
             )
             return None
+        if not pipe.online and self.online_count >= self.capacity:
+            self._log_refusal(
+                ErrorCode.OVER_CAPACITY,
+                f"refused {pipe.nick_name!r}: {self.online_count} peers online, "
+                f"the most this aggregator can hold",
+            )
+            self.refuse_message(
+                pipe.routing_id,
+                env.seq,
+                ErrorCode.OVER_CAPACITY,
+                f"aggregator {self.name!r} holds {self.online_count} peers, its capacity "
+                "(descriptor limit or max_peers); try again later or raise its limit",
+            )
+            return None
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
@@ -421,6 +460,7 @@ class AggregatorTransport:
             pipe.session = session
         joined = not pipe.online
         pipe.online = True
+        self.online_count += joined
         self.send(
             pipe,
             Kind.WELCOME,
@@ -446,6 +486,7 @@ class AggregatorTransport:
 
     def left(self, pipe: AggregatorPipe) -> PeerEvent:
         """``pipe``'s peer is gone: its pending request and streams are dropped."""
+        self.online_count -= pipe.online
         pipe.online = False
         pipe.request = None
         self.streams.drop(pipe)

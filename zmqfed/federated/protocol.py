@@ -67,6 +67,7 @@ class ErrorCode(str, enum.Enum):
     BAD_UPLOAD = "bad-upload"  # the upload does not fit the model
     ALREADY_COUNTED = "already-counted"  # another process of this member contributed already
     NAME_IN_USE = "name-in-use"  # two live processes say HELLO with one node's name
+    OVER_CAPACITY = "over-capacity"  # the aggregator holds as many peers as it can
     DISCARDED = "discarded"  # a step hook refused the request for good
     STREAM = "stream"  # a chunk broke the stream's rules
     STREAM_ABORTED = "stream-aborted"  # the served model changed while it streamed

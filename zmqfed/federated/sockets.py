@@ -28,6 +28,7 @@ __all__ = [
     "context",
     "make_dealer",
     "make_router",
+    "peer_capacity",
     "raise_fd_limit",
     "recv_into",
     "shutdown",
@@ -68,6 +69,10 @@ class SocketOptions:
         Pending TCP connections an aggregator accepts (burst joins).
     sndhwm, rcvhwm:
         Queue limits in messages (collaborators; the aggregator's sends).
+    max_peers:
+        The most collaborators an aggregator holds online at once; ``None``:
+        as many as its descriptor limit allows (``peer_capacity``).  A
+        collaborator beyond it gets ERROR ``over-capacity``.
     peer_queue:
         The aggregator's RCVHWM: messages one peer can have queued there.
         With MAXMSGSIZE (from the model, ``Limits.for_model``) this bounds
@@ -96,6 +101,7 @@ class SocketOptions:
     sndhwm: int = 1000
     rcvhwm: int = 1000
     peer_queue: int = 64
+    max_peers: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -114,6 +120,12 @@ class SocketOptions:
                 raise ConfigError(f"SocketOptions.{name} must be a non-negative int, got {value!r}")
         if self.reconnect_ivl_ms is not None and self.reconnect_ivl_ms <= 0:
             raise ConfigError("SocketOptions.reconnect_ivl_ms must be positive")
+        if self.max_peers is not None and (
+            not isinstance(self.max_peers, int) or self.max_peers < 1
+        ):
+            raise ConfigError(
+                f"SocketOptions.max_peers must be a positive int, got {self.max_peers!r}"
+            )
 
     def reconnect_base(self) -> int:
         """The reconnect interval to use, random per call when not fixed."""
@@ -218,6 +230,30 @@ def raise_fd_limit() -> int:
             log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
     _fd_limit = int(min(soft, 1 << 30))
     return _fd_limit
+
+
+#: Descriptors an aggregator keeps free beyond its peers' (files, checkpoints, a
+#: refused peer's connection until it hangs up).
+FD_RESERVE = 64
+
+
+def open_descriptors() -> int:
+    """Descriptors this process has open now (0 where /proc cannot tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def peer_capacity(reserve: int = FD_RESERVE) -> int:
+    """How many more peers this process can accept: each TCP or ipc connection is a descriptor.
+
+    The descriptor limit (raised first, :func:`raise_fd_limit`) less what
+    is open now and ``reserve``.  Beyond it libzmq would fail to accept
+    without telling anyone (docs/zeromq.md §25), so an aggregator refuses
+    the peers above it with ERROR ``over-capacity`` instead.
+    """
+    return max(0, raise_fd_limit() - open_descriptors() - reserve)
 
 
 def context() -> zmq.Context:
