@@ -14,10 +14,12 @@ Nothing per message costs time in proportion to the number of peers (there
 may be ten thousand): the step's members are kept in a set beside
 ``Maintainer.pipes``, parked requests in their own index, and the idle tick,
 which does visit every peer, comes at most as often as keeps its cost under
-``IDLE_SHARE`` of the loop's time.  Parked requests are looked at again after
-a message only while there are at most ``RECHECK_LIMIT`` of them; beyond
-that (thousands of downloads waiting for the next version, or for a sample
-to pick them) they wait for the next version, step, wake-up or idle tick.
+``IDLE_SHARE`` of the loop's time.  A download parked because it asks for a
+version the aggregator has not reached waits for the version (or the next
+step, wake-up or idle tick): no message can serve it sooner.  Other parked
+requests are looked at again after a message only while there are at most
+``RECHECK_LIMIT`` of them; beyond that (thousands of collaborators a sample
+left out) they too wait for the next step, wake-up or idle tick.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from zmqfed.errors import PeerTimeout, ProtocolError
 from zmqfed.federated import AggregatorPipe, AggregatorTransport, PeerEvent, PeerEventKind
 from zmqfed.federated.protocol import ErrorCode, meta_version
 from zmqfed.meta import Meta
+from zmqfed.wire import Kind
 
 if TYPE_CHECKING:
     from zmqfed.core.maintainer import Maintainer
@@ -48,7 +51,7 @@ STREAM_STALL = 30.0
 #: Seconds ``step()`` waits at most, after its end, for streamed downloads it started.
 DRAIN_LIMIT = 10.0
 #: Parked requests looked at again after each message, at most (see the module doc).
-RECHECK_LIMIT = 256
+RECHECK_LIMIT = 32
 #: The idle tick visits every peer; it is spaced so it takes at most this
 #: share of the loop's time.
 IDLE_SHARE = 0.1
@@ -69,8 +72,10 @@ class AggregatorSide:
         self._downloads = 0
         #: The pipes of ``Maintainer.pipes``, as a set (membership tests per message).
         self._members: set[Pipe] = set()
-        #: Pipes whose request was parked, in the order they were parked.
+        #: Pipes whose request was parked, in the order they were parked; those
+        #: asking for a version not reached yet are kept apart (see the module doc).
         self._parked: dict[AggregatorPipe, None] = {}
+        self._ahead: dict[AggregatorPipe, None] = {}
 
     # -- what the Maintainer asks ------------------------------------------------
     def pipes(self) -> list[Pipe]:
@@ -236,6 +241,7 @@ class AggregatorSide:
     def _cycle(self, pipe: AggregatorPipe) -> None:
         """One peer's points: ``before_peer``, the branch of its state, ``after_peer``."""
         self._parked.pop(pipe, None)  # parked again below if the hooks say so
+        self._ahead.pop(pipe, None)
         self._run(points.before_peer, pipe)
         if pipe.is_offline:
             self._run(points.peer_leaving, pipe)
@@ -264,8 +270,10 @@ class AggregatorSide:
 
     def _park(self, pipe: AggregatorPipe) -> None:
         self.transport.park(pipe)
-        if pipe.request is not None:  # (a hook may have refused it meanwhile)
-            self._parked[pipe] = None
+        request = pipe.request
+        if request is not None:  # (a hook may have refused it meanwhile)
+            ahead = request.kind == Kind.PULL and meta_version(pipe.meta) > self.m.version
+            (self._ahead if ahead else self._parked)[pipe] = None
         self._run(points.request_parked, pipe)
 
     def _receive_upload(self, pipe: AggregatorPipe) -> bool:
