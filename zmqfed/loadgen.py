@@ -36,7 +36,7 @@ from zmqfed.api import is_last_round
 from zmqfed.core import Maintainer
 from zmqfed.errors import AggregatorRewound, PeerOffline, RemoteError
 from zmqfed.federated.collaborator_link import Cycle
-from zmqfed.federated.multiplex import Multiplexer, sleep_cycle
+from zmqfed.federated.multiplex import Gate, Multiplexer, sleep_cycle
 from zmqfed.federated.protocol import CONTRIBUTED, ErrorCode, meta_version
 from zmqfed.federated.sockets import SocketOptions, raise_fd_limit
 from zmqfed.props import COLLABORATOR, FederatedProperties
@@ -109,6 +109,11 @@ class Crowd:
         Bound on each step of each collaborator.
     seed:
         Seeds the simulated training times.
+    inflight:
+        At most this many downloads and this many uploads of the crowd in
+        flight at once (``None``: no bound).  All collaborators of a crowd
+        asking at once would otherwise have every model in flight in this
+        process and the aggregator's receive queues at the same time.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class Crowd:
         timeout: float | None = 600.0,
         seed: int = 0,
         socket_options: SocketOptions | None = None,
+        inflight: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.names = list(names)
@@ -137,6 +143,9 @@ class Crowd:
         self.timeout = timeout
         self.rng = random.Random(seed)
         self.socket_options = socket_options
+        self.inflight = inflight
+        self._downloads: Gate | None = None
+        self._uploads: Gate | None = None
         self.maintainers: list[Maintainer] = []
         self.report = CrowdReport(collaborators=len(self.names))
         self._first: set[str] = set()
@@ -164,6 +173,9 @@ class Crowd:
         if not self.maintainers:
             self.connect()
         mux = Multiplexer(max_wait_ms=5000)
+        if self.inflight is not None:
+            self._downloads = Gate(mux, self.inflight)
+            self._uploads = Gate(mux, self.inflight)
         self._start = time.monotonic()
         for m in self.maintainers:
             mux.spawn(self._life(m), m.port, self._done)
@@ -197,6 +209,8 @@ class Crowd:
         think = self.think * (1 + self.spread * self.rng.random())
         while self.rounds is None or answered < self.rounds:
             m.update_version(wanted)
+            if self._downloads is not None:
+                yield from self._downloads.acquire()
             try:
                 yield from m.step_cycle(upload=False)
             except PeerOffline:
@@ -204,6 +218,9 @@ class Crowd:
             except AggregatorRewound as exc:
                 wanted = exc.version
                 continue
+            finally:
+                if self._downloads is not None:
+                    self._downloads.release()
             meta = m.meta
             m.data = {}  # checked on arrival; a crowd keeps no downloads
             if m.nick_name not in self._first:
@@ -221,11 +238,18 @@ class Crowd:
                 m.meta["instances"] = 1
                 m.meta["mode"] = str(meta.get("mode", "train"))
                 m.package()
+                if self._uploads is not None:
+                    yield from self._uploads.acquire()
                 try:
                     yield from m.step_cycle(download=False)
                 except RemoteError as exc:
                     if exc.code not in (ErrorCode.DISCARDED, ErrorCode.ALREADY_COUNTED):
                         raise
+                except PeerOffline:
+                    break
+                finally:
+                    if self._uploads is not None:
+                        self._uploads.release()
             if is_last_round(meta):
                 break
         return answered

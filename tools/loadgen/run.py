@@ -138,6 +138,7 @@ def crowd(args: argparse.Namespace) -> None:
         _model(args.model_bytes),
         rounds=args.rounds,
         timeout=args.timeout,
+        inflight=args.inflight or None,
     )
     before = process_usage()
     c.connect()
@@ -181,7 +182,12 @@ def _median(values: list[float]) -> float:
 
 
 def measure(
-    peers: int, model_bytes: int, rounds: int, per_crowd: int, timeout: float
+    peers: int,
+    model_bytes: int,
+    rounds: int,
+    per_crowd: int,
+    timeout: float,
+    inflight: int = 0,
 ) -> dict[str, Any]:
     """One aggregator process and the crowds for ``peers``; the figures of the run."""
     endpoint = _free_endpoint()
@@ -208,6 +214,7 @@ def measure(
                 model_bytes=model_bytes,
                 rounds=rounds,
                 timeout=timeout,
+                inflight=inflight,
             )
         )
     try:
@@ -250,6 +257,7 @@ def measure(
         "crowd_fds_per_collaborator": sum(crowd_fds) / peers,
         "crowd_resumes_per_collaborator_round": sum(c["resumes"] for c in cs) / (peers * rounds),
         "wall_s": wall,
+        "inflight": inflight,
     }
 
 
@@ -266,10 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         if role == "crowd":
             p.add_argument("--first", type=int, required=True)
             p.add_argument("--count", type=int, required=True)
+            p.add_argument("--inflight", type=int, default=0)
     parser.add_argument("--peers", default="10,100,1000,10000")
     parser.add_argument("--models", default="4096,1048576", help="model sizes in bytes")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--per-crowd", type=int, default=2500)
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=128,
+        help="transfers each crowd keeps in flight per direction (0: no bound)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--quick", action="store_true", help="10 and 50 peers, 4 KiB, 2 rounds")
     parser.add_argument("--no-write", action="store_true")
@@ -286,22 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds
     if args.quick:
         peers, models, rounds = [10, 50], [4096], 2
-    command = "python tools/loadgen/run.py" + (
-        " " + shlex.join(argv if argv is not None else sys.argv[1:])
-        if (argv or sys.argv[1:])
-        else ""
-    )
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python tools/loadgen/run.py" + (" " + shlex.join(given) if given else "")
+    tic = time.perf_counter()
     rows = []
     for model in models:
         for n in peers:
             print(f"[{time.strftime('%H:%M:%S')}] {n} peers, {model} B model", flush=True)
-            r = measure(n, model, rounds, args.per_crowd, args.timeout)
+            r = measure(n, model, rounds, args.per_crowd, args.timeout, args.inflight)
             print("   " + json.dumps(r), flush=True)
             rows.append(r)
     if not args.no_write:
         from tools.loadgen.report import write
 
-        write(Path(args.out), rows, command)
+        write(Path(args.out), rows, command, (time.perf_counter() - tic) / 60)
     return 0
 
 

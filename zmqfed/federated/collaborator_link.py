@@ -72,11 +72,14 @@ class Wait:
     """Where a cycle would block: until its port has input (or room to send), at most ``ms``.
 
     ``idle``: just let ``ms`` pass, whatever arrives meanwhile (simulated work).
+    ``gate``: a :class:`~zmqfed.federated.multiplex.Gate` whose slot the
+    cycle waits for (only a Multiplexer runs such cycles).
     """
 
     ms: int
     writable: bool = False
     idle: bool = False
+    gate: Any = None
 
 
 #: A protocol step that may wait: yields :class:`Wait`, is sent whether the
@@ -89,6 +92,8 @@ def drive(cycle: Cycle[T], port: Port) -> T:
     try:
         wait = next(cycle)
         while True:
+            if wait.gate is not None:
+                raise RuntimeError("a cycle waiting for a Gate needs a Multiplexer")
             if wait.idle:
                 time.sleep(wait.ms / 1000)
                 ready = False

@@ -33,7 +33,7 @@ from zmqfed.federated.collaborator_link import Cycle, Wait
 from zmqfed.federated.ports import Port
 from zmqfed.federated.zmq_port import ZmqPort
 
-__all__ = ["Multiplexer", "sleep_cycle"]
+__all__ = ["Gate", "Multiplexer", "sleep_cycle"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,46 @@ def sleep_cycle(seconds: float) -> Cycle[None]:
         yield Wait(max(1, int(left * 1000) + 1), idle=True)
 
 
+class Gate:
+    """At most ``limit`` cycles of one Multiplexer past this point at once (a semaphore).
+
+    ``yield from gate.acquire()`` waits, without being resumed in between,
+    until a slot is free; ``gate.release()`` hands the slot to the next
+    waiter.  A load generator bounds its transfers in flight this way.
+    """
+
+    def __init__(self, mux: Multiplexer, limit: int) -> None:
+        if limit < 1:
+            raise ConfigError(f"a Gate needs a positive limit, got {limit!r}")
+        self.mux = mux
+        self.limit = limit
+        self.taken = 0
+        self._waiting: deque[_Task] = deque()
+
+    def acquire(self) -> Cycle[None]:
+        """Take a slot, waiting for one if all are taken."""
+        if self.taken < self.limit:
+            self.taken += 1
+            return
+        yield Wait(24 * 3600 * 1000, gate=self)  # resumed by release(), not by time
+
+    def _enqueue(self, task: _Task) -> None:
+        self._waiting.append(task)
+
+    def release(self) -> None:
+        """Give the slot back, or straight to the next waiter."""
+        while self._waiting:
+            task = self._waiting.popleft()
+            if task.gated is self:
+                task.gated = None
+                task.token += 1  # its timer is void
+                self.mux._ready.append((task, True))
+                return
+        self.taken -= 1
+
+
 class _Task:
-    __slots__ = ("cycle", "done", "events", "fds", "monitor", "sock", "started", "token")
+    __slots__ = ("cycle", "done", "events", "fds", "gated", "monitor", "sock", "started", "token")
 
     def __init__(self, cycle: Cycle[Any], port: ZmqPort, done: Done | None) -> None:
         self.cycle = cycle
@@ -60,6 +98,7 @@ class _Task:
         self.token = 0  # bumped at every wait: stale timers are ignored
         self.events = 0  # what the current wait needs (0: a timer only)
         self.fds: list[int] = []  # registered with the selector now
+        self.gated: Gate | None = None  # waiting for a slot of this gate
 
 
 class Multiplexer:
@@ -148,6 +187,13 @@ class Multiplexer:
         task.token += 1
         when = time.monotonic() + wait.ms / 1000
         heapq.heappush(self._timers, (when, task.token, next(self._order), task))
+        if wait.gate is not None:
+            task.events = 0
+            task.token += 1  # no timer: only the gate resumes it
+            self._unwatch(task)
+            task.gated = wait.gate
+            wait.gate._enqueue(task)
+            return
         if wait.idle:
             task.events = 0
             self._unwatch(task)
@@ -189,6 +235,7 @@ class Multiplexer:
 
     def _finish(self, task: _Task, result: Any, error: BaseException | None) -> None:
         self._unwatch(task)
+        task.gated = None
         task.token += 1
         task.events = 0
         self.running -= 1
