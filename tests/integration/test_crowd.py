@@ -19,6 +19,7 @@ import torch
 import zmqfed.topo as topo
 from zmqfed.core import Maintainer
 from zmqfed.federated import Multiplexer
+from zmqfed.federated.multiplex import Gate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -31,7 +32,7 @@ def test_a_crowd_beyond_the_default_socket_limit_completes_its_rounds(slow_facto
     """1,100 collaborators in one process: past libzmq's default of 1,023 sockets."""
     from tools.loadgen.run import measure
 
-    r = measure(1100, 4096, rounds=2, per_crowd=1100, timeout=300 * slow_factor)
+    r = measure(1100, 4096, rounds=2, per_crowd=1100, timeout=300 * slow_factor, inflight=64)
     assert r["participants"] == [1100, 1100]
     assert r["crowd_failed"] == 0, r["crowd_errors"]
     assert r["model_exact"]  # the folded FedAvg of 1,100 uploads of the model is the model
@@ -68,9 +69,22 @@ def test_the_multiplexer_steps_many_maintainers_in_one_thread(free_tcp_endpoint,
         (errors if error is not None else results).append(error or result)
 
     mux = Multiplexer()
+    gate = Gate(mux, 3)
+    busy = {"now": 0, "most": 0}
+
+    def gated(m: Maintainer):  # type: ignore[no-untyped-def]
+        yield from gate.acquire()
+        busy["now"] += 1
+        busy["most"] = max(busy["most"], busy["now"])
+        try:
+            return (yield from m.step_cycle(download=False))
+        finally:
+            busy["now"] -= 1
+            gate.release()
+
     for m in crowd:
         m.package()
-        mux.spawn(m.step_cycle(download=False), m.port, done)
+        mux.spawn(gated(m), m.port, done)
     worker = threading.Thread(target=agg.step, kwargs={"timeout": 60 * slow_factor})
     worker.start()
     assert mux.run(timeout=60 * slow_factor)
@@ -79,6 +93,7 @@ def test_the_multiplexer_steps_many_maintainers_in_one_thread(free_tcp_endpoint,
         assert not errors, errors
         assert len(results) == len(names) and all(r.uploads == 1 for r in results)  # type: ignore[attr-defined]
         assert sorted(agg.sender_list) == names
+        assert busy["most"] == 3 and gate.taken == 0  # the gate held at most three at once
         # all in one thread: each collaborator was resumed a few times, not polled
         assert mux.resumes < 10 * len(names)
     finally:
