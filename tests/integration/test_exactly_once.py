@@ -370,7 +370,7 @@ def test_two_live_processes_with_one_name_are_told(
         )
 
     agg = start_aggregator(free_tcp_endpoint, configure, idle_interval=0.1)
-    older = run_python(TWIN, args=[free_tcp_endpoint, "4"])
+    older = run_python(TWIN, args=[free_tcp_endpoint, str(4 * slow_factor)])
     time.sleep(2.0 * slow_factor)  # the older one has downloaded and now pauses
     newer = run_python(TWIN, args=[free_tcp_endpoint, "0"])
     out_new, err_new = newer.communicate(timeout=60 * slow_factor)
