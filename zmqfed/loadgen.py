@@ -42,9 +42,14 @@ from zmqfed.federated.sockets import SocketOptions, raise_fd_limit
 from zmqfed.props import COLLABORATOR, FederatedProperties
 from zmqfed.wire import Limits
 
-__all__ = ["Crowd", "CrowdReport", "process_usage"]
+__all__ = ["CROWD_SOCKET_OPTIONS", "Crowd", "CrowdReport", "process_usage"]
 
 log = logging.getLogger(__name__)
+
+#: A crowd's link settings (see ``Crowd``).
+CROWD_SOCKET_OPTIONS = SocketOptions(
+    heartbeat_ivl_ms=10_000, heartbeat_timeout_ms=30_000, handshake_ivl_ms=30_000
+)
 
 
 @dataclass
@@ -109,6 +114,11 @@ class Crowd:
         Bound on each step of each collaborator.
     seed:
         Seeds the simulated training times.
+    socket_options:
+        Default: heartbeats every 10 s with a 30 s timeout and 30 s for a
+        handshake (a daemon's are 2 s, 10 s, 10 s): ten thousand links
+        cost an aggregator 5,000 heartbeats a second at 2 s, and a
+        starved I/O thread then fails handshakes that would have succeeded.
     inflight:
         At most this many downloads and this many uploads of the crowd in
         flight at once (``None``: no bound).  All collaborators of a crowd
@@ -142,7 +152,7 @@ class Crowd:
         self.spread = spread
         self.timeout = timeout
         self.rng = random.Random(seed)
-        self.socket_options = socket_options
+        self.socket_options = socket_options or CROWD_SOCKET_OPTIONS
         self.inflight = inflight
         self._downloads: Gate | None = None
         self._uploads: Gate | None = None

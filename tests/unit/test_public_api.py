@@ -221,7 +221,12 @@ def test_scale_modules_all_are_pinned():
     from zmqfed.functional import sampling
 
     assert sorted(fedbuff.__all__) == ["FedBuff", "ServerStep", "inverse_sqrt_staleness"]
-    assert sorted(loadgen.__all__) == ["Crowd", "CrowdReport", "process_usage"]
+    assert sorted(loadgen.__all__) == [
+        "CROWD_SOCKET_OPTIONS",
+        "Crowd",
+        "CrowdReport",
+        "process_usage",
+    ]
     assert sorted(multiplex.__all__) == ["Multiplexer", "sleep_cycle"]
     assert sorted(sampling.__all__) == ["ClientSampling", "RoundSample", "client_sampling"]
     assert sorted(ray_sim.__all__) == ["NodeActor", "RaySimulation", "import_ray"]

@@ -58,6 +58,7 @@ def aggregator(args: argparse.Namespace) -> None:
     from zmqfed.address import Address
     from zmqfed.api import API
     from zmqfed.core import Maintainer
+    from zmqfed.federated import SocketOptions
     from zmqfed.functional import count_step, naive_aggregation
     from zmqfed.loadgen import process_usage
     from zmqfed.optim import FederatedOptimizer
@@ -69,7 +70,11 @@ def aggregator(args: argparse.Namespace) -> None:
         AGGREGATOR, "aggregator", Address(args.endpoint), "aggregator", roster
     )
     model = {k: v.requires_grad_() for k, v in _model(args.model_bytes).items()}
-    m = Maintainer(props, model, timeout=args.timeout)
+    # the aggregator sends no heartbeats; it drops a peer after the TTL the
+    # crowd's links announce (their heartbeat timeout), and gives handshakes
+    # as long as they do
+    options = SocketOptions(handshake_ivl_ms=30_000)
+    m = Maintainer(props, model, timeout=args.timeout, socket_options=options)
     with m:
         count_step(args.peers)
     params = list(model.values())
@@ -288,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--quick", action="store_true", help="10 and 50 peers, 4 KiB, 2 rounds")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--rows",
+        help="also append each run's figures to this JSON-lines file; with --report, "
+        "write the docs from the runs it holds instead of measuring",
+    )
+    parser.add_argument("--report", action="store_true", help="see --rows")
     parser.add_argument("--out", default=str(REPO / "docs"))
     args = parser.parse_args(argv)
     if args.role == "aggregator":
@@ -305,12 +316,22 @@ def main(argv: list[str] | None = None) -> int:
     command = "python tools/loadgen/run.py" + (" " + shlex.join(given) if given else "")
     tic = time.perf_counter()
     rows = []
+    if args.report:
+        if not args.rows:
+            parser.error("--report needs --rows FILE")
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line]
+        rows.sort(key=lambda r: (r["model_bytes"], r["peers"]))
+        models = []
+        command = "`, `".join(dict.fromkeys(r.pop("command", "?") for r in rows))
     for model in models:
         for n in peers:
             print(f"[{time.strftime('%H:%M:%S')}] {n} peers, {model} B model", flush=True)
             r = measure(n, model, rounds, args.per_crowd, args.timeout, args.inflight)
             print("   " + json.dumps(r), flush=True)
             rows.append(r)
+            if args.rows:
+                with open(args.rows, "a") as f:
+                    f.write(json.dumps({**r, "command": command}) + "\n")
     if not args.no_write:
         from tools.loadgen.report import write
 

@@ -200,7 +200,9 @@ class CollaboratorLink:
             )
             self._lost = self._relinked = False
             yield from self.send(encode(hello, limits=self.limits), deadline, timeout, hello=True)
-            resend_at = time.monotonic() + HELLO_RESEND
+            # without a monitor the HELLO is said again whether or not the link
+            # stands: less often, or a crowd queues HELLO after HELLO while it connects
+            resend_at = time.monotonic() + HELLO_RESEND * (1 if self.monitored else 3)
             reply = yield from self.wait_reply(
                 seq, deadline, timeout, what="answer HELLO", hello_until=resend_at
             )

@@ -66,7 +66,8 @@ class SocketOptions:
     linger_ms:
         How long closing waits for unsent messages (bounded: shutdown never hangs).
     backlog:
-        Pending TCP connections an aggregator accepts (burst joins).
+        Pending TCP connections an aggregator accepts (burst joins; the
+        kernel caps it at ``net.core.somaxconn``).
     sndhwm, rcvhwm:
         Queue limits in messages (collaborators; the aggregator's sends).
     max_peers:
@@ -97,7 +98,7 @@ class SocketOptions:
     reconnect_ivl_ms: int | None = None
     reconnect_ivl_max_ms: int = 8000
     linger_ms: int = 1000
-    backlog: int = 1024
+    backlog: int = 4096
     sndhwm: int = 1000
     rcvhwm: int = 1000
     peer_queue: int = 64
