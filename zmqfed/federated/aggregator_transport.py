@@ -68,8 +68,12 @@ log = logging.getLogger(__name__)
 REPROBE_DELAYS = (0.25, 1.0, 3.0)
 #: Seconds between two probes of every online peer: a storm of disconnects
 #: (thousands of peers leaving) costs one probe per interval, not one per
-#: disconnect, which would be quadratic in the number of peers.
+#: disconnect, which would be quadratic in the number of peers ...
 PROBE_INTERVAL = 0.25
+#: ... and at least this many seconds per online peer (5 s at 10,000 peers):
+#: each probe is a PING to every one of them, and a churning crowd would
+#: otherwise keep the aggregator's I/O thread busy with nothing but probes.
+PROBE_COST = 0.0005
 #: Messages handled per :meth:`AggregatorTransport.events` call: a flood must not starve timers.
 DRAIN_BATCH = 512
 #: Accepted uploads remembered per peer for idempotent retries.
@@ -214,14 +218,14 @@ class AggregatorTransport:
             e.kind is LinkEventKind.DISCONNECTED for e in self.port.link_events()
         )
         if disconnected:
-            soonest = max(now, self._probed + PROBE_INTERVAL)
-            self._reprobe = [soonest] * (soonest > now) + [now + d for d in REPROBE_DELAYS]
-            if soonest > now:
-                return
-        elif self._reprobe and now >= self._reprobe[0]:
-            self._reprobe = [t for t in self._reprobe if t > now]
-        else:
+            self._reprobe = [now, *(now + d for d in REPROBE_DELAYS)]
+        # However many disconnects come, probes keep their distance (which grows
+        # with the peers each one visits): a probe is the aggregator's busiest work.
+        earliest = self._probed + max(PROBE_INTERVAL, self.online_count * PROBE_COST)
+        self._reprobe = sorted({max(t, earliest) for t in self._reprobe})
+        if not self._reprobe or now < self._reprobe[0]:
             return
+        self._reprobe = [t for t in self._reprobe if t > now]
         self._probed = now
         # One PING for everyone: it names no peer, so it is encoded once.
         ping = encode(
