@@ -227,7 +227,7 @@ def test_scale_modules_all_are_pinned():
         "CrowdReport",
         "process_usage",
     ]
-    assert sorted(multiplex.__all__) == ["Multiplexer", "sleep_cycle"]
+    assert sorted(multiplex.__all__) == ["Gate", "Multiplexer", "sleep_cycle"]
     assert sorted(sampling.__all__) == ["ClientSampling", "RoundSample", "client_sampling"]
     assert sorted(ray_sim.__all__) == ["NodeActor", "RaySimulation", "import_ray"]
     assert "raise_fd_limit" in sockets.__all__
