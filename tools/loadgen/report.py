@@ -40,12 +40,16 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(round 0 includes the connect storm). *Per peer* columns are taken against the "
         "10-peer run of the same model: (value(N) - value(10)) / (N - 10); the time "
         "ratio is (round time / N) / (round time of 10 peers / 10), so below 1 means "
-        "cheaper per peer than with 10.",
+        "cheaper per peer than with 10; the same for the aggregator's CPU. The "
+        "collaborators run on the same 2 cores as the aggregator, so round times "
+        "include their work too (each collaborator decodes, checks, packages and "
+        "encodes in Python); the aggregator's CPU per peer and round is its own cost.",
         "",
         "| peers | model | round s | per-peer time vs 10 | agg CPU s/round | agg CPU µs per peer-round | "
+        "agg CPU per peer vs 10 | "
         "agg RSS MiB | agg RSS per peer KiB | agg fds | agg fds per peer | connect + first download s | "
         "crowd KiB per collaborator | crowd fds per collaborator | encodes/round | FedAvg exact |",
-        "|" + "---:|" * 15,
+        "|" + "---:|" * 16,
     ]
     base = {r["model_bytes"]: r for r in rows if r["peers"] == min(x["peers"] for x in rows)}
     for r in rows:
@@ -53,6 +57,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         n = r["peers"]
         extra = n - b["peers"] if b else 0
         per_time = (r["round_s"] / n) / (b["round_s"] / b["peers"]) if b and extra else None
+        cpu = r["agg_cpu_s_per_round"] / n
+        per_cpu = cpu / (b["agg_cpu_s_per_round"] / b["peers"]) if b and extra else None
         rss_peer = (r["agg_rss_mib"] - b["agg_rss_mib"]) / extra if b and extra else None
         fds_peer = (r["agg_fds"] - b["agg_fds"]) / extra if b and extra else None
         lines.append(
@@ -64,7 +70,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     f"{r['round_s']:.2f}",
                     "" if per_time is None else f"{per_time:.2f}x",
                     f"{r['agg_cpu_s_per_round']:.2f}",
-                    f"{r['agg_cpu_s_per_round'] / n * 1e6:,.0f}",
+                    f"{cpu * 1e6:,.0f}",
+                    "" if per_cpu is None else f"{per_cpu:.2f}x",
                     f"{r['agg_rss_mib']:,.0f}",
                     "" if rss_peer is None else _kib(rss_peer),
                     f"{r['agg_fds']:,}",

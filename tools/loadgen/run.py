@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         if not args.rows:
             parser.error("--report needs --rows FILE")
-        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line]
-        rows.sort(key=lambda r: (r["model_bytes"], r["peers"]))
+        runs = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line]
+        latest = {(r["peers"], r["model_bytes"]): r for r in runs}  # a re-run replaces a run
+        rows = sorted(latest.values(), key=lambda r: (r["model_bytes"], r["peers"]))
         models = []
         command = "`, `".join(dict.fromkeys(r.pop("command", "?") for r in rows))
     for model in models:
@@ -335,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from tools.loadgen.report import write
 
-        write(Path(args.out), rows, command, (time.perf_counter() - tic) / 60)
+        minutes = sum(r["wall_s"] for r in rows) / 60 if args.report else None
+        write(Path(args.out), rows, command, minutes or (time.perf_counter() - tic) / 60)
     return 0
 
 

@@ -469,7 +469,7 @@ class AggregatorTransport:
             pipe,
             Kind.WELCOME,
             seq=env.seq,
-            meta=welcome_meta(incarnation=self.incarnation, limits=self.limits),
+            meta=welcome_meta(incarnation=self.incarnation, limits=self.limits, joined=joined),
         )
         if not joined:
             return None

@@ -16,10 +16,12 @@ one poller (docs/zeromq.md §26).  Either way the same protocol code runs.
 
 A link may go without a socket monitor (``monitor=False``: one ZeroMQ
 socket per collaborator instead of three).  It then learns nothing of its
-connection: it says HELLO again every few seconds until answered, and sends
-a pending request again after ``SILENCE_RESEND`` seconds without a word from
-the aggregator (safe: requests are idempotent).  A refused key then shows as
-a timeout, not as ``SecurityError``.
+connection: it says HELLO again every few seconds until answered, and after
+``SILENCE_RESEND`` seconds without a word from the aggregator while a
+request is pending it says HELLO again as a probe: a WELCOME from another
+incarnation, or one saying the HELLO rejoined the peer (``joined``), means
+the request was lost, and it is sent again (safe: requests are idempotent).
+A refused key then shows as a timeout, not as ``SecurityError``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ HELLO_RESEND = 3.0
 #: ``read_replies``: the aggregator said BYE; the request must be sent again.
 RESEND = object()
 #: Seconds without a word from the aggregator after which a link without a
-#: monitor sends its pending request again (it cannot see a lost connection).
+#: monitor probes with a HELLO whether its pending request is still known
+#: (it cannot see a lost connection).
 SILENCE_RESEND = 30.0
 
 T = TypeVar("T")
@@ -142,9 +145,10 @@ class CollaboratorLink:
         #: Longest single wait in ms. Without a monitor there are no link
         #: events to look at between waits: fewer wake-ups.
         self.poll_ms = POLL_MS if monitor else UNMONITORED_POLL_MS
-        #: Seconds of silence after which an unmonitored link resends its request.
+        #: Seconds of silence after which an unmonitored link probes (see the module doc).
         self.silence_resend = SILENCE_RESEND * random.uniform(1.0, 1.5)
         self._heard = time.monotonic()
+        self._probe_seq: int | None = None  # a HELLO sent as a probe
         #: A connection to the aggregator exists (its handshake completed).
         self.connected = False
         #: The aggregator answered HELLO on the current connection.
@@ -318,10 +322,7 @@ class CollaboratorLink:
                     return None
             elif not self.monitored:
                 if time.monotonic() - self._heard >= self.silence_resend:
-                    log.debug(
-                        "%s: no word from %s; sending again", self.nick_name, self.aggregator_name
-                    )
-                    return None
+                    self._probe()
             elif not self.welcomed and self.connected:
                 # After a disconnect keep listening: the event can overtake a
                 # reply in flight. Resend once the link is back (a reply lost
@@ -353,6 +354,11 @@ class CollaboratorLink:
                     exc,
                 )
                 continue
+            if self._probe_seq is not None and env.seq == self._probe_seq:
+                answer = self._probed(env)
+                if answer is not None:
+                    return answer
+                continue
             if env.seq == seq and env.kind != Kind.WAIT:
                 return env
             if (
@@ -380,6 +386,50 @@ class CollaboratorLink:
                     env.seq,
                     seq,
                 )
+
+    def _probe(self) -> None:
+        """Say HELLO to learn whether the pending request is still known (no monitor)."""
+        log.debug("%s: no word from %s; asking", self.nick_name, self.aggregator_name)
+        self._heard = time.monotonic()
+        self._probe_seq = self.next_seq()
+        hello = stamp(
+            Kind.HELLO,
+            self.nick_name,
+            seq=self._probe_seq,
+            meta=hello_meta(
+                fingerprint=self.fingerprint,
+                session=self.session,
+                aggregator=self.aggregator_name,
+                endpoint=self.endpoint,
+                limits=self.limits,
+            ),
+        )
+        with contextlib.suppress(WouldBlock):  # full: the next silence asks again
+            self.port.send(encode(hello, limits=self.limits))
+
+    def _probed(self, env: Envelope) -> Any:
+        """The answer to a probe: RESEND when the pending request was lost, else None."""
+        self._probe_seq = None
+        if env.kind == Kind.ERROR:
+            return env
+        if env.incarnation != self.incarnation:
+            log.info(
+                "%s: aggregator %s restarted (incarnation %s)",
+                self.nick_name,
+                self.aggregator_name,
+                env.incarnation,
+            )
+            self._restarted = bool(self.incarnation)
+            self.incarnation = env.incarnation
+            self.aggregator_version = env.version
+            self.peer_frame_bytes = peer_frame_bound(env.meta)
+            return RESEND
+        if env.meta.get("joined") is True:
+            log.info(
+                "%s: %s had dropped this link; sending again", self.nick_name, self.aggregator_name
+            )
+            return RESEND
+        return None
 
     def _drop_chunk(self, frames: list[Frame]) -> bool:
         """A CHUNK of a stream nobody waits for any more: consume and drop it."""

@@ -147,9 +147,10 @@ def hello_problem(
     return None
 
 
-def welcome_meta(*, incarnation: str, limits: Limits) -> dict[str, Any]:
-    """What an aggregator answers in WELCOME: its incarnation and largest frame."""
-    return {"incarnation": incarnation, "max_frame_bytes": limits.max_frame_bytes}
+def welcome_meta(*, incarnation: str, limits: Limits, joined: bool = False) -> dict[str, Any]:
+    """What an aggregator answers in WELCOME: its incarnation, largest frame, and
+    whether this HELLO (re)joined the peer (anything it had pending was dropped)."""
+    return {"incarnation": incarnation, "max_frame_bytes": limits.max_frame_bytes, "joined": joined}
 
 
 def peer_frame_bound(meta: Mapping[str, Any]) -> int | None:
