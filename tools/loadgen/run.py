@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         latest = {(r["peers"], r["model_bytes"]): r for r in runs}  # a re-run replaces a run
         rows = sorted(latest.values(), key=lambda r: (r["model_bytes"], r["peers"]))
         models = []
-        command = "`, `".join(dict.fromkeys(r.pop("command", "?") for r in rows))
+        runs_of = (r.pop("command", "?").replace(args.rows, "RUNS.jsonl") for r in rows)
+        command = "`, `".join(dict.fromkeys(runs_of))
     for model in models:
         for n in peers:
             print(f"[{time.strftime('%H:%M:%S')}] {n} peers, {model} B model", flush=True)
