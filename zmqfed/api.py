@@ -31,8 +31,10 @@ from zmqfed.core.contracts import as_context
 from zmqfed.errors import AggregatorRewound, ConfigError, PeerOffline, RemoteError
 from zmqfed.federated.protocol import CONTRIBUTED, ErrorCode, meta_version
 from zmqfed.functional.agg_common import optim_as_list
+from zmqfed.functional.agg_mean import naive_aggregation
 from zmqfed.functional.agg_rule import AggregationRule
-from zmqfed.isolation import aggregate_isolated, reduce_isolated
+from zmqfed.functional.running_mean import RunningFedAvg
+from zmqfed.isolation import aggregate_isolated, reduce_isolated, update_is_finite
 from zmqfed.meta import Meta
 
 __all__ = [
@@ -50,7 +52,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundRecord:
-    """What one aggregator step did."""
+    """What one aggregator step did.
+
+    ``participants`` counts the uploads aggregated.  With a sampling policy
+    (``client_sampling``), ``cohort`` names the collaborators it invited and
+    ``counted`` those whose upload was counted; both are empty otherwise.
+    """
 
     round: int
     mode: str
@@ -62,6 +69,8 @@ class RoundRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: Of ``seconds``, the time spent aggregating and stepping the server optimizers.
     aggregate_seconds: float = 0.0
+    cohort: list[str] = field(default_factory=list)
+    counted: list[str] = field(default_factory=list)
 
 
 def stale_check(ctx: StepContext | Maintainer) -> bool | None:
@@ -130,6 +139,13 @@ class API(threading.Thread):
     keep_records:
         Keep only this many recent records in memory (``None``: all); a
         long-running daemon bounds memory this way and relies on ``record_path``.
+    fold_uploads:
+        Fold each upload into one running instance-weighted mean as it
+        arrives (:class:`~zmqfed.functional.RunningFedAvg`) instead of
+        keeping every upload until the round ends: the aggregator then holds
+        one model of sums, not N uploads.  Computes FedAvg, so ``agg_func``
+        must be ``naive_aggregation``; an upload that is not finite is dropped
+        (and not counted) when it arrives.
     """
 
     def __init__(
@@ -150,6 +166,7 @@ class API(threading.Thread):
         evaluate: Callable[[], Mapping[str, Any]] | None = None,
         start_round: int = 0,
         keep_records: int | None = None,
+        fold_uploads: bool = False,
     ) -> None:
         # Not a daemon, as in OpenFed: a process that calls start() and returns
         # stays alive until the rounds are done (OpenFed's Paillier example does).
@@ -186,6 +203,14 @@ class API(threading.Thread):
         #: Why the rounds ended before ``rounds`` (a hook's ``end_training``), or None.
         self.ended_early: str | None = None
         maintainer.on(step_points.upload_received, stale_check, nice=40)
+        self.folded: RunningFedAvg | None = None
+        if fold_uploads:
+            if agg_func is not naive_aggregation:
+                raise ConfigError(
+                    "fold_uploads computes FedAvg as uploads arrive; it needs "
+                    f"agg_func=naive_aggregation, got {getattr(agg_func, '__name__', agg_func)!r}"
+                )
+            self.folded = fold_into_running_mean(maintainer)
         prepare_for_rule(maintainer, agg_func, self.agg_func_kwargs)
 
     def run(self) -> None:
@@ -244,7 +269,13 @@ class API(threading.Thread):
         m.step(timeout=self.step_timeout)
         metrics: dict[str, Any] = {}
         aggregated = time.perf_counter()
-        if mode == "train" and m.data_list:
+        if self.folded is not None:
+            if mode == "train" and self.folded.count:
+                self.folded.apply(self.optim_list)
+                m.run_step_point(step_points.aggregated, None)
+                step_optimizers(self.optim_list)
+            self.folded.reset()
+        elif mode == "train" and m.data_list:
             aggregate_and_step(m, self.optim_list, self.agg_func, **self.agg_func_kwargs)
         aggregated = time.perf_counter() - aggregated
         if self.reduce_func is not None and m.meta_list:
@@ -264,6 +295,9 @@ class API(threading.Thread):
             metrics=metrics,
             aggregate_seconds=aggregated,
         )
+        if m.cohort is not None:
+            record.cohort = list(m.cohort)
+            record.counted = list(m.sender_list)
         m.clear()
         m.update_version()
         self.records.append(record)
@@ -320,12 +354,41 @@ def aggregate_and_step(
     aggregate_isolated(m, optims, agg_func, **agg_kwargs)
     # hooks that act on the installed aggregate (differential privacy's noise)
     m.run_step_point(step_points.aggregated, None)
+    step_optimizers(optims)
+
+
+def step_optimizers(optims: list[Any]) -> None:
+    """Step the server optimizers on the pseudo-gradients an aggregation installed."""
     for optim in optims:
         optim.step()
         if hasattr(optim, "round"):
             optim.round()
         if hasattr(optim, "clear_state_dict"):
             optim.clear_state_dict()
+
+
+def fold_into_running_mean(m: Maintainer, weight_key: str = "instances") -> RunningFedAvg:
+    """Fold each counted upload of ``m`` into a running mean as it arrives (see ``API``).
+
+    The upload leaves ``data_list`` at once; ``meta_list`` and
+    ``sender_list`` keep it (step policies count them).  An upload with a
+    non-finite value is dropped from all three lists with a warning.
+    """
+    acc = RunningFedAvg(m.state_dict)
+
+    def fold(ctx: StepContext) -> None:
+        if ctx.flag is not True or not m.data_list:
+            return
+        update = m.data_list.pop()
+        if not update_is_finite(update):
+            sender = m.sender_list.pop()
+            m.meta_list.pop()
+            log.warning("%s: dropped a non-finite update from %s", m.nick_name, sender)
+            return
+        acc.add(update, weight=float(m.meta_list[-1].get(weight_key, 1)))
+
+    m.on(step_points.upload_handled, fold, nice=10)
+    return acc
 
 
 def _traffic(m: Maintainer) -> tuple[int, int]:
@@ -390,8 +453,8 @@ def run_collaborator(
             # This member's update for the round is counted already (this
             # process restarted after uploading it): wait for the next one.
             log.info("%s: version %d already has this node's update", maintainer.nick_name, served)
-        else:
-            _train_and_upload(maintainer, train, test, optims, mode, served, timeout)
+        elif not _train_and_upload(maintainer, train, test, optims, mode, served, timeout):
+            break  # the federation ended while this node trained (a straggler)
         if is_last_round(meta):
             break
     return answered
@@ -405,8 +468,11 @@ def _train_and_upload(
     mode: str,
     served: int,
     timeout: float | None,
-) -> None:
-    """One round's local work and its upload (tagged with the next version)."""
+) -> bool:
+    """One round's local work and its upload (tagged with the next version).
+
+    False when the aggregator had finished the federation before the upload.
+    """
     if mode == "test" and test is not None:
         metrics = test(maintainer.meta)
     else:
@@ -418,15 +484,20 @@ def _train_and_upload(
     maintainer.meta.update(metrics or {})
     maintainer.meta["mode"] = mode
     maintainer.package(optims)
+    finished = False
     try:
         maintainer.step(download=False, timeout=timeout)
     except RemoteError as exc:
         if exc.code not in (ErrorCode.DISCARDED, ErrorCode.ALREADY_COUNTED):
             raise
         log.warning("%s: upload not counted (%s): %s", maintainer.nick_name, exc.code, exc.reason)
+    except PeerOffline as exc:
+        log.info("%s: upload not sent: %s", maintainer.nick_name, exc)
+        finished = True
     for optim in optims:
         if hasattr(optim, "clear_state_dict"):
             optim.clear_state_dict()
+    return not finished
 
 
 def is_last_round(meta: Mapping[str, Any]) -> bool:

@@ -95,6 +95,14 @@ class App:
         Called inside ``with maintainer:`` for every Maintainer the node
         builds, before its first step: register hooks there, e.g.
         ``configure=lambda m: zmqfed.functional.int8_quantization()``.
+    sample, fraction, sample_seed, over_select:
+        Client sampling (``zmqfed.functional.client_sampling``): each round
+        trains ``sample`` (or ``fraction`` of the) collaborators drawn from
+        those online, inviting ``over_select`` more; ``round_timeout`` is its
+        deadline and ``min_clients`` the uploads it needs then.  The command
+        line's ``--set sample=K`` (``fraction``, ``sample_seed``,
+        ``over_select``) overrides these; ``--set min_online=N`` waits for N
+        online collaborators before each draw.
     """
 
     model: Any
@@ -110,6 +118,10 @@ class App:
     min_clients: int | None = None
     round_timeout: float | None = None
     configure: Callable[[Maintainer], Any] | None = None
+    sample: int | None = None
+    fraction: float | None = None
+    sample_seed: int = 0
+    over_select: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:

@@ -24,7 +24,7 @@ from zmqfed.core.contracts import contract_keys
 from zmqfed.errors import ZmqfedError
 from zmqfed.functional.agg_rule import AggregationRule, call_rule
 
-__all__ = ["aggregate_isolated", "reduce_isolated"]
+__all__ = ["aggregate_isolated", "reduce_isolated", "update_is_finite"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def _finite(t: Any) -> bool:
     return bool(torch.isfinite(t.sum(dtype=wide)))  # one pass, nothing of the tensor's size
 
 
-def _update_is_finite(update: Mapping[Any, Mapping[str, Any]]) -> bool:
+def update_is_finite(update: Mapping[Any, Mapping[str, Any]]) -> bool:
+    """Every floating-point tensor of ``update`` is finite (one pass each)."""
     return all(_finite(v) for state in update.values() for v in state.values())
 
 
@@ -158,7 +159,7 @@ def _aggregates_alone(
     kwargs: Mapping[str, Any],
 ) -> bool:
     """Whether one update, alone, is finite and goes through the rule (computed, not installed)."""
-    if not _update_is_finite(update):
+    if not update_is_finite(update):
         return False
     try:
         result = call_rule(rule, [update], [meta], None, **kwargs)

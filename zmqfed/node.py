@@ -36,7 +36,13 @@ from zmqfed.checkpoint import load_checkpoint, save_checkpoint
 from zmqfed.core import Maintainer, step_points
 from zmqfed.errors import ConfigError
 from zmqfed.federated import Curve, SocketOptions
-from zmqfed.functional import count_step, deadline_step, meta_reduce, naive_aggregation
+from zmqfed.functional import (
+    client_sampling,
+    count_step,
+    deadline_step,
+    meta_reduce,
+    naive_aggregation,
+)
 from zmqfed.isolation import reduce_isolated
 from zmqfed.meta import Meta
 from zmqfed.names import name_path
@@ -169,10 +175,36 @@ class NodeRunner:
                 self.app.configure(m)
         return m
 
+    def _sampling(self) -> dict[str, Any] | None:
+        """Client-sampling arguments from the app, overridden by ``--set`` options."""
+        opt, app = self.ctx.options, self.app
+        try:
+            sample = int(opt["sample"]) if "sample" in opt else app.sample
+            fraction = float(opt["fraction"]) if "fraction" in opt else app.fraction
+            seed = int(opt.get("sample_seed", app.sample_seed))
+            over = float(opt.get("over_select", app.over_select))
+            min_online = int(opt["min_online"]) if "min_online" in opt else None
+        except ValueError as exc:
+            raise ConfigError(f"bad sampling option: {exc}") from exc
+        if sample is None and fraction is None:
+            return None
+        return {
+            "sample": sample,
+            "fraction": None if sample is not None else fraction,
+            "seed": seed,
+            "over_select": over,
+            "deadline": app.round_timeout,
+            "min_count": app.min_clients if app.min_clients is not None else 1,
+            "min_online": min_online,
+        }
+
     def _step_policy(self, m: Maintainer, props: FederatedProperties) -> None:
         n = len(props.collaborators)
+        sampling = self._sampling()
         with m:
-            if self.app.min_clients is not None and self.app.round_timeout is not None:
+            if sampling is not None:
+                client_sampling(**sampling)
+            elif self.app.min_clients is not None and self.app.round_timeout is not None:
                 deadline_step(n, self.app.round_timeout, self.app.min_clients)
             else:
                 count_step(n)

@@ -7,10 +7,12 @@ federated layer. Re-exported as ``zmqfed.federated.FederatedProperties``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from zmqfed.address import Address
@@ -58,6 +60,10 @@ def normalize_role(role: object) -> str:
     return role
 
 
+def _is_sorted(names: tuple[str, ...]) -> bool:
+    return all(a <= b for a, b in itertools.pairwise(names))
+
+
 def group_fingerprint(
     aggregator_name: str, endpoint: str | None, collaborators: Iterable[str]
 ) -> str:
@@ -101,7 +107,11 @@ class FederatedProperties:
             raise ConfigError(
                 f"group of aggregator {self.aggregator_name!r} has no endpoint to bind or connect to"
             )
-        object.__setattr__(self, "collaborators", tuple(sorted(self.collaborators)))
+        names = self.collaborators
+        if not (isinstance(names, tuple) and _is_sorted(names)):
+            # an already sorted tuple is shared, not copied: a process holding
+            # thousands of collaborators' properties keeps one roster
+            object.__setattr__(self, "collaborators", tuple(sorted(names)))
         if self.address.world_size is None or self.address.rank == -1:
             # OpenFed's ranks: the aggregator 0, collaborators 1.. in name order
             rank = -1
@@ -144,9 +154,9 @@ class FederatedProperties:
         """The group is named after its aggregator."""
         return self.aggregator_name
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Hash of (aggregator, endpoint, collaborators); both ends must agree."""
+        """Hash of (aggregator, endpoint, collaborators); both ends must agree (computed once)."""
         return group_fingerprint(self.aggregator_name, self.address.endpoint, self.collaborators)
 
     def serialize(self) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def test_functional_all_is_pinned():
             "AutoReducer",
             "CKKSKeys",
             "Ciphertext",
+            "ClientSampling",
             "CompressionStats",
             "DPMechanism",
             "DPSGD",
@@ -120,6 +121,7 @@ def test_functional_all_is_pinned():
             "ckks_aggregation",
             "ckks_key_gen",
             "ckks_package",
+            "client_sampling",
             "count_step",
             "deadline_step",
             "device_alignment",
@@ -212,6 +214,7 @@ def test_core_and_federated_all_are_pinned():
             "FederatedProperties",
             "Kind",
             "MemoryNetwork",
+            "Multiplexer",
             "Network",
             "PeerEvent",
             "PeerEventKind",
@@ -250,6 +253,27 @@ def test_core_and_federated_all_are_pinned():
         ]
     )
     for module in (zmqfed.core, zmqfed.federated):
+        for name in module.__all__:
+            assert hasattr(module, name), name
+
+
+def test_scale_modules_all_are_pinned():
+    from zmqfed import fedbuff, loadgen, ray_sim
+    from zmqfed.federated import multiplex, sockets
+    from zmqfed.functional import sampling
+
+    assert sorted(fedbuff.__all__) == ["FedBuff", "ServerStep", "inverse_sqrt_staleness"]
+    assert sorted(loadgen.__all__) == [
+        "CROWD_SOCKET_OPTIONS",
+        "Crowd",
+        "CrowdReport",
+        "process_usage",
+    ]
+    assert sorted(multiplex.__all__) == ["Gate", "Multiplexer", "sleep_cycle"]
+    assert sorted(sampling.__all__) == ["ClientSampling", "RoundSample", "client_sampling"]
+    assert sorted(ray_sim.__all__) == ["NodeActor", "RaySimulation", "import_ray"]
+    assert "raise_fd_limit" in sockets.__all__
+    for module in (fedbuff, loadgen, multiplex, ray_sim, sampling, sockets):
         for name in module.__all__:
             assert hasattr(module, name), name
 

@@ -7,8 +7,19 @@ expires.  Each event (a peer joined, a request is pending, a peer left)
 makes the loop run the step points of that peer
 (:mod:`zmqfed.core.step_points`); the verdicts become the transport's
 actions: serve, accept, park, refuse.  Requests the hooks park are looked at
-again whenever state changes -- at the next message, the next step, or a
-version change.
+again whenever state changes -- after the next message, at the next step, a
+version change, a wake-up or an idle tick.
+
+Nothing per message costs time in proportion to the number of peers (there
+may be ten thousand): the step's members are kept in a set beside
+``Maintainer.pipes``, parked requests in their own index, and the idle tick,
+which does visit every peer, comes at most as often as keeps its cost under
+``IDLE_SHARE`` of the loop's time.  A download parked because it asks for a
+version the aggregator has not reached waits for the version (or the next
+step, wake-up or idle tick): no message can serve it sooner.  Other parked
+requests are looked at again after a message only while there are at most
+``RECHECK_LIMIT`` of them; beyond that (thousands of collaborators a sample
+left out) they too wait for the next step, wake-up or idle tick.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from zmqfed.errors import PeerTimeout, ProtocolError
 from zmqfed.federated import AggregatorPipe, AggregatorTransport, PeerEvent, PeerEventKind
 from zmqfed.federated.protocol import ErrorCode, meta_version
 from zmqfed.meta import Meta
+from zmqfed.wire import Kind
 
 if TYPE_CHECKING:
     from zmqfed.core.maintainer import Maintainer
@@ -38,6 +50,11 @@ log = logging.getLogger(__name__)
 STREAM_STALL = 5.0
 #: Seconds ``step()`` waits at most, after its end, for streamed downloads it started.
 DRAIN_LIMIT = 10.0
+#: Parked requests looked at again after each message, at most (see the module doc).
+RECHECK_LIMIT = 32
+#: The idle tick visits every peer; it is spaced so it takes at most this
+#: share of the loop's time.
+IDLE_SHARE = 0.1
 
 
 class AggregatorSide:
@@ -53,6 +70,12 @@ class AggregatorSide:
         self._wake = math.inf
         self._uploads = 0
         self._downloads = 0
+        #: The pipes of ``Maintainer.pipes``, as a set (membership tests per message).
+        self._members: set[Pipe] = set()
+        #: Pipes whose request was parked, in the order they were parked; those
+        #: asking for a version not reached yet are kept apart (see the module doc).
+        self._parked: dict[AggregatorPipe, None] = {}
+        self._ahead: dict[AggregatorPipe, None] = {}
 
     # -- what the Maintainer asks ------------------------------------------------
     def pipes(self) -> list[Pipe]:
@@ -109,11 +132,12 @@ class AggregatorSide:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         self._run(points.step_started, None)
         # This step's view: whoever is online now; requests that waited come first.
+        self._members = set(m.pipes)
         for pipe in t.online():
-            if pipe not in m.pipes:
-                m.pipes.append(pipe)
-        self._cycle_pending()
-        next_idle = time.monotonic() + self.idle_interval
+            self._join(pipe)
+        self._cycle_pending(everyone=True)
+        idle = self.idle_interval
+        next_idle = time.monotonic() + idle
         while not self.stopped:
             until = min(deadline, next_idle, self._wake, t.next_timer)
             wait_ms = max(0, math.ceil((until - time.monotonic()) * 1000))
@@ -132,7 +156,9 @@ class AggregatorSide:
                     self._cycle(member)
                 if not m.pipes:  # nobody joined yet: time-based policies still decide
                     self._run(points.after_peer, None)
-                next_idle = time.monotonic() + self.idle_interval
+                done = time.monotonic()
+                idle = max(self.idle_interval, (done - now) / IDLE_SHARE)
+                next_idle = done + idle
             if not self.stopped and time.monotonic() >= deadline:
                 t.streams.quiesce()
                 self._timed_out(timeout or 0.0)
@@ -142,11 +168,19 @@ class AggregatorSide:
             uploads=self._uploads, downloads=self._downloads, parked=t.stats.parked - parked
         )
 
+    def _join(self, pipe: AggregatorPipe) -> None:
+        """Add ``pipe`` to this step's view (``Maintainer.pipes``) if it is not there."""
+        if len(self._members) != len(self.m.pipes):  # a hook edited the list itself
+            self._members = set(self.m.pipes)
+        if pipe not in self._members:
+            self._members.add(pipe)
+            self.m.pipes.append(pipe)
+
     def _on(self, event: PeerEvent) -> None:
         pipe = event.pipe
-        if event.kind is not PeerEventKind.LEFT and pipe.online and pipe not in self.m.pipes:
-            self.m.pipes.append(pipe)
-        if pipe in self.m.pipes:  # (a peer that left unseen by this step is no news)
+        if event.kind is not PeerEventKind.LEFT and pipe.online:
+            self._join(pipe)
+        if pipe in self._members:  # (a peer that left unseen by this step is no news)
             self._cycle(pipe)  # a peer that left: the destroy points run
             self._cycle_pending(exclude=pipe)
 
@@ -182,11 +216,23 @@ class AggregatorSide:
                 pass  # the transport keeps what arrived on the peers
             streams.pump_all()
 
-    def _cycle_pending(self, exclude: AggregatorPipe | None = None) -> None:
-        for pipe in list(self.m.pipes):
+    def _cycle_pending(
+        self, exclude: AggregatorPipe | None = None, *, everyone: bool = False
+    ) -> None:
+        """Look at parked requests again (all of them with ``everyone``: a new step).
+
+        After a message, only while there are at most ``RECHECK_LIMIT``.
+        """
+        if everyone:
+            pending = [p for p in self.m.pipes if isinstance(p, AggregatorPipe) and p.request]
+        elif len(self._parked) <= RECHECK_LIMIT:
+            pending = list(self._parked)
+        else:
+            return
+        for pipe in pending:
             if self.stopped:
                 return
-            if pipe is not exclude and isinstance(pipe, AggregatorPipe) and pipe.request:
+            if pipe is not exclude and pipe.request and pipe in self._members:
                 self._cycle(pipe)
 
     def _run(self, point: str, pipe: Pipe | None, flag: bool | None = None) -> bool | None:
@@ -194,10 +240,13 @@ class AggregatorSide:
 
     def _cycle(self, pipe: AggregatorPipe) -> None:
         """One peer's points: ``before_peer``, the branch of its state, ``after_peer``."""
+        self._parked.pop(pipe, None)  # parked again below if the hooks say so
+        self._ahead.pop(pipe, None)
         self._run(points.before_peer, pipe)
         if pipe.is_offline:
             self._run(points.peer_leaving, pipe)
-            if pipe in self.m.pipes:
+            if pipe in self._members:
+                self._members.discard(pipe)
                 self.m.pipes.remove(pipe)
             self._run(points.peer_left, pipe, True)
         elif pipe.is_zombie:
@@ -208,8 +257,7 @@ class AggregatorSide:
                 received = pipe.is_pushing and self._receive_upload(pipe)
                 self._run(points.upload_handled, pipe, received)
             else:
-                self.transport.park(pipe)
-                self._run(points.request_parked, pipe)
+                self._park(pipe)
         elif pipe.is_pulling:
             verdict = self._run(points.download_requested, pipe)
             if verdict is None:  # no hook decided: serve versions already reached
@@ -218,8 +266,7 @@ class AggregatorSide:
                 served = pipe.is_pulling and self._serve(pipe)
                 self._run(points.download_served, pipe, served)
             else:
-                self.transport.park(pipe)
-                self._run(points.request_parked, pipe)
+                self._park(pipe)
         elif pipe.is_asking:
             self._exchange(pipe)
         else:
@@ -240,8 +287,15 @@ class AggregatorSide:
             meta, tensors = pipe.take_out_meta() or Meta(), pipe.take_out_tensors()
             self._run(points.exchange_answered, pipe, self.transport.reply(pipe, meta, tensors))
         else:
-            self.transport.park(pipe)
-            self._run(points.request_parked, pipe)
+            self._park(pipe)
+
+    def _park(self, pipe: AggregatorPipe) -> None:
+        self.transport.park(pipe)
+        request = pipe.request
+        if request is not None:  # (a hook may have refused it meanwhile)
+            ahead = request.kind == Kind.PULL and meta_version(pipe.meta) > self.m.version
+            (self._ahead if ahead else self._parked)[pipe] = None
+        self._run(points.request_parked, pipe)
 
     def _receive_upload(self, pipe: AggregatorPipe) -> bool:
         """Validate ``pipe``'s pending upload; count and ACK it, or refuse it."""

@@ -3,6 +3,13 @@
 The upload goes through the registered upload wrappers (outermost first)
 before it is sent as a PUSH; ``exchange`` makes one more request/answer
 (ASK/REPLY) with the aggregator, e.g. from a wrapper.
+
+:meth:`CollaboratorSide.step_cycle` is the same step as a cycle that yields
+where it would wait (:mod:`zmqfed.federated.collaborator_link`), so a
+:class:`~zmqfed.federated.multiplex.Multiplexer` can run the steps of
+thousands of collaborators in one thread.  An upload with wrappers is the
+exception: a wrapper calls ``send`` and ``exchange`` as plain functions, so
+it runs to its end where the cycle reaches it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from zmqfed.core.contracts import SendUpload, StepResult, UploadWrapper
 from zmqfed.errors import ConfigError, PeerTimeout
 from zmqfed.federated import CollaboratorTransport, Pipe
+from zmqfed.federated.collaborator_link import Cycle, drive
 from zmqfed.meta import Meta
 from zmqfed.wire import Envelope, Kind
 from zmqfed.wire.header import TensorDesc
@@ -72,8 +80,16 @@ class CollaboratorSide:
     def step(
         self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
     ) -> StepResult:
+        return drive(
+            self.step_cycle(upload, download, meta, timeout), self.transport.link.current_port
+        )
+
+    def step_cycle(
+        self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
+    ) -> Cycle[StepResult]:
+        """:meth:`step` as a cycle: yields where it would wait."""
         try:
-            return self._step(upload, download, meta, timeout)
+            return (yield from self._step(upload, download, meta, timeout))
         except PeerTimeout as exc:
             # Each request gets only what is left of the step's time: report
             # the step's timeout, not the remainder the last request had.
@@ -83,7 +99,7 @@ class CollaboratorSide:
 
     def _step(
         self, upload: bool, download: bool, meta: dict[str, Any] | None, timeout: float | None
-    ) -> StepResult:
+    ) -> Cycle[StepResult]:
         m, t = self.m, self.transport
         deadline = None if timeout is None else time.monotonic() + timeout
         tensors: dict[str, dict[str, Tensor]] = {}
@@ -93,7 +109,15 @@ class CollaboratorSide:
             # hooks first: a package hook may add to the upload's meta (local DP's clip bit)
             tensors = m.apply_hooks(m.packaged_data, unpackage=False)
         out_meta = Meta(meta if meta is not None else m.meta).to_json_dict()
-        if upload:
+        if upload and not self.wrappers:
+            yield from t.request_cycle(
+                Kind.PUSH,
+                meta=out_meta,
+                version=max(m.version, 0),
+                tensors=tensors,
+                timeout=_left(deadline),
+            )
+        elif upload:
 
             def push(tensors: dict[str, dict[str, Tensor]], meta: dict[str, Any]) -> Envelope:
                 return t.request(
@@ -109,7 +133,7 @@ class CollaboratorSide:
                 send = partial(_wrapped, wrapper, m, send)
             send(tensors, out_meta)
         if download:
-            reply = t.request(
+            reply = yield from t.request_cycle(
                 Kind.PULL,
                 meta=out_meta,
                 version=max(m.version, 0),

@@ -45,6 +45,8 @@ from zmqfed.federated import (
     SocketOptions,
     default_network,
 )
+from zmqfed.federated.collaborator_link import Cycle
+from zmqfed.federated.ports import Port
 from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import close_at_exit
 from zmqfed.meta import Meta
@@ -92,6 +94,11 @@ class Maintainer:
         ``state_dict`` tensors (same dtype and shape), so a huge model needs
         no second copy.  The tensors then hold the download as soon as
         ``step()`` returns, before ``unpackage``.
+    link_monitor:
+        Collaborator: watch the connection with a socket monitor (the
+        default).  ``False`` saves two of the three sockets a collaborator
+        opens, for thousands of collaborators in one process; lost
+        connections are then noticed only by silence (docs/zeromq.md §26).
 
     Examples
     --------
@@ -116,6 +123,7 @@ class Maintainer:
         download_in_place: bool = False,
         network: Network | None = None,
         upload_fields: Iterable[str] = (),
+        link_monitor: bool = True,
     ) -> None:
         if not isinstance(fed_props, FederatedProperties):
             raise ConfigError(
@@ -156,6 +164,9 @@ class Maintainer:
         self.upload_fields: set[str] = set(upload_fields or ())
         #: The peers of the current step (aggregator), or the one pipe (collaborator).
         self.pipes: list[Pipe] = []
+        #: Aggregator: the collaborators a sampling policy invited to the current
+        #: step (``zmqfed.functional.client_sampling``); None when everyone is.
+        self.cohort: list[str] | None = None
         #: The pipe the running step hook is about (OpenFed's "current pipe").
         self.pipe: Pipe | None = None
         #: The step point being run.
@@ -182,7 +193,7 @@ class Maintainer:
             )
             self._side = AggregatorSide(self, group, idle_interval=idle_interval)
         else:
-            link = CollaboratorTransport(fed_props, **transport)
+            link = CollaboratorTransport(fed_props, monitor=link_monitor, **transport)
             self._side = CollaboratorSide(self, link)
             self.pipe = link.pipe
             self.pipes.append(link.pipe)
@@ -418,6 +429,35 @@ class Maintainer:
         if isinstance(self._side, AggregatorSide):
             return self._side.step(timeout)
         return self._side.step(upload, download, meta, timeout)
+
+    def step_cycle(
+        self,
+        upload: bool = True,
+        download: bool = True,
+        meta: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Cycle[StepResult]:
+        """A collaborator's :meth:`step` as a cycle, for a :class:`~zmqfed.federated.Multiplexer`.
+
+        The generator yields where ``step()`` would block and returns its
+        :class:`StepResult`; ``step()`` is this cycle driven on the
+        Maintainer's own port.
+        """
+        if self._closed:
+            raise ConfigError(f"{self.nick_name}: the maintainer is closed")
+        if not isinstance(self._side, CollaboratorSide):
+            raise ConfigError("step_cycle() is a collaborator's; an aggregator runs step()")
+        timeout = self.timeout if timeout is None else timeout
+        return self._side.step_cycle(upload, download, meta, timeout)
+
+    @property
+    def port(self) -> Port:
+        """The port of this node in the group (a collaborator's DEALER, an aggregator's ROUTER)."""
+        return (
+            self._side.transport.port
+            if isinstance(self._side, AggregatorSide)
+            else self._side.transport.link.port
+        )
 
     def discard(self, reason: str) -> None:
         """From a step hook: refuse the current pipe's request for good.

@@ -14,6 +14,7 @@ from zmqfed.federated.dist_props import DistributedProperties, zmqfed_lock
 from zmqfed.federated.events import PeerEvent, PeerEventKind, TransportStats
 from zmqfed.federated.group import init_federated_group
 from zmqfed.federated.memory import MemoryNetwork
+from zmqfed.federated.multiplex import Multiplexer
 from zmqfed.federated.openfed_names import (
     DeviceOffline,
     aggregator,
@@ -76,6 +77,7 @@ __all__ = [
     "FederatedProperties",
     "Kind",
     "MemoryNetwork",
+    "Multiplexer",
     "Network",
     "PeerEvent",
     "PeerEventKind",

@@ -119,6 +119,10 @@ class StreamDesk:
         self._admission: deque[AggregatorPipe] = deque()
         #: Finished downloads whose zero-copy chunks the port may still be reading.
         self._sent: list[OutStream] = []
+        #: The peers with an upload or a download in progress: the timers and
+        #: pumps look at these, never at the whole roster (thousands of peers).
+        self._receiving: dict[AggregatorPipe, None] = {}
+        self._sending: dict[AggregatorPipe, None] = {}
 
     # -- uploads -------------------------------------------------------------
     def announce(self, pipe: AggregatorPipe, env: Envelope) -> AggregatorPipe | None:
@@ -160,6 +164,7 @@ class StreamDesk:
         self.in_bytes += stream.total
         self.in_bytes_peak = max(self.in_bytes_peak, self.in_bytes)
         pipe.in_stream = stream
+        self._receiving[pipe] = None
         if stream.done:  # nothing to wait for (a stream of empty tensors)
             return self._finish(pipe, stream)
         self._grant(pipe, stream)
@@ -205,6 +210,7 @@ class StreamDesk:
         if pipe.in_stream is not None:
             self.in_bytes -= pipe.in_stream.total
             pipe.in_stream = None
+            self._receiving.pop(pipe, None)
         while self._admission:
             nxt = self._admission[0]  # drop() takes a pipe out when it withdraws
             assert nxt.announced is not None and nxt.announced.stream is not None
@@ -222,7 +228,7 @@ class StreamDesk:
         hold its share of the receive budget (and its allocation) for good.
         """
         now = time.monotonic()
-        for pipe in self.t.roster.values():
+        for pipe in list(self._receiving):
             stream = pipe.in_stream
             if stream is not None and now - stream.touched > IN_STREAM_IDLE:
                 log.warning(
@@ -248,7 +254,7 @@ class StreamDesk:
 
     def next_expiry(self) -> float:
         """When :meth:`expire` may next drop a stream (``math.inf``: none is open)."""
-        touched = [p.in_stream.touched for p in self.t.roster.values() if p.in_stream is not None]
+        touched = [p.in_stream.touched for p in self._receiving if p.in_stream is not None]
         return min(touched) + IN_STREAM_IDLE if touched else math.inf
 
     def _fits(self, nbytes: int) -> bool:
@@ -282,10 +288,12 @@ class StreamDesk:
             version=self.t.version,
         )
         pipe.out_stream = stream
+        self._sending[pipe] = None
         if not self.t.send(
             pipe, Kind.DATA, seq=seq, meta=meta, encoded=encoded, stream=(stream.id, chunk)
         ):
             pipe.out_stream = None
+            self._sending.pop(pipe, None)
             return False
         return True
 
@@ -316,21 +324,22 @@ class StreamDesk:
     def _end(self, pipe: AggregatorPipe) -> OutStream | None:
         """Forget ``pipe``'s download; the port may still read its chunks (see quiesce)."""
         stream, pipe.out_stream = pipe.out_stream, None
+        self._sending.pop(pipe, None)
         if stream is not None:
             self._sent.append(stream)
         return stream
 
     def sending(self) -> bool:
         """A streamed download is in progress."""
-        return any(p.out_stream is not None for p in self.t.roster.values())
+        return any(p.out_stream is not None for p in self._sending)
 
     def progress(self) -> int:
         """Bytes sent so far by the downloads in progress (a progress marker)."""
-        return sum(p.out_stream.sent for p in self.t.roster.values() if p.out_stream is not None)
+        return sum(p.out_stream.sent for p in self._sending if p.out_stream is not None)
 
     def pump_all(self) -> None:
         """Send what credit allows on every download (after a full send queue)."""
-        for pipe in self.t.roster.values():
+        for pipe in list(self._sending):
             if pipe.out_stream is not None and pipe.out_stream.ready:
                 self._pump(pipe, pipe.out_stream)
 
@@ -341,7 +350,7 @@ class StreamDesk:
         ask again; zero-copy chunks already handed to the port are waited for,
         ``timeout`` seconds at most for all of them together.
         """
-        for pipe in self.t.roster.values():
+        for pipe in list(self._sending):
             stream = self._end(pipe)
             if stream is not None:
                 self.t.refuse_message(

@@ -47,7 +47,7 @@ from zmqfed.federated.protocol import (
     stamp,
 )
 from zmqfed.federated.security import Curve, require_curve_for_pickle
-from zmqfed.federated.sockets import SocketOptions
+from zmqfed.federated.sockets import FD_RESERVE, SocketOptions, open_descriptors, peer_capacity
 from zmqfed.federated.traffic import Traffic, frames_nbytes
 from zmqfed.meta import Meta
 from zmqfed.props import FederatedProperties
@@ -70,6 +70,14 @@ log = logging.getLogger(__name__)
 
 #: Seconds after a disconnect at which online peers are probed again.
 REPROBE_DELAYS = (0.25, 1.0, 3.0)
+#: Seconds between two probes of every online peer: a storm of disconnects
+#: (thousands of peers leaving) costs one probe per interval, not one per
+#: disconnect, which would be quadratic in the number of peers ...
+PROBE_INTERVAL = 0.25
+#: ... and at least this many seconds per online peer (5 s at 10,000 peers):
+#: each probe is a PING to every one of them, and a churning crowd would
+#: otherwise keep the aggregator's I/O thread busy with nothing but probes.
+PROBE_COST = 0.0005
 #: Messages handled per :meth:`AggregatorTransport.events` call: a flood must not starve timers.
 DRAIN_BATCH = 512
 
@@ -126,6 +134,9 @@ class AggregatorTransport:
         self.roster: dict[str, AggregatorPipe] = {
             name: AggregatorPipe(name) for name in props.collaborators
         }
+        #: Peers online now, and the most this aggregator holds at once.
+        self.online_count = 0
+        self.capacity = self._announce_capacity(options)
         self.served = ServedModel(served, codec=codec, limits=limits, stream=stream)
         self.streams = StreamDesk(self, stream, upload_names)
         self.members = Membership(self)
@@ -137,7 +148,30 @@ class AggregatorTransport:
         self.log_refusal = RefusalLog(log, self.name)
         self._read_at = time.monotonic()  # when events() last ran
         self._reprobe: list[float] = []
+        self._probed = -math.inf
         self._closed = False
+
+    def _announce_capacity(self, options: SocketOptions | None) -> int:
+        """Say at start how many peers this aggregator can hold, and why."""
+        fds = peer_capacity()
+        capacity = fds if options is None or options.max_peers is None else options.max_peers
+        capacity = min(capacity, fds) if fds else capacity
+        group = len(self.roster)
+        how = (
+            f"{capacity} peers (one descriptor each: {open_descriptors()} open, "
+            f"{FD_RESERVE} in reserve, limit {fds + open_descriptors() + FD_RESERVE})"
+        )
+        if capacity < group:
+            log.warning(
+                "%s: can hold %s, fewer than the group's %d collaborators: the others "
+                "are refused (over-capacity); raise the descriptor limit (ulimit -n)",
+                self.name,
+                how,
+                group,
+            )
+        else:
+            log.info("%s: can hold %s; the group has %d", self.name, how, group)
+        return capacity
 
     # -- what the loop reads ---------------------------------------------------
     @property
@@ -200,14 +234,23 @@ class AggregatorTransport:
             e.kind is LinkEventKind.DISCONNECTED for e in self.port.link_events()
         )
         if disconnected:
-            self._reprobe = [now + delay for delay in REPROBE_DELAYS]
-        elif self._reprobe and now >= self._reprobe[0]:
-            self._reprobe = [t for t in self._reprobe if t > now]
-        else:
+            self._reprobe = [now, *(now + d for d in REPROBE_DELAYS)]
+        # However many disconnects come, probes keep their distance (which grows
+        # with the peers each one visits): a probe is the aggregator's busiest work.
+        earliest = self._probed + max(PROBE_INTERVAL, self.online_count * PROBE_COST)
+        self._reprobe = sorted({max(t, earliest) for t in self._reprobe})
+        if not self._reprobe or now < self._reprobe[0]:
             return
+        self._reprobe = [t for t in self._reprobe if t > now]
+        self._probed = now
+        # One PING for everyone: it names no peer, so it is encoded once.
+        ping = encode(
+            stamp(Kind.PING, self.name, seq=0, incarnation=self.incarnation, version=self.version),
+            limits=self.limits,
+        )
         probed = self.online()  # all probed before any event is reported
         for pipe in probed:
-            self.send(pipe, Kind.PING, seq=0, meta={})
+            self._send_frames(pipe, Kind.PING, ping)
         for pipe in probed:
             if not pipe.online:  # unreachable (a full queue is no departure)
                 yield PeerEvent(PeerEventKind.LEFT, pipe)
@@ -375,6 +418,7 @@ class AggregatorTransport:
     def left(self, pipe: AggregatorPipe) -> PeerEvent:
         """``pipe``'s peer is gone: its pending request and streams are dropped."""
         self.stats.departures += pipe.online
+        self.online_count -= pipe.online
         pipe.online = False
         pipe.request = None
         self.streams.drop(pipe)
@@ -464,6 +508,13 @@ class AggregatorTransport:
         )
         env.obj = obj  # only where Limits.allow_pickle: encode refuses it otherwise
         frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded, stream=stream)
+        if not self._send_frames(pipe, kind, frames):
+            return False
+        if encoded is not None and stream is None:
+            pipe.bytes_out += encoded.nbytes
+        return True
+
+    def _send_frames(self, pipe: AggregatorPipe, kind: Kind, frames: list[Any]) -> bool:
         try:
             self.port.send([pipe.routing_id, *frames])
         except Unreachable:
@@ -474,9 +525,22 @@ class AggregatorTransport:
             log.warning("%s: %s's queue is full; %s not sent", self.name, pipe.nick_name, kind)
             return False
         self.traffic.sent(kind.value, frames_nbytes(frames))
-        if encoded is not None and stream is None:
-            pipe.bytes_out += encoded.nbytes
         return True
+
+    def refuse_over_capacity(self, pipe: AggregatorPipe, seq: int) -> None:
+        """Refuse ``pipe``'s HELLO: this aggregator holds as many peers as it can."""
+        self.log_refusal(
+            ErrorCode.OVER_CAPACITY,
+            f"refused {pipe.nick_name!r}: {self.online_count} peers online, "
+            "the most this aggregator can hold",
+        )
+        self.refuse_message(
+            pipe.routing_id,
+            seq,
+            ErrorCode.OVER_CAPACITY,
+            f"aggregator {self.name!r} holds {self.online_count} peers, its capacity "
+            "(descriptor limit or max_peers); try again later or raise its limit",
+        )
 
     def refuse_message(self, rid: bytes, seq: int, code: ErrorCode, reason: str) -> None:
         """Answer a message from routing id ``rid`` with ERROR ``code`` (best effort)."""

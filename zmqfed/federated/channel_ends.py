@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError
-from zmqfed.federated.collaborator_link import RESEND, remaining_ms
+from zmqfed.federated.collaborator_link import RESEND, drive, remaining_ms
 from zmqfed.federated.pipe_channel import pack, parse_set, set_meta, unpack
 from zmqfed.federated.ports import WouldBlock
 from zmqfed.federated.protocol import REHELLO_ERRORS, ErrorCode, stamp
@@ -280,11 +280,11 @@ class CollaboratorChannelEnd(ChannelEnd):
         delay = RESEND_FIRST
         while True:
             self._check_open()
-            link.ensure_welcome(deadline, timeout)
+            drive(link.ensure_welcome(deadline, timeout), link.current_port)
             env = stamp(kind, link.nick_name, seq=seq, incarnation=link.incarnation, meta=meta)
             env.tensors, env.obj = tensors, obj
             frames = encode(env, codec=self.transport.codec, limits=link.send_limits)
-            if not link.send(frames, deadline, timeout):
+            if not drive(link.send(frames, deadline, timeout), link.current_port):
                 continue  # the link dropped: HELLO again, then send again
             resend_at = time.monotonic() + delay
             delay = min(2 * delay, RESEND_MAX)
@@ -332,7 +332,9 @@ class CollaboratorChannelEnd(ChannelEnd):
         link = self.link
         while not ready():
             self._check_open()
-            link.ensure_welcome(deadline, timeout)  # the aggregator reaches only peers it knows
+            drive(
+                link.ensure_welcome(deadline, timeout), link.current_port
+            )  # the aggregator reaches only peers it knows
             if ready():
                 return
             wait = remaining_ms(deadline)

@@ -7,19 +7,36 @@ back after a drop, and every few seconds while it stands unanswered, so a
 HELLO swallowed by a dying aggregator cannot stall the collaborator -- and it
 reads replies, acting on BYE and on link events.  The request cycle on top
 is :class:`~zmqfed.federated.collaborator_transport.CollaboratorTransport`'s.
+
+Every method that waits is a generator (a *cycle*): it yields :class:`Wait`
+where it would block, and is resumed with whether the port became ready.
+:func:`drive` runs one cycle to its end, blocking on its port; a
+:class:`~zmqfed.federated.multiplex.Multiplexer` runs thousands of them on
+one poller (docs/zeromq.md §26).  Either way the same protocol code runs.
+
+A link may go without a socket monitor (``monitor=False``: one ZeroMQ
+socket per collaborator instead of three).  It then learns nothing of its
+connection: it says HELLO again every few seconds until answered, and after
+``SILENCE_RESEND`` seconds without a word from the aggregator while a
+request is pending it says HELLO again as a probe: a WELCOME from another
+incarnation, or one saying the HELLO rejoined the peer (``joined``), means
+the request was lost, and it is sent again (safe: requests are idempotent).
+A refused key then shows as a timeout, not as ``SecurityError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
-from zmqfed.federated.ports import Frame, LinkEventKind, Network, WouldBlock
+from zmqfed.federated.ports import Frame, LinkEventKind, Network, Port, WouldBlock
 from zmqfed.federated.protocol import (
     CHANNEL_KINDS,
     CONNECTION_ERRORS,
@@ -35,19 +52,87 @@ from zmqfed.federated.traffic import Traffic, frames_nbytes
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import Envelope, Kind, Limits, decode, encode
 
-__all__ = ["RESEND", "CollaboratorLink", "remaining_ms"]
+__all__ = [
+    "RESEND",
+    "CollaboratorLink",
+    "Cycle",
+    "PortSource",
+    "Wait",
+    "current_port",
+    "drive",
+    "remaining_ms",
+]
 
 log = logging.getLogger(__name__)
 
 #: Longest single wait (ms): signals and deadlines are seen promptly.
 POLL_MS = 500
+#: ... for a link without a monitor (its timers bound the wait themselves).
+UNMONITORED_POLL_MS = 5000
 #: Seconds after which an unanswered HELLO is sent again.
 HELLO_RESEND = 3.0
 #: ``read_replies``: the aggregator said BYE; the request must be sent again.
 RESEND = object()
+#: Seconds without a word from the aggregator after which a link without a
+#: monitor probes with a HELLO whether its pending request is still known
+#: (it cannot see a lost connection).
+SILENCE_RESEND = 30.0
 #: Bytes per second a link is assumed to move at least, when judging silence
 #: during a transfer (8 Mbit/s; a slower link needs a larger probe_silence_ms).
 MIN_LINK_RATE = 2**20
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Where a cycle would block: until its port has input (or room to send), at most ``ms``.
+
+    ``idle``: just let ``ms`` pass, whatever arrives meanwhile (simulated work).
+    ``gate``: a :class:`~zmqfed.federated.multiplex.Gate` whose slot the
+    cycle waits for (only a Multiplexer runs such cycles).
+    """
+
+    ms: int
+    writable: bool = False
+    idle: bool = False
+    gate: Any = None
+
+
+#: A protocol step that may wait: yields :class:`Wait`, is sent whether the
+#: port became ready, and returns its result.
+Cycle = Generator[Wait, bool, T]
+
+
+#: A port, or what returns the current one (a link may rebuild its port mid-cycle).
+PortSource = Port | Callable[[], Port]
+
+
+def current_port(source: PortSource) -> Port:
+    """The port ``source`` stands for now."""
+    return source() if callable(source) else source
+
+
+def drive(cycle: Cycle[T], source: PortSource) -> T:
+    """Run ``cycle`` to its end, blocking on its port wherever it waits."""
+    try:
+        wait = next(cycle)
+        while True:
+            port = current_port(source)
+            if wait.gate is not None:
+                raise RuntimeError("a cycle waiting for a Gate needs a Multiplexer")
+            if wait.idle:
+                time.sleep(wait.ms / 1000)
+                ready = False
+            elif wait.writable:
+                port.wait_writable(wait.ms)
+                ready = True
+            else:
+                ready = port.wait(wait.ms)
+            wait = cycle.send(ready)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
 
 
 class CollaboratorLink:
@@ -61,6 +146,7 @@ class CollaboratorLink:
         limits: Limits,
         options: SocketOptions | None = None,
         curve: Curve | None = None,
+        monitor: bool = True,
     ) -> None:
         assert props.address.endpoint is not None
         require_curve_for_pickle(limits, curve)
@@ -72,17 +158,32 @@ class CollaboratorLink:
         self.session = uuid.uuid4().hex[:16]
         security = curve.client(self.nick_name, self.aggregator_name) if curve else None
         self._new_port = lambda: network.dealer(
-            self.endpoint, self.nick_name, options=options, limits=limits, security=security
+            self.endpoint,
+            self.nick_name,
+            options=options,
+            limits=limits,
+            security=security,
+            monitor=monitor,
         )
         self.port = self._new_port()
         #: Seconds of silence from the aggregator, while a request waits, before
-        #: it is probed with a PING; twice as long and the link is rebuilt.
+        #: a monitored link probes it with a PING; twice as long and the link
+        #: is rebuilt.
         self.probe_after = (options or SocketOptions()).probe_silence_ms / 1000
         #: ``time.monotonic()`` of the last message heard from the aggregator.
         self.last_heard = time.monotonic()
         self._quiet_from = self.last_heard  # silence counts from here (a request's start)
         self._transfer_bytes = 0
         self._next_probe = 0.0
+        #: Link events are reported (a socket monitor); without, see the module doc.
+        self.monitored = monitor
+        #: Longest single wait in ms. Without a monitor there are no link
+        #: events to look at between waits: fewer wake-ups.
+        self.poll_ms = POLL_MS if monitor else UNMONITORED_POLL_MS
+        #: Seconds of silence after which an unmonitored link probes (see the module doc).
+        self.silence_resend = SILENCE_RESEND * random.uniform(1.0, 1.5)
+        self._heard = time.monotonic()
+        self._probe_seq: int | None = None  # a HELLO sent as a probe
         #: A connection to the aggregator exists (its handshake completed).
         self.connected = False
         #: The aggregator answered HELLO on the current connection.
@@ -105,6 +206,10 @@ class CollaboratorLink:
         self._relinked = False  # ... and came back: that HELLO may be lost
         #: Takes the aggregator's pipe-channel messages (SET, TRANSFER) whenever they are read.
         self.on_channel: Callable[[Envelope], None] | None = None
+
+    def current_port(self) -> Port:
+        """The port now (:meth:`_rebuild` replaces it): a cycle's :data:`PortSource`."""
+        return self.port
 
     def next_seq(self) -> int:
         """A fresh sequence number for a message from this process."""
@@ -140,7 +245,7 @@ class CollaboratorLink:
         return restarted
 
     # -- handshake ---------------------------------------------------------------------
-    def ensure_welcome(self, deadline: float | None, timeout: float | None) -> None:
+    def ensure_welcome(self, deadline: float | None, timeout: float | None) -> Cycle[None]:
         """Say HELLO until the aggregator answers WELCOME (or refuses: RemoteError)."""
         while not self.welcomed:
             seq = self.next_seq()
@@ -158,10 +263,12 @@ class CollaboratorLink:
             )
             self._lost = self._relinked = False
             frames = encode(hello, limits=self.limits)
-            self.send(frames, deadline, timeout, hello=True)
+            yield from self.send(frames, deadline, timeout, hello=True)
             self.traffic.sent(Kind.HELLO.value, frames_nbytes(frames))
-            resend_at = time.monotonic() + HELLO_RESEND
-            reply = self.wait_reply(
+            # without a monitor the HELLO is said again whether or not the link
+            # stands: less often, or a crowd queues HELLO after HELLO while it connects
+            resend_at = time.monotonic() + HELLO_RESEND * (1 if self.monitored else 3)
+            reply = yield from self.wait_reply(
                 seq, deadline, timeout, what="answer HELLO", hello_until=resend_at
             )
             if reply is None:
@@ -223,7 +330,7 @@ class CollaboratorLink:
         timeout: float | None,
         *,
         hello: bool = False,
-    ) -> bool:
+    ) -> Cycle[bool]:
         """Send once the port takes it; False if the handshake was lost meanwhile."""
         while True:
             self.link_events()
@@ -234,12 +341,12 @@ class CollaboratorLink:
                 return True
             except WouldBlock:
                 pass  # at the high-water mark
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, self.poll_ms)
             if wait == 0:
                 raise PeerTimeout(
                     self.aggregator_name, timeout or 0.0, f"take a message at {self.endpoint}"
                 )
-            self.port.wait_writable(wait)
+            yield Wait(wait, writable=True)
 
     def wait_reply(
         self,
@@ -249,17 +356,20 @@ class CollaboratorLink:
         *,
         what: str,
         hello_until: float | None = None,
-    ) -> Envelope | None:
+    ) -> Cycle[Envelope | None]:
         """The answer to request ``seq``; None when the request must be sent again.
 
         ``hello_until``: the request is a HELLO, sent again after this time or
         once the link came back.
         """
+        self._heard = time.monotonic()
         while True:
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, self.poll_ms)
             if wait == 0:
                 raise PeerTimeout(self.aggregator_name, timeout or 0.0, what)
-            ready = self.port.wait(wait)
+            if hello_until is not None and not self.monitored:
+                wait = max(1, min(wait, int((hello_until - time.monotonic()) * 1000) + 1))
+            ready = yield Wait(wait)
             # Read what already arrived before acting on a disconnect: an
             # aggregator that ACKs and exits leaves the ACK in our queue.
             if ready:
@@ -273,13 +383,18 @@ class CollaboratorLink:
                 self._rebuild(silent)
                 return None
             if self.connected and silent > self.probe_after and now >= self._next_probe:
-                self._probe()
+                self._ping()
                 self._next_probe = now + self.probe_after
             if hello_until is not None:
                 # Unanswered: ask again once the link is back, or while it stands
                 # (not while it is down: the port would queue HELLO after HELLO).
-                if self._relinked or (self.connected and time.monotonic() >= hello_until):
+                # Without a monitor the link's state is unknown: ask again anyway.
+                standing = self.connected or not self.monitored
+                if self._relinked or (standing and time.monotonic() >= hello_until):
                     return None
+            elif not self.monitored:
+                if time.monotonic() - self._heard >= self.silence_resend:
+                    self._hello_probe()
             elif not self.welcomed and self.connected:
                 # After a disconnect keep listening: the event can overtake a
                 # reply in flight. Resend once the link is back (a reply lost
@@ -298,7 +413,7 @@ class CollaboratorLink:
                 frames = recv_message(self.port, land or self._drop_chunk)
             except WouldBlock:
                 return None
-            self.last_heard = time.monotonic()
+            self._heard = self.last_heard = time.monotonic()
             if frames is None:
                 continue  # a chunk, landed
             try:
@@ -314,6 +429,11 @@ class CollaboratorLink:
             self.traffic.received(env.kind, frames_nbytes(frames))
             if env.kind in CHANNEL_KINDS and self.on_channel is not None:
                 self.on_channel(env)  # never a reply, whatever its seq
+                continue
+            if self._probe_seq is not None and env.seq == self._probe_seq:
+                answer = self._probed(env)
+                if answer is not None:
+                    return answer
                 continue
             if env.seq == seq and env.kind != Kind.WAIT:
                 return env
@@ -343,7 +463,7 @@ class CollaboratorLink:
                     seq,
                 )
 
-    def _probe(self) -> None:
+    def _ping(self) -> None:
         """Ask a silent aggregator for a sign of life (its PONG is heard like any message)."""
         ping = stamp(Kind.PING, self.nick_name, seq=self.next_seq(), incarnation=self.incarnation)
         with contextlib.suppress(WouldBlock):
@@ -372,6 +492,50 @@ class CollaboratorLink:
         self._lost = True
         self._quiet_from = time.monotonic()
 
+    def _hello_probe(self) -> None:
+        """Say HELLO to learn whether the pending request is still known (no monitor)."""
+        log.debug("%s: no word from %s; asking", self.nick_name, self.aggregator_name)
+        self._heard = time.monotonic()
+        self._probe_seq = self.next_seq()
+        hello = stamp(
+            Kind.HELLO,
+            self.nick_name,
+            seq=self._probe_seq,
+            meta=hello_meta(
+                fingerprint=self.fingerprint,
+                session=self.session,
+                aggregator=self.aggregator_name,
+                endpoint=self.endpoint,
+                limits=self.limits,
+            ),
+        )
+        with contextlib.suppress(WouldBlock):  # full: the next silence asks again
+            self.port.send(encode(hello, limits=self.limits))
+
+    def _probed(self, env: Envelope) -> Any:
+        """The answer to a probe: RESEND when the pending request was lost, else None."""
+        self._probe_seq = None
+        if env.kind == Kind.ERROR:
+            return env
+        if env.incarnation != self.incarnation:
+            log.info(
+                "%s: aggregator %s restarted (incarnation %s)",
+                self.nick_name,
+                self.aggregator_name,
+                env.incarnation,
+            )
+            self._restarted = bool(self.incarnation)
+            self.incarnation = env.incarnation
+            self.aggregator_version = env.version
+            self.peer_frame_bytes = peer_frame_bound(env.meta)
+            return RESEND
+        if env.meta.get("joined") is True:
+            log.info(
+                "%s: %s had dropped this link; sending again", self.nick_name, self.aggregator_name
+            )
+            return RESEND
+        return None
+
     def _drop_chunk(self, frames: list[Frame]) -> bool:
         """A CHUNK of a stream nobody waits for any more: consume and drop it."""
         discard_rest(self.port)
@@ -389,11 +553,11 @@ class CollaboratorLink:
         self.port.close()
 
 
-def remaining_ms(deadline: float | None) -> int:
-    """Milliseconds to wait now: what is left of ``deadline``, at most ``POLL_MS``."""
+def remaining_ms(deadline: float | None, cap: int = POLL_MS) -> int:
+    """Milliseconds to wait now: what is left of ``deadline``, at most ``cap``."""
     if deadline is None:
-        return POLL_MS
+        return cap
     left = deadline - time.monotonic()
     if left <= 0:
         return 0
-    return max(1, min(POLL_MS, int(left * 1000)))
+    return max(1, min(cap, int(left * 1000)))

@@ -7,6 +7,11 @@ a streamed reply, and after a lost connection, a BYE or an aggregator
 restart has its link say HELLO again and sends the request again -- safe
 because uploads are idempotent by (session, seq).  The connection and the
 handshake are :class:`~zmqfed.federated.collaborator_link.CollaboratorLink`'s.
+
+:meth:`CollaboratorTransport.request_cycle` is the request as a cycle (a
+generator that yields where it would wait, see
+:mod:`~zmqfed.federated.collaborator_link`); :meth:`~CollaboratorTransport.request`
+drives it, blocking.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from zmqfed.errors import (
 )
 from zmqfed.federated.channel_ends import CollaboratorChannelEnd
 from zmqfed.federated.chunked import Destination, InStream, OutStream, new_stream_id
-from zmqfed.federated.collaborator_link import RESEND, CollaboratorLink, remaining_ms
+from zmqfed.federated.collaborator_link import (
+    RESEND,
+    CollaboratorLink,
+    Cycle,
+    Wait,
+    drive,
+    remaining_ms,
+)
 from zmqfed.federated.pipe import CollaboratorPipe
 from zmqfed.federated.ports import Frame, Network
 from zmqfed.federated.protocol import (
@@ -74,9 +86,10 @@ class CollaboratorTransport:
         codec: str = "raw",
         curve: Curve | None = None,
         stream: StreamConfig = DEFAULT_STREAM,
+        monitor: bool = True,
     ) -> None:
         self.link = CollaboratorLink(
-            props, network=network, limits=limits, options=options, curve=curve
+            props, network=network, limits=limits, options=options, curve=curve, monitor=monitor
         )
         self.props = props
         self.nick_name = props.nick_name
@@ -125,6 +138,29 @@ class CollaboratorTransport:
         ``expect_bytes``: about how much the answer carries (the model, for a
         PULL), which the link's patience with a silent aggregator allows for.
         """
+        cycle = self.request_cycle(
+            kind,
+            meta=meta,
+            version=version,
+            tensors=tensors,
+            timeout=timeout,
+            destination=destination,
+            expect_bytes=expect_bytes,
+        )
+        return drive(cycle, self.link.current_port)
+
+    def request_cycle(
+        self,
+        kind: Kind,
+        *,
+        meta: dict[str, Any],
+        version: int,
+        tensors: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        destination: Destination | None = None,
+        expect_bytes: int = 0,
+    ) -> Cycle[Envelope]:
+        """:meth:`request` as a cycle: yields :class:`Wait` where it would block."""
         if self.closed:
             raise PeerOffline(f"pipe to {self.aggregator_name!r} is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -136,7 +172,7 @@ class CollaboratorTransport:
         seq = link.next_seq()
         attempts = broken_streams = 0
         while True:
-            link.ensure_welcome(deadline, timeout)
+            yield from link.ensure_welcome(deadline, timeout)
             if link.take_restart():
                 self._check_rewound(kind, meta)
             # Decided after WELCOME: the aggregator's frame bound may have changed.
@@ -170,11 +206,11 @@ class CollaboratorTransport:
             attempts += 1
             if attempts > 1:
                 self.resends += 1
-            if not link.send(frames, deadline, timeout):
+            if not (yield from link.send(frames, deadline, timeout)):
                 continue  # the link dropped before the send: handshake again
             link.traffic.sent(kind.value, frames_nbytes(frames))
             self.pipe.bytes_out += env.nbytes
-            reply = self._answer(kind, seq, out, destination, deadline, timeout)
+            reply = yield from self._answer(kind, seq, out, destination, deadline, timeout)
             if out is not None:
                 self.pipe.bytes_out += out.sent
                 out.wait_sent(timeout=5.0)  # acknowledged or abandoned: the port lets go
@@ -208,14 +244,14 @@ class CollaboratorTransport:
         destination: Destination | None,
         deadline: float | None,
         timeout: float | None,
-    ) -> Envelope | None:
+    ) -> Cycle[Envelope | None]:
         """Wait for the answer to request ``seq``, running a stream on the way.
 
         Sends an upload's chunks as credit arrives and receives a streamed
         reply's chunks; None when the request must be sent again.
         """
         while True:
-            reply = self.link.wait_reply(seq, deadline, timeout, what=f"answer {kind}")
+            reply = yield from self.link.wait_reply(seq, deadline, timeout, what=f"answer {kind}")
             if reply is None:
                 return None
             if reply.kind == Kind.CHUNK:
@@ -228,11 +264,11 @@ class CollaboratorTransport:
                     continue
                 if out is not None and sid == out.id:
                     out.grant(nbytes)
-                    if not self._pump(out, deadline, timeout):
+                    if not (yield from self._pump(out, deadline, timeout)):
                         return None
                 continue
             if reply.stream is not None and reply.kind == Kind.DATA:
-                return self._receive_stream(reply, seq, destination, deadline, timeout)
+                return (yield from self._receive_stream(reply, seq, destination, deadline, timeout))
             return reply
 
     # -- streams --------------------------------------------------------------------------
@@ -253,7 +289,7 @@ class CollaboratorTransport:
         self.link.traffic.received(Kind.CHUNK.value, nbytes)
         return True
 
-    def _pump(self, out: OutStream, deadline: float | None, timeout: float | None) -> bool:
+    def _pump(self, out: OutStream, deadline: float | None, timeout: float | None) -> Cycle[bool]:
         """Send ``out``'s chunks while its credit lasts; False if the link was lost."""
         link = self.link
         while out.ready:
@@ -266,10 +302,10 @@ class CollaboratorTransport:
                 self.chunks_out += chunks
                 link.traffic.sent(Kind.CHUNK.value, out.sent - before, chunks)
                 continue
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, link.poll_ms)
             if wait == 0:
                 raise PeerTimeout(self.aggregator_name, timeout or 0.0, "take the upload's chunks")
-            link.port.wait_writable(wait)
+            yield Wait(wait, writable=True)
         return True
 
     def _receive_stream(
@@ -279,7 +315,7 @@ class CollaboratorTransport:
         destination: Destination | None,
         deadline: float | None,
         timeout: float | None,
-    ) -> Envelope | None:
+    ) -> Cycle[Envelope | None]:
         """Receive the chunks of an announced reply; None when the request must be sent again.
 
         An ERROR about the request (e.g. ``stream-aborted``) is returned as is.
@@ -297,19 +333,19 @@ class CollaboratorTransport:
                     meta=credit_meta(stream.id, credit),
                 )
                 frames = encode(env, limits=self.limits)
-                if not link.send(frames, deadline, timeout):
+                if not (yield from link.send(frames, deadline, timeout)):
                     return None
                 link.traffic.sent(Kind.CREDIT.value, frames_nbytes(frames))
             if stream.done:
                 return stream.envelope()
-            wait = remaining_ms(deadline)
+            wait = remaining_ms(deadline, link.poll_ms)
             if wait == 0:
                 raise PeerTimeout(
                     self.aggregator_name,
                     timeout or 0.0,
                     f"stream the model ({stream.received} of {stream.total} bytes arrived)",
                 )
-            if link.port.wait(wait):
+            if (yield Wait(wait)):
                 reply = link.read_replies(seq, partial(self._land, stream))
                 if stream.broken:
                     log.warning("%s: download stream broke: %s", self.nick_name, stream.broken)

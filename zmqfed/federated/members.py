@@ -99,6 +99,9 @@ class Membership:
                 "two processes must not share one node's name",
             )
             return None
+        if not pipe.online and self.t.online_count >= self.t.capacity:
+            self.t.refuse_over_capacity(pipe, env.seq)
+            return None
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
@@ -112,11 +115,12 @@ class Membership:
         joined = not pipe.online
         pipe.online = True
         self.t.stats.joins += joined
+        self.t.online_count += joined
         self.t.send(
             pipe,
             Kind.WELCOME,
             seq=env.seq,
-            meta=welcome_meta(incarnation=self.t.incarnation, limits=self.t.limits),
+            meta=welcome_meta(incarnation=self.t.incarnation, limits=self.t.limits, joined=joined),
         )
         if not joined:
             return None

@@ -77,6 +77,7 @@ class MemoryPort:
         self.peers: dict[bytes, MemoryPort] = {}  # a ROUTER's connected DEALERs
         self.router: MemoryPort | None = None  # a DEALER's ROUTER
         self.orphaned = False  # a DEALER whose routing id another connection took over
+        self.monitored = True  # False: link events are not reported
         self.closed = False
 
     # -- delivery (network lock held) ---------------------------------------
@@ -85,8 +86,9 @@ class MemoryPort:
         self._cond.notify_all()
 
     def _event(self, kind: LinkEventKind) -> None:
-        self._events.append(LinkEvent(kind))
-        self._cond.notify_all()
+        if self.monitored:
+            self._events.append(LinkEvent(kind))
+            self._cond.notify_all()
 
     # -- Port ---------------------------------------------------------------
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
@@ -190,6 +192,7 @@ class MemoryNetwork:
         options: SocketOptions | None = None,
         limits: Limits | None = None,
         security: ClientSecurity | None = None,
+        monitor: bool = True,
     ) -> MemoryPort:
         """A DEALER with ``routing_id``, connected (now or once bound) to ``endpoint``."""
         _no_security(security)
@@ -199,6 +202,7 @@ class MemoryNetwork:
                 f"nick name {routing_id!r} cannot be a routing id (1-255 bytes, no leading NUL)"
             )
         port = MemoryPort(self, endpoint, rid)
+        port.monitored = monitor
         with self.lock:
             self._dealers.setdefault(endpoint, []).append(port)
             router = self._routers.get(endpoint)

@@ -165,6 +165,11 @@ class Network(Protocol):
         options: SocketOptions | None,
         limits: Limits,
         security: ClientSecurity | None = None,
+        monitor: bool = True,
     ) -> Port:
-        """A collaborator's port with ``routing_id``, connected to ``endpoint``."""
+        """A collaborator's port with ``routing_id``, connected to ``endpoint``.
+
+        ``monitor=False``: the port reports no link events (one socket fewer
+        per collaborator, docs/zeromq.md §26).
+        """
         ...

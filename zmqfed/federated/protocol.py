@@ -73,6 +73,7 @@ class ErrorCode(str, enum.Enum):
     BAD_UPLOAD = "bad-upload"  # the upload does not fit the model
     ALREADY_COUNTED = "already-counted"  # another process of this member contributed already
     NAME_IN_USE = "name-in-use"  # two live processes say HELLO with one node's name
+    OVER_CAPACITY = "over-capacity"  # the aggregator holds as many peers as it can
     DISCARDED = "discarded"  # a step hook refused the request for good
     STREAM = "stream"  # a chunk broke the stream's rules
     STREAM_ABORTED = "stream-aborted"  # the served model changed while it streamed
@@ -170,9 +171,10 @@ def hello_problem(
     return None
 
 
-def welcome_meta(*, incarnation: str, limits: Limits) -> dict[str, Any]:
-    """What an aggregator answers in WELCOME: its incarnation and largest frame."""
-    return {"incarnation": incarnation, "max_frame_bytes": limits.max_frame_bytes}
+def welcome_meta(*, incarnation: str, limits: Limits, joined: bool = False) -> dict[str, Any]:
+    """What an aggregator answers in WELCOME: its incarnation, largest frame, and
+    whether this HELLO (re)joined the peer (anything it had pending was dropped)."""
+    return {"incarnation": incarnation, "max_frame_bytes": limits.max_frame_bytes, "joined": joined}
 
 
 def peer_frame_bound(meta: Mapping[str, Any]) -> int | None:

@@ -31,6 +31,8 @@ __all__ = [
     "context",
     "make_dealer",
     "make_router",
+    "peer_capacity",
+    "raise_fd_limit",
     "recv_into",
     "shutdown",
     "tune_malloc",
@@ -67,7 +69,8 @@ class SocketOptions:
     linger_ms:
         How long closing waits for unsent messages (bounded: shutdown never hangs).
     backlog:
-        Pending TCP connections an aggregator accepts (burst joins).
+        Pending TCP connections an aggregator accepts (burst joins; the
+        kernel caps it at ``net.core.somaxconn``).
     sndhwm, rcvhwm:
         Queue limits in messages (collaborators; the aggregator's sends).
     probe_silence_ms:
@@ -76,6 +79,10 @@ class SocketOptions:
         connection may be alive but no longer routed: another process took
         its name over). An aggregator busy between steps answers later;
         the new connection costs a HELLO.
+    max_peers:
+        The most collaborators an aggregator holds online at once; ``None``:
+        as many as its descriptor limit allows (``peer_capacity``).  A
+        collaborator beyond it gets ERROR ``over-capacity``.
     peer_queue:
         The aggregator's RCVHWM: messages one peer can have queued there.
         With MAXMSGSIZE (from the model, ``Limits.for_model``) this bounds
@@ -100,11 +107,12 @@ class SocketOptions:
     reconnect_ivl_ms: int | None = None
     reconnect_ivl_max_ms: int = 8000
     linger_ms: int = 1000
-    backlog: int = 1024
+    backlog: int = 4096
     sndhwm: int = 1000
     rcvhwm: int = 1000
     peer_queue: int = 64
     probe_silence_ms: int = 15000
+    max_peers: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -126,6 +134,12 @@ class SocketOptions:
             raise ConfigError("SocketOptions.probe_silence_ms must be positive")
         if self.reconnect_ivl_ms is not None and self.reconnect_ivl_ms <= 0:
             raise ConfigError("SocketOptions.reconnect_ivl_ms must be positive")
+        if self.max_peers is not None and (
+            not isinstance(self.max_peers, int) or self.max_peers < 1
+        ):
+            raise ConfigError(
+                f"SocketOptions.max_peers must be a positive int, got {self.max_peers!r}"
+            )
 
     def reconnect_base(self) -> int:
         """The reconnect interval to use, random per call when not fixed."""
@@ -198,16 +212,80 @@ def tune_malloc(
     return ok
 
 
+#: The most sockets libzmq lets one Context hold (its socket limit, ZMQ_SOCKET_LIMIT).
+MAX_SOCKETS_CEILING = 65535
+_fd_limit: int | None = None
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now.
+
+    Every TCP connection costs a descriptor, and every ZeroMQ socket one
+    more (its mailbox's eventfd).  At the soft limit libzmq fails to accept
+    and retries without a word, burning CPU (docs/zeromq.md §25), so a
+    process that holds many peers needs the hard limit.  Logs a warning
+    when the limit cannot be raised.  Once per process.
+    """
+    global _fd_limit
+    if _fd_limit is not None:
+        return _fd_limit
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        _fd_limit = 1024
+        return _fd_limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    _fd_limit = int(min(soft, 1 << 30))
+    return _fd_limit
+
+
+#: Descriptors an aggregator keeps free beyond its peers' (files, checkpoints, a
+#: refused peer's connection until it hangs up).
+FD_RESERVE = 64
+
+
+def open_descriptors() -> int:
+    """Descriptors this process has open now (0 where /proc cannot tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def peer_capacity(reserve: int = FD_RESERVE) -> int:
+    """How many more peers this process can accept: each TCP or ipc connection is a descriptor.
+
+    The descriptor limit (raised first, :func:`raise_fd_limit`) less what
+    is open now and ``reserve``.  Beyond it libzmq would fail to accept
+    without telling anyone (docs/zeromq.md §25), so an aggregator refuses
+    the peers above it with ERROR ``over-capacity`` instead.
+    """
+    return max(0, raise_fd_limit() - open_descriptors() - reserve)
+
+
 def context() -> zmq.Context:
     """The process-wide Context, created on first use (after fork/spawn).
 
-    Creating it also calls :func:`tune_malloc` (opt out: ``ZMQFED_TUNE_MALLOC=0``).
+    Creating it also calls :func:`tune_malloc` (opt out: ``ZMQFED_TUNE_MALLOC=0``)
+    and :func:`raise_fd_limit`, and lets the Context hold as many sockets as
+    the descriptor limit allows (libzmq's default is 1,023; docs/zeromq.md §26).
     """
     global _ctx, _ctx_pid
     with _ctx_lock:
         if _ctx is None or _ctx_pid != os.getpid() or _ctx.closed:
             tune_malloc()
-            _ctx = zmq.Context()
+            limit = raise_fd_limit()
+            ctx = zmq.Context()
+            # before the first socket: libzmq sizes its socket table then
+            ctx.set(zmq.MAX_SOCKETS, max(1023, min(limit, MAX_SOCKETS_CEILING)))
+            _ctx = ctx
             _ctx_pid = os.getpid()
             # A multiprocessing child ends with os._exit, skipping atexit: shut down
             # from its exit finalizers too (docs/zeromq.md §24).

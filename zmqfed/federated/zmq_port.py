@@ -91,6 +91,12 @@ class ZmqPort:
 
     Parameters
     ----------
+    events:
+        The monitor's events; ``None``: no monitor (the port reports no link
+        events).  A monitor is a PAIR socket in this process plus one inside
+        libzmq, so a monitored DEALER costs three sockets and four
+        descriptors, an unmonitored one one socket and two descriptors
+        (docs/zeromq.md §26).
     by_key:
         A ROUTER behind CURVE: peers are named by their key's ``User-Id``,
         not by the routing id they claim (see the module docstring).
@@ -101,7 +107,7 @@ class ZmqPort:
     def __init__(
         self,
         sock: zmq.Socket,
-        events: int,
+        events: int | None,
         *,
         by_key: bool = False,
         on_close: Callable[[], None] | None = None,
@@ -112,13 +118,14 @@ class ZmqPort:
         #: By key: a member's name -> the routing id of the connection it spoke from last.
         self.addresses: dict[bytes, bytes] = {}
         self._on_close = on_close
-        self.monitor = sock.get_monitor_socket(events)
+        self.monitor = sock.get_monitor_socket(events) if events is not None else None
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self.monitor, zmq.POLLIN)
         self._send_poller = zmq.Poller()
         self._send_poller.register(sock, zmq.POLLOUT)
-        self._send_poller.register(self.monitor, zmq.POLLIN)
+        if self.monitor is not None:
+            self._poller.register(self.monitor, zmq.POLLIN)
+            self._send_poller.register(self.monitor, zmq.POLLIN)
         self._closed = False
 
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
@@ -179,6 +186,8 @@ class ZmqPort:
 
     def link_events(self) -> list[LinkEvent]:
         out: list[LinkEvent] = []
+        if self.monitor is None:
+            return out
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -192,9 +201,10 @@ class ZmqPort:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.disable_monitor()
-        self.monitor.close(linger=0)
+        if self.monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
         self.sock.close()
         if self._on_close is not None:
             self._on_close()
@@ -252,11 +262,14 @@ class ZmqNetwork:
         options: SocketOptions | None,
         limits: Limits,
         security: ClientSecurity | None = None,
+        monitor: bool = True,
     ) -> ZmqPort:
         curve = security.socket_options() if security is not None else None
         sock = make_dealer(
             endpoint, routing_id, options=options, limits=limits, ctx=self._ctx, curve=curve
         )
+        if not monitor:
+            return ZmqPort(sock, None)
         return ZmqPort(
             sock,
             zmq.EVENT_HANDSHAKE_SUCCEEDED

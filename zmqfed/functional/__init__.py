@@ -89,6 +89,7 @@ from zmqfed.functional.policies import (
     version_check,
 )
 from zmqfed.functional.reduce import AutoReducer, meta_reduce
+from zmqfed.functional.sampling import ClientSampling, client_sampling
 from zmqfed.functional.secagg import SecAggAborted, SecAggConfig, secure_aggregation
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "AutoReducer",
     "CKKSKeys",
     "Ciphertext",
+    "ClientSampling",
     "CompressionStats",
     "DPMechanism",
     "PrivacyBudgetSpent",
@@ -129,6 +131,7 @@ __all__ = [
     "ckks_aggregation",
     "ckks_key_gen",
     "ckks_package",
+    "client_sampling",
     "count_step",
     "deadline_step",
     "device_alignment",

@@ -1,0 +1,112 @@
+"""FedBuff over real sockets: asynchronous server steps, staleness weights, exactly once.
+
+Four collaborators (threads, each its own Maintainer and DEALER on tcp) run
+the unchanged ``run_collaborator``; one is ten times slower than the rest.
+Training adds ``i + 1`` to every downloaded weight, so collaborator ``i``'s
+update is exactly ``i + 1`` whatever model it trained on, and the final
+model is a closed form of the server steps' records: any update lost,
+counted twice or weighted wrongly moves it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import zmqfed.topo as topo
+from zmqfed.api import run_collaborator
+from zmqfed.core import Maintainer
+from zmqfed.errors import ConfigError
+from zmqfed.fedbuff import FedBuff, inverse_sqrt_staleness
+from zmqfed.optim import FederatedOptimizer
+
+NAMES = [f"client{i}" for i in range(4)]
+
+
+def test_fedbuff_steps_without_waiting_for_the_slowest(free_tcp_endpoint, slow_factor):
+    topology = topo.star(4, free_tcp_endpoint)
+    net = nn.Linear(3, 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    agg = Maintainer(
+        topo.analysis(topology, "aggregator")[0],
+        net.state_dict(keep_vars=True),
+        timeout=120 * slow_factor,
+    )
+    server = FederatedOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), "aggregator")
+    fedbuff = FedBuff(agg, server, steps=8, buffer=2, max_staleness=3)
+    errors: list[BaseException] = []
+    trained: dict[str, int] = {name: 0 for name in NAMES}
+
+    def collaborator(i: int) -> None:
+        try:
+            model = nn.Linear(3, 1)
+            m = Maintainer(
+                topo.analysis(topology, NAMES[i])[0],
+                model.state_dict(keep_vars=True),
+                timeout=120 * slow_factor,
+            )
+
+            def train(meta: Any) -> dict[str, Any]:
+                time.sleep((1.0 if i == 3 else 0.1) * slow_factor)  # client3 is 10x slower
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(float(i + 1))
+                trained[NAMES[i]] += 1
+                return {"instances": 1}
+
+            run_collaborator(m, train)
+            m.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=collaborator, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    fedbuff.run()
+    stats = agg.stats
+    agg.close(final=True)
+    for t in threads:
+        t.join(60 * slow_factor)
+    assert not errors, errors
+    records = list(fedbuff.records)
+    assert len(records) == 8
+    expected = 0.0
+    for r in records:
+        senders = [u[0] for u in r.updates]
+        # a buffer of two distinct members: at most one update per member per version
+        assert len(senders) == 2 and len(set(senders)) == 2, r
+        for _sender, staleness, weight in r.updates:
+            assert 0 <= staleness <= 3
+            assert weight == pytest.approx(inverse_sqrt_staleness(staleness))
+        expected += sum(w * (NAMES.index(s) + 1) for s, _, w in r.updates) / len(r.updates)
+    for p in net.parameters():
+        assert torch.allclose(p, torch.full_like(p, expected), atol=1e-5), (p, expected)
+    # the fast collaborators made most server steps; the slow one's updates were stale
+    counted = [u[0] for r in records for u in r.updates]
+    assert counted.count("client3") < counted.count("client0")
+    slow = [u[1] for r in records for u in r.updates if u[0] == "client3"]
+    assert all(s >= 1 for s in slow), slow
+    assert trained["client0"] > trained["client3"]
+    assert set(stats["refused"]) <= {"discarded"}, stats["refused"]
+
+
+def test_fedbuff_arguments_are_checked(free_tcp_endpoint):
+    topology = topo.star(2, free_tcp_endpoint)
+    agg = Maintainer(topo.analysis(topology, "aggregator")[0], {"w": torch.zeros(2)})
+    server = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        with pytest.raises(ConfigError, match="buffer 3 is larger than the group"):
+            FedBuff(agg, server, steps=1, buffer=3)
+        with pytest.raises(ConfigError, match="positive"):
+            FedBuff(agg, server, steps=0, buffer=1)
+        with pytest.raises(ConfigError, match="max_staleness"):
+            FedBuff(agg, server, steps=1, buffer=1, max_staleness=-1)
+    finally:
+        agg.close()
