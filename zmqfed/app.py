@@ -95,6 +95,10 @@ class App:
         Called inside ``with maintainer:`` for every Maintainer the node
         builds, before its first step: register hooks there, e.g.
         ``configure=lambda m: zmqfed.functional.int8_quantization()``.
+    partial:
+        Collaborators exchange only the trainable tensors of ``model``
+        (:func:`zmqfed.partial.trainable_state_dict`: LoRA adapters, a head
+        over a frozen backbone); aggregators keep the whole model.
     """
 
     model: Any
@@ -110,6 +114,7 @@ class App:
     min_clients: int | None = None
     round_timeout: float | None = None
     configure: Callable[[Maintainer], Any] | None = None
+    partial: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:

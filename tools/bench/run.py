@@ -42,6 +42,7 @@ RUNNERS = {
     "overhead": ("overhead", "run"),
     "codec": ("codec", "run"),
     "huge": ("huge", "run"),
+    "header": ("header", "run"),
 }
 FAMILIES = tuple(RUNNERS)
 

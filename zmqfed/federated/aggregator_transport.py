@@ -35,6 +35,7 @@ from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, W
 from zmqfed.federated.protocol import (
     CONTRIBUTED,
     ErrorCode,
+    declared_subset,
     discard_rest,
     error_meta,
     hello_problem,
@@ -378,6 +379,10 @@ class AggregatorTransport:
         if problem is not None:
             self.refuse_message(pipe.routing_id, env.seq, *problem)
             return None
+        declared = declared_subset(env.meta, self.streams.known_names())
+        if isinstance(declared, tuple):
+            self.refuse_message(pipe.routing_id, env.seq, *declared)
+            return None
         session = str(env.meta.get("session", ""))[:64]
         if self._superseded(pipe, session):
             log.error(
@@ -396,6 +401,7 @@ class AggregatorTransport:
             )
             return None
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
+        pipe.declared = declared
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
             pipe.request = None
@@ -446,7 +452,7 @@ class AggregatorTransport:
         if self.contributed(pipe):  # a restarted member need not train this version again
             meta = Meta(meta)
             meta[CONTRIBUTED] = True
-        encoded, streamed = self.served.frames_for(self.peer_limits(pipe))
+        encoded, streamed = self.served.frames_for(self.peer_limits(pipe), pipe.declared)
         if streamed:
             return self.streams.start(pipe, request.seq, meta.to_json_dict(), encoded)
         return self.send(

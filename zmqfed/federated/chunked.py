@@ -26,6 +26,7 @@ from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, Kind, encode
 from zmqfed.wire.codec import tensor_bytes
 from zmqfed.wire.header import DTYPES, TensorDesc
 from zmqfed.wire.stream import chunk_meta
+from zmqfed.wire.tensors import apply_tied
 
 __all__ = ["ChunkSender", "Destination", "InStream", "OutStream", "new_stream_id"]
 
@@ -267,5 +268,5 @@ class InStream:
             seq=env.seq,
             incarnation=env.incarnation,
             meta=env.meta,
-            tensors=self.tensors,
+            tensors=apply_tied(dict(self.tensors), env.stream.tied if env.stream else ()),
         )

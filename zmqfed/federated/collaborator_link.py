@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
@@ -56,8 +56,11 @@ class CollaboratorLink:
         limits: Limits,
         options: SocketOptions | None = None,
         curve: Curve | None = None,
+        declared: Callable[[], Collection[str] | None] | None = None,
     ) -> None:
         assert props.address.endpoint is not None
+        #: The tensor names this collaborator exchanges, declared in HELLO (None: all).
+        self.declared = declared
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
         self.endpoint = props.address.endpoint
@@ -119,6 +122,7 @@ class CollaboratorLink:
                     aggregator=self.aggregator_name,
                     endpoint=self.endpoint,
                     limits=self.limits,
+                    tensors=self.declared() if self.declared is not None else None,
                 ),
             )
             self._lost = self._relinked = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 from typing import Any
 
 from zmqfed.errors import (
@@ -68,9 +69,10 @@ class CollaboratorTransport:
         codec: str = "raw",
         curve: Curve | None = None,
         stream: StreamConfig = DEFAULT_STREAM,
+        declared: Callable[[], Collection[str] | None] | None = None,
     ) -> None:
         self.link = CollaboratorLink(
-            props, network=network, limits=limits, options=options, curve=curve
+            props, network=network, limits=limits, options=options, curve=curve, declared=declared
         )
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
