@@ -4,7 +4,7 @@ Usage::
 
     python tools/bench/run.py [--quick] [--only NAME[,NAME]] [--out docs]
 
-Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge.
+Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge, header, layouts.
 Every figure that has a target is a ratio against a baseline measured in the
 same run on the same machine (numbers drift by tens of percent between runs
 on shared machines; ratios much less). ``--quick`` uses tiny sizes and runs
@@ -43,6 +43,7 @@ RUNNERS = {
     "codec": ("codec", "run"),
     "huge": ("huge", "run"),
     "header": ("header", "run"),
+    "layouts": ("layouts", "run"),
 }
 FAMILIES = tuple(RUNNERS)
 

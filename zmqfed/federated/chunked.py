@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,20 @@ import torch
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.ports import Tracker, WouldBlock
 from zmqfed.federated.protocol import stamp
-from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, Kind, encode
+from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, Kind, StreamAnnounce, encode
 from zmqfed.wire.codec import tensor_bytes
-from zmqfed.wire.header import DTYPES, TensorDesc
+from zmqfed.wire.header import DTYPES, Header, TensorDesc
 from zmqfed.wire.stream import chunk_meta
 from zmqfed.wire.tensors import apply_tied
 
-__all__ = ["ChunkSender", "Destination", "InStream", "OutStream", "new_stream_id"]
+__all__ = [
+    "ChunkSender",
+    "Destination",
+    "InStream",
+    "OutStream",
+    "new_stream_id",
+    "segmented_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,29 @@ Destination = Callable[[TensorDesc], "torch.Tensor | None"]
 #: Sends one CHUNK message's frames; returns a tracker for zero-copy frames,
 #: None when the frames were copied, or raises ``WouldBlock`` at the HWM.
 ChunkSender = Callable[[list[Any]], "Tracker | None"]
+
+
+def segmented_stream(head: Header, destination: Destination | None = None) -> InStream:
+    """An :class:`InStream` for a segmented PUSH or DATA: its frames are its chunks, all granted.
+
+    A segmented message is a stream whose chunks arrive as the frames of one
+    multipart message, without CHUNK headers or credit; landing it reuses
+    the stream's layout and checks (docs/protocol.md §2).
+    """
+    assert head.segment is not None
+    announce = StreamAnnounce("segmented", head.segment, tuple(head.tensors), head.tied)
+    env = Envelope(
+        kind=head.kind,
+        sender=head.sender,
+        version=head.version,
+        seq=head.seq,
+        incarnation=head.incarnation,
+        meta=head.meta,
+        stream=announce,
+    )
+    stream = InStream(env, head.segment, destination)
+    stream.granted = stream.total
+    return stream
 
 
 def new_stream_id() -> str:
@@ -245,6 +275,10 @@ class InStream:
         if self._scratch is None or len(self._scratch) < nbytes:
             self._scratch = bytearray(self.chunk)
         return memoryview(self._scratch)[:nbytes]
+
+    def plan(self) -> Iterator[tuple[int, int]]:
+        """``(offset, nbytes)`` of every chunk, in the order the sender cuts them."""
+        return self._layout.plan(self.chunk)
 
     def landed(self, offset: int, nbytes: int) -> None:
         """The payload of CHUNK ``(offset, nbytes)`` is in its :meth:`target`."""

@@ -149,14 +149,19 @@ class CollaboratorTransport:
                 )
             else:
                 env.tensors = tensors or {}
-                frames = encode(env, codec=self.codec, limits=limits)
+                segment = self.stream.segment_for(env.tensors, limits, self.codec)
+                frames = encode(env, codec=self.codec, limits=limits, segment=segment)
             attempts += 1
             if attempts > 1:
                 self.resends += 1
             if not link.send(frames, deadline, timeout):
                 continue  # the link dropped before the send: handshake again
             self.pipe.bytes_out += env.nbytes
-            reply = self._answer(kind, seq, out, destination, deadline, timeout)
+            link.destination = destination
+            try:
+                reply = self._answer(kind, seq, out, destination, deadline, timeout)
+            finally:
+                link.destination = None
             if out is not None:
                 self.pipe.bytes_out += out.sent
                 out.wait_sent(timeout=5.0)  # acknowledged or abandoned: the port lets go
