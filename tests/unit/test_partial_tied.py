@@ -322,3 +322,67 @@ def test_ten_thousand_tensors_with_optimizer_state_fit_a_model_sized_header() ->
         decode([pad], limits=limits)
     small = Limits.for_model({"w": torch.zeros(1)})
     assert small.max_header_bytes < 70_000
+
+
+# ----------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_round_trip_and_integer_buffers_take_the_max(dtype) -> None:
+    net = MemoryNetwork()
+    star = _star(2)
+
+    def model(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {
+            "w": torch.nn.Parameter(torch.randn(8, 4, generator=g).to(dtype)),
+            "bn.running_mean": torch.randn(4, generator=g).to(dtype),
+            "bn.num_batches_tracked": torch.tensor(10 * seed, dtype=torch.int64),
+        }
+
+    agg_sd = model(0)
+    agg = Maintainer(topo.analysis(star, "aggregator")[0], agg_sd, network=net, timeout=TIMEOUT)
+    cols = {
+        n: Maintainer(topo.analysis(star, n)[0], model(i + 1), network=net, timeout=TIMEOUT)
+        for i, n in enumerate(("client0", "client1"))
+    }
+    sent: dict[str, dict[str, torch.Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def work(name: str, weight: int) -> Callable[[], None]:
+        def fn() -> None:
+            m = cols[name]
+            m.step(upload=False)
+            assert all(m.data[k]["param"].dtype == v.dtype for k, v in m.state_dict.items())
+            mine = {k: v.detach().clone() for k, v in m.state_dict.items()}  # own values
+            m.unpackage()
+            with torch.no_grad():
+                for k, v in m.state_dict.items():
+                    v.copy_(mine[k])  # upload this collaborator's own model
+            sent[name] = mine
+            m.meta["instances"] = weight
+            m.package()
+            m.step(download=False)
+
+        return fn
+
+    with agg:
+        count_step(2)
+    try:
+        threads = [_run(work("client0", 1), errors), _run(work("client1", 3), errors)]
+        agg.step()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert not errors, errors
+        server = FederatedOptimizer(torch.optim.SGD([agg_sd["w"]], lr=1.0), AGGREGATOR)
+        server.zero_grad()
+        naive_aggregation(agg.data_list, agg.meta_list, optim_list=server)
+        server.step()
+        assert agg_sd["w"].dtype == dtype and agg_sd["bn.running_mean"].dtype == dtype
+        for key in ("w", "bn.running_mean"):
+            want = (sent["client0"][key].float() + 3 * sent["client1"][key].float()) / 4
+            torch.testing.assert_close(agg_sd[key].float(), want, rtol=2e-2, atol=2e-2)
+        # the integer counter is never averaged into a float: the larger of the two
+        assert agg_sd["bn.num_batches_tracked"].dtype == torch.int64
+        assert int(agg_sd["bn.num_batches_tracked"]) == 20
+    finally:
+        for m in (agg, *cols.values()):
+            m.close()
