@@ -112,6 +112,7 @@ def _aggregator(endpoint: str, spec: str, reps: int, quick: bool, done: Any) -> 
         m.data_list.clear()  # uploads are not kept: memory stays flat
         m.meta_list.clear()
         m.data = {}
+        m.update_version()  # a member's update counts once per version: move on
         if handled == 1:
             out["up_base"] = rss_status()[0]
             peak_rss_reset()
@@ -271,7 +272,7 @@ def _lora_rows(quick: bool) -> list[dict[str, Any]]:
     part = unique_bytes(adapters)
     return [
         row(
-            "LLaMA 1B-class with LoRA r=8 (q, v): bytes a collaborator uploads per round",
+            f"LLaMA {'small' if quick else '1B-class'} with LoRA r=8 (q, v): bytes a collaborator uploads per round",
             part / MiB,
             "MiB",
             baseline=full / MiB,

@@ -66,6 +66,8 @@ def _aggregator(
         m.data_list.clear()  # uploads are not kept: memory stays flat
         m.meta_list.clear()
         m.data = {}
+        if mode == "up":  # a member's update counts once per version: move on
+            m.update_version()
         if handled >= count:
             m.manual_stop()
 

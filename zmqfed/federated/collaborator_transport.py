@@ -267,18 +267,31 @@ class CollaboratorTransport:
         """
         link = self.link
         stream = InStream(announce, self.stream.window_bytes, destination)
-        while True:
+
+        def grant() -> bool:
             credit = stream.credit()
-            if credit:
-                env = stamp(
-                    Kind.CREDIT,
-                    self.nick_name,
-                    seq=seq,
-                    incarnation=link.incarnation,
-                    meta=credit_meta(stream.id, credit),
-                )
-                if not link.send(encode(env, limits=self.limits), deadline, timeout):
-                    return None
+            if not credit:
+                return True
+            env = stamp(
+                Kind.CREDIT,
+                self.nick_name,
+                seq=seq,
+                incarnation=link.incarnation,
+                meta=credit_meta(stream.id, credit),
+            )
+            return link.send(encode(env, limits=self.limits), deadline, timeout)
+
+        def land(frames: list[Frame]) -> bool:
+            # Credit goes out as each chunk lands, not once the queue is
+            # drained: the sender never waits for a window to empty.
+            consumed = self._land(stream, frames)
+            if consumed and not stream.broken and not stream.done:
+                grant()
+            return consumed
+
+        while True:
+            if not grant():
+                return None
             if stream.done:
                 return stream.envelope()
             wait = remaining_ms(deadline)
@@ -289,7 +302,7 @@ class CollaboratorTransport:
                     f"stream the model ({stream.received} of {stream.total} bytes arrived)",
                 )
             if link.port.wait(wait):
-                reply = link.read_replies(seq, lambda f: self._land(stream, f))
+                reply = link.read_replies(seq, land)
                 if stream.broken:
                     log.warning("%s: download stream broke: %s", self.nick_name, stream.broken)
                     return None
