@@ -178,7 +178,7 @@ def factory(ctx: NodeContext) -> App:
                 local.zero_grad()
                 loss.backward()
                 local.step()
-                total += float(loss)
+                total += float(loss.detach())
             return {"instances": len(text), "loss": total / steps, "packages": ",".join(mine)}
 
         app.train = train

@@ -386,3 +386,98 @@ def test_half_precision_models_round_trip_and_integer_buffers_take_the_max(dtype
     finally:
         for m in (agg, *cols.values()):
             m.close()
+
+
+# ----------------------------------------------------------------------------- algorithms
+def _net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    for p in net[0].parameters():  # a frozen backbone; the head trains
+        p.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("algo", ["fedprox", "scaffold", "fedyogi"])
+def test_partial_collaborators_through_api_with_each_algorithm(algo: str) -> None:
+    from zmqfed import API
+    from zmqfed.api import run_collaborator
+    from zmqfed.functional import average_aggregation
+    from zmqfed.optim import FedYogi, ProxOptimizer, ScaffoldOptimizer
+    from zmqfed.props import COLLABORATOR
+
+    net = MemoryNetwork()
+    star = _star(2)
+    agg_net = _net(0)
+    frozen = {k: v.clone() for k, v in agg_net[0].state_dict().items()}
+    head = {k: v.clone() for k, v in agg_net[2].state_dict().items()}
+    agg = Maintainer(
+        topo.analysis(star, "aggregator")[0],
+        agg_net.state_dict(keep_vars=True),
+        network=net,
+        timeout=TIMEOUT,
+    )
+    params = list(agg_net.parameters())
+    if algo == "scaffold":
+        server: Any = ScaffoldOptimizer(torch.optim.SGD(params, lr=1.0), role=AGGREGATOR)
+    elif algo == "fedyogi":
+        server = FedYogi(params, lr=0.05)
+    else:
+        server = FederatedOptimizer(torch.optim.SGD(params, lr=1.0), AGGREGATOR)
+    with agg:
+        count_step(2)
+    errors: list[BaseException] = []
+    cols = []
+    threads = []
+    for i, name in enumerate(("client0", "client1")):
+        local_net = _net(0)
+        col = Maintainer(
+            topo.analysis(star, name)[0],
+            trainable_state_dict(local_net),
+            network=net,
+            timeout=TIMEOUT,
+            partial=True,
+        )
+        cols.append(col)
+        sgd = torch.optim.SGD([p for p in local_net.parameters() if p.requires_grad], lr=0.1)
+        if algo == "scaffold":
+            local: Any = ScaffoldOptimizer(sgd, role=COLLABORATOR)
+        elif algo == "fedprox":
+            local = ProxOptimizer(sgd, COLLABORATOR, mu=0.1)
+        else:
+            local = FederatedOptimizer(sgd, COLLABORATOR)
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+        def train(
+            meta: Any, local_net: Any = local_net, local: Any = local, x: Any = x, y: Any = y
+        ) -> dict[str, Any]:
+            for _ in range(3):
+                loss = torch.nn.functional.cross_entropy(local_net(x), y)
+                local.zero_grad()
+                loss.backward()
+                local.step()
+            return {"instances": 16, "loss": float(loss.detach())}
+
+        threads.append(
+            _run(
+                lambda col=col, train=train, local=local: run_collaborator(
+                    col, train, fed_optim=local, rounds=2
+                ),
+                errors,
+            )
+        )
+    try:
+        rule = average_aggregation if algo == "scaffold" else naive_aggregation
+        try:
+            API(agg, server, 2, rule, progress=False, step_timeout=TIMEOUT).run()
+        finally:
+            for t in threads:
+                t.join(1 if errors else TIMEOUT)
+            assert not errors, errors
+        for k, v in agg_net[0].state_dict().items():
+            assert torch.equal(v, frozen[k]), f"the frozen {k} changed"
+        assert not torch.equal(agg_net[2].weight, head["weight"])
+        assert all(torch.isfinite(p).all() for p in agg_net.parameters())
+    finally:
+        for m in (agg, *cols):
+            m.close()

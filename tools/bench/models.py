@@ -146,4 +146,4 @@ def local_step(model: Any, name: str, seed: int, lr: float = 0.05) -> float:
     optim.zero_grad()
     loss.backward()
     optim.step()
-    return float(loss)
+    return float(loss.detach())
