@@ -84,7 +84,9 @@ def _stream(quick: bool) -> Any:
     return StreamConfig(threshold=4 * MiB, chunk_bytes=MiB) if quick else StreamConfig()
 
 
-def _aggregator(endpoint: str, spec: str, reps: int, quick: bool, done: Any) -> dict[str, Any]:
+def _aggregator(
+    endpoint: str, spec: str, reps: int, quick: bool, phases: Any, done: Any
+) -> dict[str, Any]:
     child_setup()
     from zmqfed.core import Maintainer
 
@@ -93,39 +95,41 @@ def _aggregator(endpoint: str, spec: str, reps: int, quick: bool, done: Any) -> 
         star_props(endpoint, ["c0"], "aggregator"), sd, stream=_stream(quick), idle_interval=0.05
     )
     out: dict[str, Any] = {}
-    served = 0
+    counts = {"served": 0, "handled": 0}
 
     def after_serve(m: Any, flag: Any) -> None:
-        nonlocal served
-        served += 1
-        if served == 1:  # the warm-up is done: the timed downloads start
+        counts["served"] += 1
+        if counts["served"] == 1:  # the warm-up is done: the timed downloads start
             out["down_base"] = rss_status()[0]
             peak_rss_reset()
-        if served >= 2 * reps + 2:  # in place and copying, each a warm-up and reps
-            m.manual_stop()
-
-    handled = 0
 
     def after_upload(m: Any, flag: Any) -> None:
-        nonlocal handled
-        handled += 1
+        counts["handled"] += 1
         m.data_list.clear()  # uploads are not kept: memory stays flat
         m.meta_list.clear()
         m.data = {}
         m.update_version()  # a member's update counts once per version: move on
-        if handled == 1:
+        if counts["handled"] == 1:
             out["up_base"] = rss_status()[0]
             peak_rss_reset()
-        if handled >= reps + 1:
-            m.manual_stop()
+
+    phase = {"event": phases[0]}
+
+    def until_phase_done(ctx: Any) -> None:
+        # the step runs until the collaborator says its phase is over, so a
+        # slow streamed download is never cut short by the end of a step
+        if phase["event"].is_set():
+            ctx.maintainer.manual_stop()
 
     try:
         m.register_step_hook(0, after_serve, "after_upload")
-        m.step(timeout=1200)
-        out["down_peak"] = rss_status()[1] - out["down_base"]
         m.register_step_hook(0, after_upload, "after_download")
-        m.step(timeout=1200)
-        out["up_peak"] = rss_status()[1] - out["up_base"]
+        m.on("after_peer", until_phase_done)
+        m.step(timeout=1800)
+        out["down_peak"] = rss_status()[1] - out.get("down_base", 0)
+        phase["event"] = phases[1]
+        m.step(timeout=1800)
+        out["up_peak"] = rss_status()[1] - out.get("up_base", 0)
         done.wait(600)
     finally:
         m.close()
@@ -145,7 +149,9 @@ def _timed(fn: Any, reps: int) -> tuple[list[float], int]:
     return times, rss_status()[1] - base
 
 
-def _collaborator(endpoint: str, spec: str, reps: int, quick: bool, done: Any) -> dict[str, Any]:
+def _collaborator(
+    endpoint: str, spec: str, reps: int, quick: bool, phases: Any, done: Any
+) -> dict[str, Any]:
     child_setup()
     from zmqfed.core import Maintainer
 
@@ -170,10 +176,14 @@ def _collaborator(endpoint: str, spec: str, reps: int, quick: bool, done: Any) -
             m.unpackage()
 
         out["copy"], out["copy_peak"] = _timed(down_unpackage, reps)
+        phases[0].set()
         m.package()
         out["up"], out["up_peak"] = _timed(lambda: m.step(download=False, timeout=1200), reps)
+        phases[1].set()
         m.close()
     finally:
+        phases[0].set()
+        phases[1].set()
         done.set()
     return out
 
@@ -183,10 +193,10 @@ def layout_transfer(spec: str, reps: int, quick: bool) -> tuple[dict[str, Any], 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
 
     def make(ctx: Any) -> list[Proc]:
-        done = ctx.Event()
+        done, phases = ctx.Event(), (ctx.Event(), ctx.Event())
         return [
-            Proc(_aggregator, (endpoint, spec, reps, quick, done)),
-            Proc(_collaborator, (endpoint, spec, reps, quick, done)),
+            Proc(_aggregator, (endpoint, spec, reps, quick, phases, done)),
+            Proc(_collaborator, (endpoint, spec, reps, quick, phases, done)),
         ]
 
     agg, col = run_procs(make, timeout=3600)
