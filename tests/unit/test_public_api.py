@@ -257,3 +257,33 @@ def test_props_round_trip_and_fingerprint(tmp_path):
         FederatedProperties.unserialize({"role": "aggregator"})
     with pytest.raises(ConfigError, match="not a collaborator"):
         FederatedProperties("collaborator", "z", Address("tcp://h:1"), "agg", ("a",))
+
+
+def test_partial_all_is_pinned():
+    from zmqfed import partial
+
+    assert partial.__all__ == ["trainable_state_dict"]
+    assert callable(partial.trainable_state_dict)
+
+
+def test_error_codes_are_pinned():
+    from zmqfed.federated import ErrorCode
+
+    assert sorted(code.value for code in ErrorCode) == sorted(
+        [
+            "protocol",
+            "unknown-peer",
+            "identity",
+            "fingerprint",
+            "hello-first",
+            "stale-incarnation",
+            "unexpected",
+            "bad-upload",
+            "already-counted",
+            "name-in-use",
+            "discarded",
+            "stream",
+            "stream-aborted",
+            "subset",
+        ]
+    )
