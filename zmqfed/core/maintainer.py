@@ -86,11 +86,11 @@ class Maintainer:
         ``param`` (:attr:`upload_fields`; ``package(fed_optim)`` adds the
         optimizers' own).
     download_in_place:
-        A collaborator receives a streamed or segmented model (one with a
-        tensor above ``stream.chunk_bytes``) straight into its own
-        ``state_dict`` tensors (same dtype and shape): no second copy, and
-        ``unpackage`` has nothing left to copy.  The tensors then hold the
-        download as soon as ``step()`` returns, before ``unpackage``.
+        A collaborator receives a streamed model (above ``stream.threshold``,
+        or with a tensor above ``stream.tensor_threshold``) straight into its
+        own ``state_dict`` tensors (same dtype and shape): no second copy,
+        and ``unpackage`` has nothing left to copy.  The tensors then hold
+        the download as soon as ``step()`` returns, before ``unpackage``.
     partial:
         A collaborator whose ``state_dict`` is a subset of the aggregator's
         model (its trainable tensors, e.g.

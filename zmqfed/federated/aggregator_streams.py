@@ -63,7 +63,7 @@ class ServedModel:
         self._data: Packaged | None = None
         # per subset of names (None: the whole model) and way of sending:
         # whole messages share one snapshot; streams send live views in chunks
-        self._encoded: dict[tuple[frozenset[str] | None, bool, bool], EncodedTensors] = {}
+        self._encoded: dict[tuple[frozenset[str] | None, bool], EncodedTensors] = {}
         #: Times the served model was encoded.
         self.encodes = 0
 
@@ -77,8 +77,9 @@ class ServedModel:
     ) -> tuple[EncodedTensors, bool]:
         """The frames to serve a peer with limits ``peer``, and whether to stream them.
 
-        Streamed when the model is above the stream threshold or a tensor is
-        above what the peer accepts in one frame (its HELLO said).  A peer
+        Streamed when the model is above the stream threshold, a tensor is
+        above what the peer accepts in one frame (its HELLO said), or with
+        the raw codec above ``StreamConfig.tensor_threshold``.  A peer
         that declared a ``subset`` of the names gets only those; each subset
         is encoded once per state.
         """
@@ -88,10 +89,8 @@ class ServedModel:
         data = self._data
         if subset is not None:
             data = {name: fields for name, fields in data.items() if name in subset}
-        streamed = self.stream.should_stream(data, peer)
-        segmented = not streamed and self.stream.segment_for(data, peer, self.codec) is not None
-        key = (subset, streamed, segmented)
-        encoded = self._encoded.get(key)
+        streamed = self.stream.should_stream(data, peer, self.codec)
+        encoded = self._encoded.get((subset, streamed))
         if encoded is None:
             self.encodes += 1
             if streamed:
@@ -102,22 +101,9 @@ class ServedModel:
             else:
                 # A snapshot: the port reads the buffers after send() returned,
                 # while the user may already be averaging into the live tensors.
-                encoded = encode_tensors(
-                    data,
-                    codec="raw" if segmented else self.codec,
-                    limits=self.limits,
-                    snapshot=True,
-                    streamed=segmented,
-                )
-            self._encoded[key] = encoded
+                encoded = encode_tensors(data, codec=self.codec, limits=self.limits, snapshot=True)
+            self._encoded[(subset, streamed)] = encoded
         return encoded, streamed
-
-    def segment_of(self, encoded: EncodedTensors, peer: Limits) -> int | None:
-        """The segment size to send ``encoded`` whole to a peer with ``peer`` limits (None: per tensor)."""
-        chunk = self.stream.chunk_within(peer)
-        raw = all(d["codec"] == "raw" for d in encoded.descriptors)
-        largest = max((int(d["rawbytes"]) for d in encoded.descriptors), default=0)
-        return chunk if raw and largest > chunk else None
 
 
 class StreamDesk:

@@ -29,7 +29,6 @@ from typing import Any
 
 from zmqfed.errors import ProtocolError
 from zmqfed.federated.aggregator_streams import Packaged, ServedModel, StreamDesk
-from zmqfed.federated.chunked import segmented_stream
 from zmqfed.federated.events import PeerEvent, PeerEventKind, RefusalLog, TransportStats
 from zmqfed.federated.pipe import AggregatorPipe
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, Unreachable, WouldBlock
@@ -40,7 +39,6 @@ from zmqfed.federated.protocol import (
     discard_rest,
     error_meta,
     hello_problem,
-    land_segments,
     peer_frame_bound,
     recv_message,
     stamp,
@@ -198,7 +196,7 @@ class AggregatorTransport:
 
     def _receive(self) -> PeerEvent | None:
         """Handle one waiting message; the event it caused, if any."""
-        frames = recv_message(self.port, self._land, self._land_whole)
+        frames = recv_message(self.port, self._land)
         self.stats.messages_in += 1
         if frames is None:  # a chunk of a streamed upload, landed in place
             return None
@@ -275,42 +273,6 @@ class AggregatorTransport:
         done = self.streams.land(pipe, head.seq, sid, offset, nbytes)
         if done is not None:
             self.completed.append(done)
-        return True
-
-    def _land_whole(self, frames: list[Frame]) -> bool:
-        """Receive a segmented upload frame by frame into fresh tensors (True: consumed).
-
-        Only a well-formed segmented PUSH from the member it names, carrying
-        tensors it may upload, lands here; anything else is left to the
-        ordinary path (which decodes, then refuses or accepts it).
-        """
-        pipe = self.roster.get(frames[0].bytes.decode("utf-8", "replace"))
-        if pipe is None:
-            return False
-        if self.curve is not None and self.port.user_id(frames[1]) != pipe.nick_name:
-            return False
-        try:
-            head = parse_header(frames[1], self.limits)
-        except ProtocolError:
-            return False
-        if head.segment is None or head.kind != Kind.PUSH or head.sender != pipe.nick_name:
-            return False
-        known = pipe.declared if pipe.declared is not None else self.streams.known_names()
-        if known is not None and any(d.key not in known for d in head.tensors):
-            return False
-        stream = segmented_stream(head)
-        try:
-            land_segments(self.port, stream)
-        except ProtocolError as exc:
-            self._log_refusal(
-                ErrorCode.PROTOCOL, f"malformed upload from {pipe.nick_name!r}: {exc}"
-            )
-            self.refuse_message(pipe.routing_id, 0, ErrorCode.PROTOCOL, str(exc))
-            return True
-        pipe.last_seen = time.monotonic()
-        event = self._dispatch(pipe, stream.envelope())
-        if event is not None:
-            self.completed.append(event.pipe)
         return True
 
     def discard_message(self) -> None:
@@ -490,17 +452,11 @@ class AggregatorTransport:
         if self.contributed(pipe):  # a restarted member need not train this version again
             meta = Meta(meta)
             meta[CONTRIBUTED] = True
-        peer = self.peer_limits(pipe)
-        encoded, streamed = self.served.frames_for(peer, pipe.declared)
+        encoded, streamed = self.served.frames_for(self.peer_limits(pipe), pipe.declared)
         if streamed:
             return self.streams.start(pipe, request.seq, meta.to_json_dict(), encoded)
         return self.send(
-            pipe,
-            Kind.DATA,
-            seq=request.seq,
-            meta=meta.to_json_dict(),
-            encoded=encoded,
-            segment=self.served.segment_of(encoded, peer),
+            pipe, Kind.DATA, seq=request.seq, meta=meta.to_json_dict(), encoded=encoded
         )
 
     def accept_upload(self, pipe: AggregatorPipe) -> bool:
@@ -545,20 +501,12 @@ class AggregatorTransport:
         meta: dict[str, Any],
         encoded: EncodedTensors | None = None,
         stream: tuple[str, int] | None = None,
-        segment: int | None = None,
     ) -> bool:
         """Send ``kind`` to ``pipe``; False (and the peer gone) if it cannot be reached."""
         env = stamp(
             kind, self.name, seq=seq, incarnation=self.incarnation, version=self.version, meta=meta
         )
-        frames = encode(
-            env,
-            codec=self.codec,
-            limits=self.limits,
-            encoded=encoded,
-            stream=stream,
-            segment=segment,
-        )
+        frames = encode(env, codec=self.codec, limits=self.limits, encoded=encoded, stream=stream)
         try:
             self.port.send([pipe.routing_id, *frames])
         except Unreachable:

@@ -19,13 +19,11 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from zmqfed.errors import PeerOffline, PeerTimeout, ProtocolError, RemoteError, SecurityError
-from zmqfed.federated.chunked import Destination, segmented_stream
 from zmqfed.federated.ports import Frame, LinkEventKind, Network, WouldBlock
 from zmqfed.federated.protocol import (
     CONNECTION_ERRORS,
     discard_rest,
     hello_meta,
-    land_segments,
     peer_frame_bound,
     recv_message,
     stamp,
@@ -34,7 +32,6 @@ from zmqfed.federated.security import Curve
 from zmqfed.federated.sockets import SocketOptions
 from zmqfed.props import FederatedProperties
 from zmqfed.wire import Envelope, Kind, Limits, decode, encode
-from zmqfed.wire.header import parse_header
 
 __all__ = ["RESEND", "CollaboratorLink", "remaining_ms"]
 
@@ -90,9 +87,6 @@ class CollaboratorLink:
         self._restarted = False  # a new aggregator incarnation answered HELLO
         self._lost = False  # the link dropped since the last HELLO was sent
         self._relinked = False  # ... and came back: that HELLO may be lost
-        #: Where a segmented download may land (the transport sets it for a PULL).
-        self.destination: Destination | None = None
-        self._landed: Envelope | None = None  # a segmented reply, landed
 
     def next_seq(self) -> int:
         """A fresh sequence number for a message from this process."""
@@ -257,26 +251,21 @@ class CollaboratorLink:
         """
         while True:
             try:
-                frames = recv_message(
-                    self.port, land or self._drop_chunk, lambda f: self._land_whole(f, seq)
-                )
+                frames = recv_message(self.port, land or self._drop_chunk)
             except WouldBlock:
                 return None
             if frames is None:
-                if self._landed is None:
-                    continue  # a chunk, landed
-                env, self._landed = self._landed, None
-            else:
-                try:
-                    env = decode(frames, limits=self.limits)
-                except ProtocolError as exc:
-                    log.warning(
-                        "%s: dropped a malformed message from %s: %s",
-                        self.nick_name,
-                        self.aggregator_name,
-                        exc,
-                    )
-                    continue
+                continue  # a chunk, landed
+            try:
+                env = decode(frames, limits=self.limits)
+            except ProtocolError as exc:
+                log.warning(
+                    "%s: dropped a malformed message from %s: %s",
+                    self.nick_name,
+                    self.aggregator_name,
+                    exc,
+                )
+                continue
             if env.seq == seq and env.kind != Kind.WAIT:
                 return env
             if (
@@ -304,33 +293,6 @@ class CollaboratorLink:
                     env.seq,
                     seq,
                 )
-
-    def _land_whole(self, frames: list[Frame], seq: int) -> bool:
-        """Receive a segmented DATA answering ``seq`` frame by frame (True: consumed).
-
-        Its tensors land in :attr:`destination`'s tensors where it offers them
-        (``download_in_place``), else in fresh ones; the envelope is kept in
-        ``_landed`` for :meth:`read_replies`.
-        """
-        try:
-            head = parse_header(frames[0], self.limits)
-        except ProtocolError:
-            return False  # the ordinary path logs and drops it
-        if head.segment is None or head.kind != Kind.DATA or head.seq != seq:
-            return False
-        stream = segmented_stream(head, self.destination)
-        try:
-            land_segments(self.port, stream)
-        except ProtocolError as exc:
-            log.warning(
-                "%s: dropped a malformed download from %s: %s",
-                self.nick_name,
-                self.aggregator_name,
-                exc,
-            )
-            return True
-        self._landed = stream.envelope()
-        return True
 
     def _drop_chunk(self, frames: list[Frame]) -> bool:
         """A CHUNK of a stream nobody waits for any more: consume and drop it."""

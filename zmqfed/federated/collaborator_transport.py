@@ -133,7 +133,7 @@ class CollaboratorTransport:
                 meta=meta,
             )
             out: OutStream | None = None
-            if tensors and self.stream.should_stream(tensors, limits):
+            if tensors and self.stream.should_stream(tensors, limits, self.codec):
                 encoded = encode_tensors(tensors, codec="raw", limits=limits, streamed=True)
                 out = OutStream(
                     new_stream_id(),
@@ -149,19 +149,14 @@ class CollaboratorTransport:
                 )
             else:
                 env.tensors = tensors or {}
-                segment = self.stream.segment_for(env.tensors, limits, self.codec)
-                frames = encode(env, codec=self.codec, limits=limits, segment=segment)
+                frames = encode(env, codec=self.codec, limits=limits)
             attempts += 1
             if attempts > 1:
                 self.resends += 1
             if not link.send(frames, deadline, timeout):
                 continue  # the link dropped before the send: handshake again
             self.pipe.bytes_out += env.nbytes
-            link.destination = destination
-            try:
-                reply = self._answer(kind, seq, out, destination, deadline, timeout)
-            finally:
-                link.destination = None
+            reply = self._answer(kind, seq, out, destination, deadline, timeout)
             if out is not None:
                 self.pipe.bytes_out += out.sent
                 out.wait_sent(timeout=5.0)  # acknowledged or abandoned: the port lets go

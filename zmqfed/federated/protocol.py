@@ -28,7 +28,7 @@ from zmqfed.errors import ProtocolError
 from zmqfed.federated.ports import Frame, Port, Tracker
 from zmqfed.wire import PROTOCOL_VERSION, Envelope, Kind, Limits
 from zmqfed.wire.limits import announced_frame_bound
-from zmqfed.wire.stream import CHUNK_PREFIX, WHOLE_PREFIXES
+from zmqfed.wire.stream import CHUNK_PREFIX
 
 if TYPE_CHECKING:
     from zmqfed.federated.chunked import InStream, OutStream
@@ -47,7 +47,6 @@ __all__ = [
     "hello_meta",
     "hello_problem",
     "land_chunk",
-    "land_segments",
     "meta_version",
     "peer_frame_bound",
     "pump",
@@ -219,31 +218,26 @@ def meta_version(meta: Mapping[str, Any]) -> int:
 # -- chunked streams on a port --------------------------------------------------
 
 
-def recv_message(
-    port: Port,
-    land: Callable[[list[Frame]], bool],
-    land_whole: Callable[[list[Frame]], bool] | None = None,
-) -> list[Frame] | None:
+def recv_message(port: Port, land: Callable[[list[Frame]], bool]) -> list[Frame] | None:
     """Receive one waiting message (:class:`~zmqfed.federated.ports.WouldBlock` if none).
 
     For a CHUNK (``[routing id,] header, payload``), ``land(frames so far)``
     is asked first; when it returns True it consumed the rest of the message
-    (normally with ``recv_into``) and None is returned.  A PUSH or DATA with
-    data frames is offered to ``land_whole`` the same way (a segmented
-    message lands frame by frame).  Otherwise every frame is returned.  Both
-    are recognised by the header's first bytes, before any Python object is
-    made of the data frames.
+    (normally with ``recv_into``) and None is returned.  Otherwise every
+    frame is returned.  A CHUNK is recognised by its header's first bytes,
+    before any Python object is made of its payload.
     """
     frames = [port.recv_frame()]
     if port.routed and frames[-1].more:
         frames.append(port.recv_frame())
     header = frames[-1]
-    if header.more and len(header.buffer) > len(CHUNK_PREFIX):
-        start = bytes(header.buffer[: len(CHUNK_PREFIX)])
-        if start == CHUNK_PREFIX and land(frames):
-            return None
-        if land_whole is not None and start.startswith(WHOLE_PREFIXES) and land_whole(frames):
-            return None
+    if (
+        header.more
+        and len(header.buffer) > len(CHUNK_PREFIX)
+        and header.buffer[: len(CHUNK_PREFIX)] == CHUNK_PREFIX
+        and land(frames)
+    ):
+        return None
     while frames[-1].more:
         frames.append(port.recv_frame())
     return frames
@@ -267,35 +261,6 @@ def land_chunk(port: Port, stream: InStream, offset: int, nbytes: int) -> None:
             f"header says {nbytes} bytes in 1"
         )
     stream.landed(offset, nbytes)
-
-
-def land_segments(port: Port, stream: InStream) -> None:
-    """Receive a segmented message's data frames into ``stream`` (see ``segmented_stream``).
-
-    Each frame is received with ``recv_into`` straight into its tensor (or,
-    for small tensors packed together, a scratch buffer).  ``ProtocolError``
-    when the frames do not match the header's layout; the rest of the
-    message is always consumed.
-    """
-    try:
-        for offset, nbytes in stream.plan():
-            if not port.has_more():
-                raise ProtocolError(
-                    f"segmented {stream.env.kind} ended after {stream.received} of "
-                    f"{stream.total} bytes"
-                )
-            got = port.recv_into(stream.target(offset, nbytes))
-            if got != nbytes:
-                raise ProtocolError(
-                    f"segment at offset {offset} has {got} bytes, the header's layout says {nbytes}"
-                )
-            stream.landed(offset, nbytes)
-    except ProtocolError:
-        discard_rest(port)
-        raise
-    extra = discard_rest(port)
-    if extra:
-        raise ProtocolError(f"segmented {stream.env.kind} has {extra} frames more than its layout")
 
 
 def discard_rest(port: Port) -> int:

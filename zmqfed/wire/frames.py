@@ -43,7 +43,6 @@ from zmqfed.wire.header import (
     parse_header,
 )
 from zmqfed.wire.limits import DEFAULT_LIMITS, Limits
-from zmqfed.wire.stream import MIN_SEGMENT_BYTES, ChunkLayout, segment_frames
 from zmqfed.wire.tensors import EncodedTensors, apply_tied, encode_tensors
 
 __all__ = [
@@ -196,7 +195,6 @@ def encode(
     snapshot: bool = False,
     encoded: EncodedTensors | None = None,
     stream: tuple[str, int] | None = None,
-    segment: int | None = None,
 ) -> list[Buffer]:
     """Encode a message as a list of frames for ``send_multipart``.
 
@@ -221,11 +219,6 @@ def encode(
         ``(stream id, chunk bytes)``: announce the tensors instead of sending
         them; the result is the header alone and the caller streams the raw
         ``encoded`` buffers as CHUNK messages (:mod:`zmqfed.wire.stream`).
-    segment : int, optional
-        Send the raw tensors' bytes, laid end to end, cut into frames of at
-        most ``segment`` bytes (``ChunkLayout.plan``) instead of one frame
-        per tensor: a tensor of any size travels in frames of a few MiB
-        (:func:`zmqfed.wire.stream.segment_frames`).
 
     Returns
     -------
@@ -255,23 +248,8 @@ def encode(
         raise ConfigError("meta is nested too deeply") from exc
     # pickling fails cheaper than compressing every tensor: do it first
     obj_frame = _pickle_obj(env.obj, limits) if env.obj is not None else None
-    if segment is not None:
-        if stream is not None or obj_frame is not None or env.kind not in ("PUSH", "DATA"):
-            raise ConfigError("only PUSH and DATA without an object or a stream can be segmented")
-        if not MIN_SEGMENT_BYTES <= segment <= limits.max_frame_bytes:
-            raise ConfigError(
-                f"segment must be in [{MIN_SEGMENT_BYTES}, max_frame_bytes="
-                f"{limits.max_frame_bytes}], got {segment!r}"
-            )
-        codec = "raw"
     if encoded is None:
-        encoded = encode_tensors(
-            env.tensors,
-            codec=codec,
-            limits=limits,
-            snapshot=snapshot,
-            streamed=stream is not None or segment is not None,
-        )
+        encoded = encode_tensors(env.tensors, codec=codec, limits=limits, snapshot=snapshot)
     else:
         if not isinstance(encoded, EncodedTensors):
             raise ConfigError(
@@ -279,10 +257,7 @@ def encode(
             )
         if env.tensors:
             raise ConfigError("give either env.tensors or encoded=, not both")
-        # maybe made under other limits
-        encoded.check(limits, streamed=stream is not None or segment is not None)
-    if segment is not None and any(d["codec"] != "raw" for d in encoded.descriptors):
-        raise ConfigError("segmented tensors must be encoded with the raw codec")
+        encoded.check(limits, streamed=stream is not None)  # maybe made under other limits
     if stream is not None:
         if env.kind not in ("PUSH", "DATA") or obj_frame is not None:
             raise ConfigError("only PUSH and DATA without an object can be streamed")
@@ -307,8 +282,6 @@ def encode(
         doc["stream"] = {"id": stream[0], "chunk": stream[1]}
     if encoded.tied:
         doc["tied"] = [list(pair) for pair in encoded.tied]
-    if segment is not None:
-        doc["segment"] = segment
     try:
         text = json.dumps(
             doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_scalar
@@ -324,8 +297,6 @@ def encode(
         )
     if stream is not None:
         return [header]
-    if segment is not None:
-        return [header, *segment_frames(encoded.buffers, segment)]
     frames: list[Buffer] = [header, *encoded.buffers]
     if obj_frame is not None:
         frames.append(obj_frame)
@@ -380,8 +351,6 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
             )
         announce = StreamAnnounce(head.stream[0], head.stream[1], tuple(head.tensors), head.tied)
         return _envelope(head, stream=announce)
-    if head.segment is not None:
-        return _envelope(head, tensors=_assemble(head, head.segment, frames[1:]))
     n_tensors = len(head.tensors)
     expected = 1 + n_tensors + (head.object_nbytes is not None)
     if len(frames) != expected:
@@ -422,44 +391,6 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
         except Exception as exc:
             raise ProtocolError(f"object frame cannot be unpickled ({exc})") from exc
     return _envelope(head, tensors=tensors, obj=obj)
-
-
-def _assemble(
-    head: Header, segment: int, frames: Sequence[Any]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of a segmented message, copied out of its frames (all checked first)."""
-    layout = ChunkLayout([d.rawbytes for d in head.tensors])
-    expected = layout.count(segment)
-    if len(frames) != expected:
-        raise ProtocolError(
-            f"segmented {head.kind} has {len(frames)} data frames, its header describes "
-            f"{expected} (segments of {segment} bytes)"
-        )
-    plan = list(layout.plan(segment))
-    views = [frame_view(f, i) for i, f in enumerate(frames, start=1)]
-    for i, ((offset, nbytes), view) in enumerate(zip(plan, views, strict=True), start=1):
-        if view.nbytes != nbytes:
-            raise ProtocolError(
-                f"segment frame {i} has {view.nbytes} bytes, the header's layout puts "
-                f"{nbytes} bytes at offset {offset}"
-            )
-    # Everything is validated; only now allocate (bounded by max_message_bytes).
-    out = [torch.empty(d.shape, dtype=DTYPES[d.dtype]) for d in head.tensors]
-    dest = [t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else None for t in out]
-    for (offset, nbytes), view in zip(plan, views, strict=True):
-        src = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        pos = 0
-        for i, start, length in layout.pieces(offset, nbytes):
-            target = dest[i]
-            assert target is not None
-            target[start : start + length] = src[pos : pos + length]
-            pos += length
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for desc, t in zip(head.tensors, out, strict=True):
-        if desc.dtype == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
-            raise ProtocolError(f"{desc.name}: bool tensor holds bytes other than 0 and 1")
-        tensors.setdefault(desc.key, {})[desc.field] = t
-    return apply_tied(tensors, head.tied)
 
 
 def _envelope(head: Header, **content: Any) -> Envelope:

@@ -98,10 +98,6 @@ _TOP_KEYS = ("kind", "sender", "version", "seq", "incarnation", "meta", "tensors
 _STREAM_KEY = "stream"
 #: Optional top-level key: ``[[alias, source], ...]`` of tied tensor names.
 _TIED_KEY = "tied"
-#: Optional top-level key of a segmented PUSH or DATA: the frame size.
-_SEGMENT_KEY = "segment"
-#: Smallest segment (bounds the frames per message); equals wire.stream.MIN_SEGMENT_BYTES.
-_MIN_SEGMENT = 4096
 _DESC_KEYS = ("key", "field", "dtype", "shape", "codec", "nbytes", "rawbytes")
 _DESC_KEY_SET = frozenset(_DESC_KEYS)
 _MAX_INT = 2**63 - 1
@@ -144,9 +140,6 @@ class Header:
     stream: tuple[str, int] | None = None
     #: ``(alias, source)`` names: the alias arrives sharing the source's tensors.
     tied: tuple[tuple[str, str], ...] = ()
-    #: Frame size of a segmented message: its raw tensor bytes, laid end to end,
-    #: follow cut into frames (docs/protocol.md §2).
-    segment: int | None = None
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -288,7 +281,7 @@ def _parse_desc(i: int, d: Any, limits: Limits, *, streamed: bool = False) -> Te
         fail(f"{codec} frame cannot hold {rawbytes} bytes in {nbytes}")
     if streamed:
         if codec != "raw":
-            fail(f"a streamed or segmented tensor must use the raw codec, not {_short(codec)}")
+            fail(f"a streamed tensor must use the raw codec, not {_short(codec)}")
     elif nbytes > limits.max_frame_bytes:
         fail(f"frame of {nbytes} bytes exceeds max_frame_bytes={limits.max_frame_bytes}")
     return TensorDesc(key, fld, dtype_name, tuple(shape), codec, nbytes, rawbytes)
@@ -332,7 +325,7 @@ _GC_PAUSE_BYTES = 64 * 1024
 
 def _parse_header(view: memoryview, limits: Limits) -> Header:
     doc = _parse_json(view, limits)
-    _exact_keys(doc, _TOP_KEYS, "header", optional=(_STREAM_KEY, _TIED_KEY, _SEGMENT_KEY))
+    _exact_keys(doc, _TOP_KEYS, "header", optional=(_STREAM_KEY, _TIED_KEY))
     stream = _parse_stream(doc[_STREAM_KEY], limits) if _STREAM_KEY in doc else None
     kind = doc["kind"]
     if kind not in KINDS:
@@ -354,24 +347,16 @@ def _parse_header(view: memoryview, limits: Limits) -> Header:
             f"header lists {len(descs)} tensors, limit max_tensors={limits.max_tensors}"
         )
     object_nbytes = _parse_object(doc["object"], limits)
-    segment = None
-    if _SEGMENT_KEY in doc:
-        segment = _uint(doc[_SEGMENT_KEY], "header 'segment'", limits.max_frame_bytes)
-        if segment < _MIN_SEGMENT:
-            raise ProtocolError(f"header 'segment' must be at least {_MIN_SEGMENT} bytes")
-        if stream is not None:
-            raise ProtocolError("a message is either streamed or segmented, not both")
-    if stream is not None or segment is not None:
-        what = "streamed" if stream is not None else "segmented"
+    if stream is not None:
         if kind not in ("PUSH", "DATA"):
-            raise ProtocolError(f"only PUSH and DATA can be {what}, not {kind}")
+            raise ProtocolError(f"only PUSH and DATA can be streamed, not {kind}")
         if object_nbytes is not None:
-            raise ProtocolError(f"a {what} message cannot carry an object frame")
+            raise ProtocolError("a streamed message cannot carry an object frame")
     tensors: list[TensorDesc] = []
     seen: set[tuple[str, str]] = set()
     total = 0
     for i, d in enumerate(descs):
-        desc = _parse_desc(i, d, limits, streamed=stream is not None or segment is not None)
+        desc = _parse_desc(i, d, limits, streamed=stream is not None)
         if (desc.key, desc.field) in seen:
             raise ProtocolError(f"{desc.name} appears twice in the header")
         seen.add((desc.key, desc.field))
@@ -395,7 +380,6 @@ def _parse_header(view: memoryview, limits: Limits) -> Header:
         doc,
         stream,
         tied,
-        segment,
     )
 
 

@@ -33,15 +33,12 @@ __all__ = [
     "CHUNK_PREFIX",
     "DEFAULT_STREAM",
     "MAX_STREAM_ID_CHARS",
-    "MIN_SEGMENT_BYTES",
-    "WHOLE_PREFIXES",
     "ChunkLayout",
     "StreamConfig",
     "chunk_meta",
     "credit_meta",
     "parse_chunk_meta",
     "parse_credit_meta",
-    "segment_frames",
 ]
 
 MiB = 2**20
@@ -49,13 +46,6 @@ MiB = 2**20
 #: Every CHUNK header starts with these bytes (``encode`` writes ``kind`` first),
 #: which lets a receiver route chunks to ``recv_into`` without parsing JSON first.
 CHUNK_PREFIX = MAGIC + bytes([PROTOCOL_VERSION]) + b'{"kind":"CHUNK"'
-#: First bytes of the PUSH and DATA headers, whose tensors a receiver may land
-#: frame by frame when the message is segmented.
-WHOLE_PREFIXES = tuple(
-    MAGIC + bytes([PROTOCOL_VERSION]) + b'{"kind":"' + kind + b'"' for kind in (b"PUSH", b"DATA")
-)
-#: Smallest segment a header may announce (bounds the frames per message).
-MIN_SEGMENT_BYTES = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +57,13 @@ class StreamConfig:
     threshold : int
         Messages with more raw tensor bytes than this are streamed; smaller
         ones go as one multipart message (faster: no credit round trips).
+    tensor_threshold : int
+        Messages with the ``raw`` codec and a tensor of more bytes than this
+        are streamed too.  A frame above glibc's 32 MiB mmap threshold is a
+        fresh mapping whose pages fault in on every receive, and a multipart
+        message reaches the receiver only once all of it arrived; chunks are
+        separate messages, each landed in its tensor while the next one is on
+        the wire (docs/performance-notes.md).
     chunk_bytes : int
         Payload bytes per CHUNK message (docs/zeromq.md §16: a few MiB).
     window_bytes : int
@@ -84,6 +81,7 @@ class StreamConfig:
     """
 
     threshold: int = 1024 * MiB
+    tensor_threshold: int = 16 * MiB
     chunk_bytes: int = 8 * MiB
     window_bytes: int = 64 * MiB
     receive_budget: int = 2048 * MiB
@@ -99,43 +97,25 @@ class StreamConfig:
                 f"window_bytes ({self.window_bytes}): a chunk could never be sent"
             )
 
-    def segment_for(
-        self, tensors: Mapping[str, Mapping[str, Any]], limits: Limits, codec: str = "raw"
-    ) -> int | None:
-        """The frame size to segment a whole message into, or None to send one frame per tensor.
-
-        A message with the ``raw`` codec is segmented when a tensor is above
-        ``chunk_bytes``: frames of a few MiB stay below glibc's mmap
-        threshold, so neither end faults in fresh pages for them, and the
-        receiver lands each in its tensor as it arrives, while libzmq's I/O
-        thread receives the next (docs/performance-notes.md).
-        """
-        if codec != "raw":
-            return None
-        chunk = self.chunk_within(limits)
-        for fields_ in tensors.values():
-            for t in fields_.values():
-                if t.numel() * t.element_size() > chunk:
-                    return chunk
-        return None
-
     def chunk_within(self, limits: Limits) -> int:
         """Payload bytes per CHUNK for a receiver with ``limits``: the setting, within its frames."""
         return min(self.chunk_bytes, limits.max_frame_bytes)
 
-    def should_stream(self, tensors: Mapping[str, Mapping[str, Any]], limits: Limits) -> bool:
+    def should_stream(
+        self, tensors: Mapping[str, Mapping[str, Any]], limits: Limits, codec: str = "raw"
+    ) -> bool:
         """Whether a message with ``tensors`` must be streamed rather than sent whole.
 
-        True when its raw bytes exceed ``threshold`` (the receiver's credit
-        then bounds what is in flight), or one tensor would not fit the
-        receiver's ``max_frame_bytes`` in a single frame.
+        True when its raw bytes exceed ``threshold``, when one tensor would
+        not fit the receiver's ``max_frame_bytes`` in a single frame, or, with
+        the ``raw`` codec, when a tensor is above ``tensor_threshold``.
         """
         total = 0
         seen: set[int] = set()
         for fields_ in tensors.values():
             for t in fields_.values():
                 n = t.numel() * t.element_size()
-                if n > limits.max_frame_bytes:
+                if n > limits.max_frame_bytes or (codec == "raw" and n > self.tensor_threshold):
                     return True
                 if id(t) not in seen:  # tied names are sent once
                     seen.add(id(t))
@@ -165,22 +145,6 @@ class ChunkLayout:
             total += s
         #: All the stream's bytes.
         self.total = total
-
-    def count(self, chunk_bytes: int) -> int:
-        """How many chunks :meth:`plan` yields, computed without iterating them."""
-        if chunk_bytes <= 0:
-            raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        n, pending = 0, 0
-        for size in self.sizes:
-            if size >= chunk_bytes:
-                n += (pending > 0) + -(-size // chunk_bytes)
-                pending = 0
-                continue
-            if pending and pending + size > chunk_bytes:
-                n += 1
-                pending = 0
-            pending += size
-        return n + (pending > 0)
 
     def pieces(self, offset: int, nbytes: int) -> list[tuple[int, int, int]]:
         """``(tensor index, start within tensor, length)`` covering ``[offset, offset+nbytes)``."""
@@ -227,31 +191,6 @@ class ChunkLayout:
             pending += size
         if pending:
             yield pending_start, pending
-
-
-def _flat(buf: Any) -> memoryview:
-    """A flat byte view of an encoded buffer (a uint8 numpy array or bytes)."""
-    view = memoryview(buf)
-    return view if view.ndim == 1 and view.format in ("B", "b", "c") else view.cast("B")
-
-
-def segment_frames(buffers: Sequence[Any], segment: int) -> list[Any]:
-    """The frames of a segmented message: ``buffers``' bytes laid end to end, cut by ``plan``.
-
-    A frame within one tensor is a zero-copy slice of its buffer; small
-    tensors packed together are copied into one frame.
-    """
-    views = [_flat(b) for b in buffers]
-    layout = ChunkLayout([v.nbytes for v in views])
-    frames: list[Any] = []
-    for offset, nbytes in layout.plan(segment):
-        pieces = layout.pieces(offset, nbytes)
-        if len(pieces) == 1:
-            i, start, length = pieces[0]
-            frames.append(views[i][start : start + length])
-        else:
-            frames.append(b"".join(views[i][s : s + n] for i, s, n in pieces))
-    return frames
 
 
 def _stream_id(value: Any, what: str) -> str:
