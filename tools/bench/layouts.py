@@ -217,7 +217,7 @@ def _cases(quick: bool) -> list[tuple[str, str]]:
 
 
 def run(quick: bool = False, log: Any = print) -> list[dict[str, Any]]:
-    """Rows of the layouts family (``quick``: one 8 MiB halves layout, streamed and segmented small)."""
+    """Rows of the layouts family (``quick``: one 8 MiB halves layout, streamed in 1 MiB chunks)."""
     rows: list[dict[str, Any]] = []
     for label, spec in _cases(quick):
         if spec.startswith("model:"):

@@ -4,7 +4,8 @@ Usage::
 
     python tools/bench/run.py [--quick] [--only NAME[,NAME]] [--out docs]
 
-Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge, header, layouts.
+Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge, header, layouts,
+alloc.
 Every figure that has a target is a ratio against a baseline measured in the
 same run on the same machine (numbers drift by tens of percent between runs
 on shared machines; ratios much less). ``--quick`` uses tiny sizes and runs
@@ -44,6 +45,7 @@ RUNNERS = {
     "huge": ("huge", "run"),
     "header": ("header", "run"),
     "layouts": ("layouts", "run"),
+    "alloc": ("alloc", "run"),
 }
 FAMILIES = tuple(RUNNERS)
 
@@ -234,6 +236,10 @@ def write_markdown(
         "  the same number of bytes, measured before and after, the better kept.",
         "  Peak RSS added: VmHWM growth over the timed steps, on each end. The LoRA",
         "  row compares the bytes a partial collaborator exchanges with the model.",
+        "- **alloc**: 256 MiB copied into a fresh `torch.empty`, into",
+        "  `fresh_tensor` (an anonymous mapping advised to use transparent huge",
+        "  pages) and into a buffer already faulted in; medians of 5, against the",
+        "  warm copy.",
         "",
         "## The receive-side lever",
         "",
@@ -245,10 +251,10 @@ def write_markdown(
         "to 32 MiB and the trim threshold to 2 GiB, so frames up to 32 MiB reuse",
         "already-mapped heap: steady-state steps take ~0 page faults. The",
         "`ZMQFED_TUNE_MALLOC=0` row above shows the same download without it.",
-        "A message with a tensor above `StreamConfig.chunk_bytes` (8 MiB) is",
-        "segmented into frames of at most 8 MiB, so no received frame is mmapped,",
-        "and each frame lands in its tensor with `recv_into` while libzmq's I/O",
-        "thread receives the next (family `layouts`).",
+        "A message with a tensor above `StreamConfig.tensor_threshold` (16 MiB)",
+        "is streamed in 8 MiB chunks, so no received frame is mmapped, and each",
+        "chunk lands in its tensor with `recv_into` while the next is on the wire",
+        "(family `layouts`).",
         "",
     ]
     path.write_text("\n".join(lines))
