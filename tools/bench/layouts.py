@@ -167,7 +167,7 @@ def _collaborator(
 
         out["inplace"], out["inplace_peak"] = _timed(down_in_place, reps)
         probe = next(iter(sd.values()))
-        out["inplace_ok"] = float(probe.detach().reshape(-1)[0]) != 0.0
+        out["inplace_ok"] = bool(probe.detach().any())  # the collaborator started at zeros
         inplace.close()
         m = Maintainer(props, sd, stream=_stream(quick))
 
