@@ -103,6 +103,10 @@ class App:
         line's ``--set sample=K`` (``fraction``, ``sample_seed``,
         ``over_select``) overrides these; ``--set min_online=N`` waits for N
         online collaborators before each draw.
+    partial:
+        Collaborators exchange only the trainable tensors of ``model``
+        (:func:`zmqfed.partial.trainable_state_dict`: LoRA adapters, a head
+        over a frozen backbone); aggregators keep the whole model.
     """
 
     model: Any
@@ -122,6 +126,7 @@ class App:
     fraction: float | None = None
     sample_seed: int = 0
     over_select: float = 0.0
+    partial: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:

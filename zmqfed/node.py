@@ -48,6 +48,7 @@ from zmqfed.meta import Meta
 from zmqfed.names import name_path
 from zmqfed.ops import NodeOps, OpsOptions
 from zmqfed.optim import FederatedOptimizer
+from zmqfed.partial import trainable_state_dict
 from zmqfed.props import AGGREGATOR, FederatedProperties
 from zmqfed.topo import Topology, analysis
 
@@ -161,12 +162,16 @@ class NodeRunner:
 
     def _maintainer(self, props: FederatedProperties) -> Maintainer:
         codec = str(props.settings.get("codec") or self.ctx.options.get("codec") or "raw")
+        partial = self.app.partial and props.collaborator
         m = Maintainer(
             props,
-            self.app.model.state_dict(keep_vars=True),
+            trainable_state_dict(self.app.model)
+            if partial
+            else self.app.model.state_dict(keep_vars=True),
             socket_options=self.socket_options,
             codec=codec,
             curve=self.curve,
+            partial=partial,
         )
         self.maintainers.append(m)
         self.ops.watch(m)

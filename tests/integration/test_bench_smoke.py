@@ -110,3 +110,27 @@ def test_huge_quick() -> None:
     speeds = [r for r in rows if r["unit"] == "GB/s"]
     assert len(speeds) == 2 and all(r["note"] == "values checked on arrival" for r in speeds)
     assert all(r["met"] for r in rows if "peak RSS" in r["name"] and "sender" in r["name"])
+
+
+def test_header_quick() -> None:
+    rows = _rows("header")
+    _check_rows(rows)
+    sized = [r for r in rows if r["name"].startswith("header bytes per tensor")]
+    assert len(sized) == 3 and all(r["met"] for r in sized)  # every header fits its bound
+
+
+def test_layouts_quick() -> None:
+    rows = _rows("layouts")
+    _check_rows(rows)
+    speeds = [r for r in rows if r["unit"] == "GB/s"]
+    assert len(speeds) == 3 and not any("NOT LANDED" in r.get("note", "") for r in speeds)
+
+
+def test_alloc_quick() -> None:
+    rows = _rows("alloc")
+    _check_rows(rows)
+    assert [r["name"].split(", ")[1] for r in rows] == [
+        "warm buffer",
+        "fresh torch.empty",
+        "fresh_tensor (huge pages)",
+    ]

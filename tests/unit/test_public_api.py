@@ -351,3 +351,35 @@ def test_security_and_zap_all_are_pinned():
     for module in (security, zap):
         for name in module.__all__:
             assert hasattr(module, name), name
+
+
+def test_partial_all_is_pinned():
+    from zmqfed import partial
+
+    assert partial.__all__ == ["trainable_state_dict"]
+    assert callable(partial.trainable_state_dict)
+
+
+def test_error_codes_are_pinned():
+    from zmqfed.federated import ErrorCode
+
+    assert sorted(code.value for code in ErrorCode) == sorted(
+        [
+            "protocol",
+            "unknown-peer",
+            "identity",
+            "fingerprint",
+            "hello-first",
+            "stale-incarnation",
+            "unexpected",
+            "bad-upload",
+            "already-counted",
+            "name-in-use",
+            "discarded",
+            "stream",
+            "stream-aborted",
+            "over-capacity",
+            "channel",
+            "subset",
+        ]
+    )

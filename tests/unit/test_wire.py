@@ -301,7 +301,7 @@ def test_public_api_is_pinned() -> None:
         ]
     )
     assert CODECS == ("raw", "lz4", "shuffle-lz4", "auto")
-    assert MAGIC == b"ZMQFED" and PROTOCOL_VERSION == 1
+    assert MAGIC == b"ZMQFED" and PROTOCOL_VERSION == 2
     assert KINDS == (
         "HELLO",
         "WELCOME",

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zmqfed.errors import ProtocolError
-from zmqfed.wire import CODECS, MAGIC, Envelope, Limits, decode, encode
+from zmqfed.wire import CODECS, MAGIC, PROTOCOL_VERSION, Envelope, Limits, decode, encode
 from zmqfed.wire.header import DTYPES
 
 MAX_EXAMPLES = 400
@@ -37,7 +37,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-PREFIX = MAGIC + b"\x01"
+PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 peaks: list[int] = []
 
 

@@ -20,9 +20,11 @@ import torch
 import zmqfed.wire.codec as codec_mod
 import zmqfed.wire.frames as frames_mod
 from zmqfed.errors import ProtocolError
-from zmqfed.wire import MAGIC, Envelope, Limits, decode, encode, header_only
+from zmqfed.wire import MAGIC, PROTOCOL_VERSION, Envelope, Limits, decode, encode, header_only
 
 Frames = list[Any]
+#: The version byte this node speaks.
+V = bytes([PROTOCOL_VERSION])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -37,7 +39,7 @@ def doc_of(frames: Frames) -> dict[str, Any]:
     return doc
 
 
-def header(doc: Any, *, version: int = 1, magic: bytes = MAGIC) -> bytes:
+def header(doc: Any, *, version: int = PROTOCOL_VERSION, magic: bytes = MAGIC) -> bytes:
     return magic + bytes([version]) + json.dumps(doc).encode()
 
 
@@ -99,21 +101,21 @@ HEADER_CASES: dict[str, tuple[Frames, str]] = {
     "partial magic": ([b"ZMQ"], "truncated"),
     "wrong magic": ([b"XMQFED\x01{}"], r"not a zmqfed message.*b'XMQFED'"),
     "http": ([b"GET / HTTP/1.1\r\n"], "not a zmqfed message"),
-    "wrong version": ([header({}, version=2)], "peer speaks protocol 2, this node speaks 1"),
+    "wrong version": ([header({}, version=1)], "peer speaks protocol 1, this node speaks 2"),
     "version 0": ([header({}, version=0)], "peer speaks protocol 0"),
-    "bad json": ([MAGIC + b"\x01{not json"], "not valid UTF-8 JSON"),
+    "bad json": ([MAGIC + V + b"{not json"], "not valid UTF-8 JSON"),
     "truncated json": ([valid()[0][:40], valid()[1]], "not valid UTF-8 JSON"),
-    "bad utf8": ([MAGIC + b'\x01{"kind":"\xff"}'], "not valid UTF-8 JSON"),
-    "not an object": ([MAGIC + b"\x01[1,2]"], "must be an object, got list"),
-    "NaN": ([MAGIC + b'\x01{"x":NaN}'], "NaN"),
-    "Infinity": ([MAGIC + b'\x01{"x":-Infinity}'], "Infinity"),
-    "1e999": ([MAGIC + b'\x01{"x":1e999}'], "not finite"),
+    "bad utf8": ([MAGIC + V + b'{"kind":"\xff"}'], "not valid UTF-8 JSON"),
+    "not an object": ([MAGIC + V + b"[1,2]"], "must be an object, got list"),
+    "NaN": ([MAGIC + V + b'{"x":NaN}'], "NaN"),
+    "Infinity": ([MAGIC + V + b'{"x":-Infinity}'], "Infinity"),
+    "1e999": ([MAGIC + V + b'{"x":1e999}'], "not finite"),
     "duplicate json key": (
-        [MAGIC + b'\x01{"kind":"PUSH","kind":"PULL"}'],
+        [MAGIC + V + b'{"kind":"PUSH","kind":"PULL"}'],
         "repeats the key 'kind'",
     ),
-    "deep nesting": ([MAGIC + b"\x01" + b"[" * 30_000 + b"]" * 30_000], "not valid UTF-8 JSON"),
-    "huge int": ([MAGIC + b'\x01{"seq":' + b"9" * 5000 + b"}"], "JSON"),
+    "deep nesting": ([MAGIC + V + b"[" * 30_000 + b"]" * 30_000], "not valid UTF-8 JSON"),
+    "huge int": ([MAGIC + V + b'{"seq":' + b"9" * 5000 + b"}"], "JSON"),
 }
 
 

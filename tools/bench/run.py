@@ -4,7 +4,8 @@ Usage::
 
     python tools/bench/run.py [--quick] [--only NAME[,NAME]] [--out docs]
 
-Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge.
+Families (``--only``): transfer, fanout, aggregate, overhead, codec, huge, header, layouts,
+alloc.
 Every figure that has a target is a ratio against a baseline measured in the
 same run on the same machine (numbers drift by tens of percent between runs
 on shared machines; ratios much less). ``--quick`` uses tiny sizes and runs
@@ -42,6 +43,9 @@ RUNNERS = {
     "overhead": ("overhead", "run"),
     "codec": ("codec", "run"),
     "huge": ("huge", "run"),
+    "header": ("header", "run"),
+    "layouts": ("layouts", "run"),
+    "alloc": ("alloc", "run"),
 }
 FAMILIES = tuple(RUNNERS)
 
@@ -123,6 +127,15 @@ def write_markdown(
         "",
         f"- date: {facts['date']}",
         f"- command: `{command}` ({elapsed / 60:.1f} min)",
+        *(
+            [
+                f"- families kept from earlier runs (their dates are in `bench/results.jsonl`): "
+                f"{', '.join(facts['kept'])}; reproduce them with `python tools/bench/run.py "
+                f"--only {','.join(facts['kept'])}`"
+            ]
+            if facts.get("kept")
+            else []
+        ),
         f"- CPU: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB RAM",
         f"- load average at start: {facts['loadavg_start']} (other work on the machine skews absolute numbers)",
         f"- Python {facts['python']}, torch {facts['torch']}, pyzmq {facts['pyzmq']} "
@@ -206,6 +219,27 @@ def write_markdown(
         "  raw TCP into a preallocated buffer and have no target: streaming adds a",
         "  `recv_into` copy and credit round trips, and below 1 GiB messages go",
         '  whole (docs/design-notes.md, "Chunked streaming under credit").',
+        "- **header**: the header of a PUSH listing every tensor of a layout (800",
+        "  `nn.Sequential` names, GPT-2 small's 148 names, 10,000 tensors with Adam's",
+        "  two moments): its bytes per descriptor against the bound",
+        "  `Limits.for_model` derives from the model, and the time `parse_header` takes",
+        "  to validate it (best of 7), per descriptor.",
+        "- **layouts**: real layouts between two spawned processes over tcp: `halves`",
+        "  (tensors of 1/2, 1/4, 1/8, ... of the model, float32) at 128 MiB, 512 MiB",
+        "  and 2 GiB, and ResNet-50, BERT-base and GPT-2 small built at full size from",
+        "  `transformers` configs (GPT-2's tied head counted once). Download in place:",
+        "  `step(upload=False)` with `download_in_place=True` plus `unpackage()`, which",
+        "  finds the values already in the model; download + unpackage: the default",
+        "  collaborator; upload: `step(download=False)` until the aggregator's ACK,",
+        "  after it received the upload into fresh tensors and checked it. Medians of",
+        "  4 timed steps after a warm-up (2 at 2 GiB); the raw-socket baseline moves",
+        "  the same number of bytes, measured before and after, the better kept.",
+        "  Peak RSS added: VmHWM growth over the timed steps, on each end. The LoRA",
+        "  row compares the bytes a partial collaborator exchanges with the model.",
+        "- **alloc**: 256 MiB copied into a fresh `torch.empty`, into",
+        "  `fresh_tensor` (an anonymous mapping advised to use transparent huge",
+        "  pages) and into a buffer already faulted in; medians of 5, against the",
+        "  warm copy.",
         "",
         "## The receive-side lever",
         "",
@@ -217,9 +251,10 @@ def write_markdown(
         "to 32 MiB and the trim threshold to 2 GiB, so frames up to 32 MiB reuse",
         "already-mapped heap: steady-state steps take ~0 page faults. The",
         "`ZMQFED_TUNE_MALLOC=0` row above shows the same download without it.",
-        "Tensors above 32 MiB are still mmapped per message (splitting them into",
-        "smaller frames is the next lever; the state dicts here hold tensors of",
-        "at most 16 MiB).",
+        "A message with a tensor above `StreamConfig.tensor_threshold` (16 MiB)",
+        "is streamed in 8 MiB chunks, so no received frame is mmapped, and each",
+        "chunk lands in its tensor with `recv_into` while the next is on the wire",
+        "(family `layouts`).",
         "",
     ]
     # the cross-device section is measured by tools/loadgen/run.py, kept here
@@ -227,6 +262,26 @@ def write_markdown(
 
     scale = section_from(path.parent / "bench" / "scale.jsonl")
     path.write_text("\n".join(lines) + ("\n" + scale if scale else ""))
+
+
+def _earlier_rows(path: Path, rerun: set[str]) -> list[dict[str, Any]]:
+    """Rows of the families not re-run now, from the last results file (``--only``)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and r.get("family") not in rerun and not r.get("quick"):
+            rows.append(r)
+    return rows
+
+
+def _in_family_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    order = {name: i for i, name in enumerate(FAMILIES)}
+    return sorted(rows, key=lambda r: order.get(r.get("family", ""), len(order)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         out = Path(args.out)
         (out / "bench").mkdir(parents=True, exist_ok=True)
-        with open(out / "bench" / "results.jsonl", "w") as f:
-            for r in rows:
-                f.write(
-                    json.dumps({**r, "date": facts["date"], "quick": args.quick}, allow_nan=True)
-                    + "\n"
-                )
-        write_markdown(out / "benchmarks.md", facts, rows, command, elapsed)
+        results = out / "bench" / "results.jsonl"
+        fresh = [{**r, "date": facts["date"], "quick": args.quick} for r in rows]
+        kept = _earlier_rows(results, set(names)) if args.only else []
+        facts["kept"] = sorted({r["family"] for r in kept})
+        with open(results, "w") as f:
+            for r in _in_family_order(fresh + kept):
+                f.write(json.dumps(r, allow_nan=True) + "\n")
+        write_markdown(
+            out / "benchmarks.md", facts, _in_family_order(fresh + kept), command, elapsed
+        )
         print(f"wrote {out / 'benchmarks.md'} and {out / 'bench' / 'results.jsonl'}")
     return 0
 

@@ -303,7 +303,7 @@ class AggregatorSide:
         if request is None:  # a hook discarded it meanwhile
             return False
         try:
-            data = m.receive(request.tensors, pipe.nick_name)
+            data = m.receive(request.tensors, pipe.nick_name, pipe.declared)
             check_upload_meta(request.meta, pipe.nick_name)
         except ProtocolError as exc:
             # rate-limited and cut short: the reason quotes what the peer sent

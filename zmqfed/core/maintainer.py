@@ -14,7 +14,7 @@ in-memory network (``network=MemoryNetwork()``) in unit tests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -90,10 +90,19 @@ class Maintainer:
         ``param`` (:attr:`upload_fields`; ``package(fed_optim)`` adds the
         optimizers' own).
     download_in_place:
-        A collaborator receives a streamed model straight into its own
-        ``state_dict`` tensors (same dtype and shape), so a huge model needs
-        no second copy.  The tensors then hold the download as soon as
-        ``step()`` returns, before ``unpackage``.
+        A collaborator receives a streamed model (above ``stream.threshold``,
+        or with a tensor above ``stream.tensor_threshold``) straight into its
+        own ``state_dict`` tensors (same dtype and shape): no second copy,
+        and ``unpackage`` has nothing left to copy.  The tensors then hold
+        the download as soon as ``step()`` returns, before ``unpackage``.
+    partial:
+        A collaborator whose ``state_dict`` is a subset of the aggregator's
+        model (its trainable tensors, e.g.
+        :func:`zmqfed.partial.trainable_state_dict`, or ``peft`` LoRA
+        adapters): it declares these names when it says HELLO, downloads
+        only them and uploads exactly them; the aggregator refuses an upload
+        that carries another set, and the rules average each tensor over the
+        updates that carry it (docs/protocol.md §5).
     link_monitor:
         Collaborator: watch the connection with a socket monitor (the
         default).  ``False`` saves two of the three sockets a collaborator
@@ -124,6 +133,7 @@ class Maintainer:
         network: Network | None = None,
         upload_fields: Iterable[str] = (),
         link_monitor: bool = True,
+        partial: bool = False,
     ) -> None:
         if not isinstance(fed_props, FederatedProperties):
             raise ConfigError(
@@ -145,6 +155,13 @@ class Maintainer:
         #: The node's CurveZMQ keys, or None (hooks may use them, e.g. for key agreement).
         self.curve = curve
         self.download_in_place = download_in_place
+        if partial and fed_props.aggregator:
+            raise ConfigError(
+                "partial=True is for collaborators: an aggregator holds the whole model "
+                "and serves each collaborator the subset it declared"
+            )
+        #: A collaborator exchanging only its ``state_dict``'s names (a subset of the model).
+        self.partial = partial
         self.state_dict: dict[str, Tensor] = dict(state_dict) if state_dict is not None else {}
         self.version = 0
         self.meta = Meta()
@@ -193,7 +210,10 @@ class Maintainer:
             )
             self._side = AggregatorSide(self, group, idle_interval=idle_interval)
         else:
-            link = CollaboratorTransport(fed_props, monitor=link_monitor, **transport)
+            declared = (lambda: list(self.state_dict)) if partial else None
+            link = CollaboratorTransport(
+                fed_props, monitor=link_monitor, declared=declared, **transport
+            )
             self._side = CollaboratorSide(self, link)
             self.pipe = link.pipe
             self.pipes.append(link.pipe)
@@ -373,16 +393,24 @@ class Maintainer:
         return self.apply_hooks(source, unpackage=False)
 
     def receive(
-        self, data: Mapping[str, Mapping[str, Tensor]], sender: str
+        self,
+        data: Mapping[str, Mapping[str, Tensor]],
+        sender: str,
+        names: Collection[str] | None = None,
     ) -> dict[str, dict[str, Tensor]]:
         """Check received tensors, run the unpackage hooks on them, check the result.
 
+        ``names``: the subset of ``state_dict`` the sender declared it
+        exchanges (None: all of it); the data must carry exactly those.
         Raises ``ProtocolError`` naming the problem; nothing of refused data
         is kept (:func:`zmqfed.core.received.check_received`).
         """
+        own = self.state_dict
+        if names is not None:
+            own = {n: p for n, p in own.items() if n in names}
         return check_received(
             data,
-            self.state_dict,
+            own,
             lambda d: self.apply_hooks(d, unpackage=True),
             sender,
             fields=self.upload_fields if self.aggregator else None,
@@ -391,7 +419,9 @@ class Maintainer:
     def record_upload(self, data: dict[str, dict[str, Tensor]], meta: Meta, sender: str) -> None:
         """Keep a received (validated) upload: ``data``, ``data_list``, ``meta_list``, ``sender_list``."""
         self.data = data
-        self.data_list.append({p: data[name] for name, p in self.state_dict.items()})
+        # keyed by this node's tensors: tied names (one tensor) give one entry,
+        # and a partial upload only the tensors it carries
+        self.data_list.append({p: data[n] for n, p in self.state_dict.items() if n in data})
         self.meta_list.append(meta)
         self.sender_list.append(sender)
 

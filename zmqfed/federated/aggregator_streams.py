@@ -61,42 +61,49 @@ class ServedModel:
         self.limits = limits
         self.stream = stream
         self._data: Packaged | None = None
-        self._whole: EncodedTensors | None = None  # a snapshot, shared by every DATA
-        self._streamed: EncodedTensors | None = None  # live views, sent in chunks
+        # per subset of names (None: the whole model) and way of sending:
+        # whole messages share one snapshot; streams send live views in chunks
+        self._encoded: dict[tuple[frozenset[str] | None, bool], EncodedTensors] = {}
         #: Times the served model was encoded.
         self.encodes = 0
 
     def changed(self) -> None:
         """The served state changed: encode again on the next download."""
-        self._data = self._whole = self._streamed = None
+        self._data = None
+        self._encoded.clear()
 
-    def frames_for(self, peer: Limits) -> tuple[EncodedTensors, bool]:
+    def frames_for(
+        self, peer: Limits, subset: frozenset[str] | None = None
+    ) -> tuple[EncodedTensors, bool]:
         """The frames to serve a peer with limits ``peer``, and whether to stream them.
 
-        Streamed when the model is above the stream threshold or a tensor is
-        above what the peer accepts in one frame (its HELLO said).
+        Streamed when the model is above the stream threshold, a tensor is
+        above what the peer accepts in one frame (its HELLO said), or with
+        the raw codec above ``StreamConfig.tensor_threshold``.  A peer
+        that declared a ``subset`` of the names gets only those; each subset
+        is encoded once per state.
         """
         if self._data is None:
             with torch.no_grad():
                 self._data = self._source()
-        if self.stream.should_stream(self._data, peer):
-            if self._streamed is None:
+        data = self._data
+        if subset is not None:
+            data = {name: fields for name, fields in data.items() if name in subset}
+        streamed = self.stream.should_stream(data, peer, self.codec)
+        encoded = self._encoded.get((subset, streamed))
+        if encoded is None:
+            self.encodes += 1
+            if streamed:
                 # Chunks are sent from the live tensors (no second copy of a huge
                 # model); before anyone may change them, StreamDesk.quiesce waits
                 # until the port is done with them.
-                self.encodes += 1
-                self._streamed = encode_tensors(
-                    self._data, codec="raw", limits=self.limits, streamed=True
-                )
-            return self._streamed, True
-        if self._whole is None:
-            # A snapshot: the port reads the buffers after send() returned,
-            # while the user may already be averaging into the live tensors.
-            self.encodes += 1
-            self._whole = encode_tensors(
-                self._data, codec=self.codec, limits=self.limits, snapshot=True
-            )
-        return self._whole, False
+                encoded = encode_tensors(data, codec="raw", limits=self.limits, streamed=True)
+            else:
+                # A snapshot: the port reads the buffers after send() returned,
+                # while the user may already be averaging into the live tensors.
+                encoded = encode_tensors(data, codec=self.codec, limits=self.limits, snapshot=True)
+            self._encoded[(subset, streamed)] = encoded
+        return encoded, streamed
 
 
 class StreamDesk:
@@ -124,6 +131,10 @@ class StreamDesk:
         self._receiving: dict[AggregatorPipe, None] = {}
         self._sending: dict[AggregatorPipe, None] = {}
 
+    def known_names(self) -> Collection[str] | None:
+        """The tensor names uploads may carry (None: any)."""
+        return None if self._names is None else self._names()
+
     # -- uploads -------------------------------------------------------------
     def announce(self, pipe: AggregatorPipe, env: Envelope) -> AggregatorPipe | None:
         """Admit an announced upload now, or queue it until the budget has room.
@@ -132,8 +143,8 @@ class StreamDesk:
         """
         assert env.stream is not None
         self.drop(pipe)  # a re-sent announce replaces the unfinished stream
-        if self._names is not None:
-            known = self._names()
+        known = pipe.declared if pipe.declared is not None else self.known_names()
+        if known is not None:
             unknown = [d.key for d in env.stream.tensors if d.key not in known]
             if unknown:
                 self.t.refuse_message(

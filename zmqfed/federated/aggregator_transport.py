@@ -434,7 +434,7 @@ class AggregatorTransport:
         if self.members.contributed(pipe):  # a restarted member need not train this version again
             meta = Meta(meta)
             meta[CONTRIBUTED] = True
-        encoded, streamed = self.served.frames_for(self.peer_limits(pipe))
+        encoded, streamed = self.served.frames_for(self.peer_limits(pipe), pipe.declared)
         if streamed:
             return self.streams.start(pipe, request.seq, meta.to_json_dict(), encoded)
         return self.send(

@@ -10,9 +10,13 @@ lands.  Reading and sending on a port is :mod:`zmqfed.federated.protocol`'s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import mmap
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +30,17 @@ from zmqfed.wire import ChunkLayout, EncodedTensors, Envelope, Kind, encode
 from zmqfed.wire.codec import tensor_bytes
 from zmqfed.wire.header import DTYPES, TensorDesc
 from zmqfed.wire.stream import chunk_meta
+from zmqfed.wire.tensors import apply_tied
 
-__all__ = ["ChunkSender", "Destination", "InStream", "OutStream", "new_stream_id"]
+__all__ = [
+    "HUGE_PAGE_BYTES",
+    "ChunkSender",
+    "Destination",
+    "InStream",
+    "OutStream",
+    "fresh_tensor",
+    "new_stream_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +50,32 @@ Destination = Callable[[TensorDesc], "torch.Tensor | None"]
 #: Sends one CHUNK message's frames; returns a tracker for zero-copy frames,
 #: None when the frames were copied, or raises ``WouldBlock`` at the HWM.
 ChunkSender = Callable[[list[Any]], "Tracker | None"]
+
+
+#: Fresh receive tensors from this size on are backed by transparent huge pages.
+HUGE_PAGE_BYTES = 4 * 2**20
+
+
+def fresh_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor to receive into, cheap to fault in when it is large.
+
+    A fresh tensor's pages fault in on first write, 4 KiB at a time, which
+    costs more than receiving the bytes (docs/performance-notes.md). From
+    ``HUGE_PAGE_BYTES`` on, the memory is an anonymous mapping advised to use
+    transparent huge pages (2 MiB per fault; measured 6 GB/s against 2 GB/s
+    for filling a fresh ``torch.empty``); the tensor keeps the mapping alive.
+    Where huge pages are unavailable the advice is ignored.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    with warnings.catch_warnings():  # the mapping is writable; torch warns for read-only ones
+        warnings.simplefilter("ignore")
+        flat = torch.frombuffer(mapping, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
 
 
 def new_stream_id() -> str:
@@ -207,7 +246,7 @@ class InStream:
                 and t.device.type == "cpu"
             ):
                 return t.detach()
-        return torch.empty(desc.shape, dtype=dtype)
+        return fresh_tensor(desc.shape, dtype)
 
     @property
     def done(self) -> bool:
@@ -276,5 +315,5 @@ class InStream:
             seq=env.seq,
             incarnation=env.incarnation,
             meta=env.meta,
-            tensors=self.tensors,
+            tensors=apply_tied(dict(self.tensors), env.stream.tied if env.stream else ()),
         )

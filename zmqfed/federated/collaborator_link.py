@@ -31,7 +31,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -147,9 +147,12 @@ class CollaboratorLink:
         options: SocketOptions | None = None,
         curve: Curve | None = None,
         monitor: bool = True,
+        declared: Callable[[], Collection[str] | None] | None = None,
     ) -> None:
         assert props.address.endpoint is not None
         require_curve_for_pickle(limits, curve)
+        #: The tensor names this collaborator exchanges, declared in HELLO (None: all).
+        self.declared = declared
         self.nick_name = props.nick_name
         self.aggregator_name = props.aggregator_name
         self.endpoint = props.address.endpoint
@@ -259,6 +262,7 @@ class CollaboratorLink:
                     aggregator=self.aggregator_name,
                     endpoint=self.endpoint,
                     limits=self.limits,
+                    tensors=self.declared() if self.declared is not None else None,
                 ),
             )
             self._lost = self._relinked = False

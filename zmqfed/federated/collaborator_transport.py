@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
+from collections.abc import Callable, Collection
 from typing import Any
 
 from zmqfed.errors import (
@@ -39,7 +39,7 @@ from zmqfed.federated.collaborator_link import (
     remaining_ms,
 )
 from zmqfed.federated.pipe import CollaboratorPipe
-from zmqfed.federated.ports import Frame, Network
+from zmqfed.federated.ports import Frame, Network, WouldBlock
 from zmqfed.federated.protocol import (
     REHELLO_ERRORS,
     ErrorCode,
@@ -87,9 +87,16 @@ class CollaboratorTransport:
         curve: Curve | None = None,
         stream: StreamConfig = DEFAULT_STREAM,
         monitor: bool = True,
+        declared: Callable[[], Collection[str] | None] | None = None,
     ) -> None:
         self.link = CollaboratorLink(
-            props, network=network, limits=limits, options=options, curve=curve, monitor=monitor
+            props,
+            network=network,
+            limits=limits,
+            options=options,
+            curve=curve,
+            monitor=monitor,
+            declared=declared,
         )
         self.props = props
         self.nick_name = props.nick_name
@@ -186,7 +193,7 @@ class CollaboratorTransport:
                 meta=meta,
             )
             out: OutStream | None = None
-            if tensors and self.stream.should_stream(tensors, limits):
+            if tensors and self.stream.should_stream(tensors, limits, self.codec):
                 encoded = encode_tensors(tensors, codec="raw", limits=limits, streamed=True)
                 out = OutStream(
                     new_stream_id(),
@@ -322,20 +329,44 @@ class CollaboratorTransport:
         """
         link = self.link
         stream = InStream(announce, self.stream.window_bytes, destination)
-        while True:
+
+        def grant() -> list[Any] | None:
+            """The CREDIT that keeps the window outstanding, if any is due."""
             credit = stream.credit()
-            if credit:
-                env = stamp(
-                    Kind.CREDIT,
-                    self.nick_name,
-                    seq=seq,
-                    incarnation=link.incarnation,
-                    meta=credit_meta(stream.id, credit),
-                )
-                frames = encode(env, limits=self.limits)
+            if not credit:
+                return None
+            env = stamp(
+                Kind.CREDIT,
+                self.nick_name,
+                seq=seq,
+                incarnation=link.incarnation,
+                meta=credit_meta(stream.id, credit),
+            )
+            return encode(env, limits=self.limits)
+
+        unsent: list[list[Any]] = []  # credit the port could not take at once
+
+        def land(frames: list[Frame]) -> bool:
+            # Credit goes out as each chunk lands, not once the queue is
+            # drained: the sender never waits for a window to empty.
+            consumed = self._land(stream, frames)
+            if consumed and not stream.broken and not stream.done:
+                credit = grant()
+                if credit is not None:
+                    try:
+                        link.port.send(credit)
+                        link.traffic.sent(Kind.CREDIT.value, frames_nbytes(credit))
+                    except WouldBlock:
+                        unsent.append(credit)  # sent below, where the cycle may wait
+            return consumed
+
+        while True:
+            credit = grant()
+            for frames in [*unsent, *([credit] if credit is not None else [])]:
                 if not (yield from link.send(frames, deadline, timeout)):
                     return None
                 link.traffic.sent(Kind.CREDIT.value, frames_nbytes(frames))
+            unsent.clear()
             if stream.done:
                 return stream.envelope()
             wait = remaining_ms(deadline, link.poll_ms)
@@ -346,7 +377,7 @@ class CollaboratorTransport:
                     f"stream the model ({stream.received} of {stream.total} bytes arrived)",
                 )
             if (yield Wait(wait)):
-                reply = link.read_replies(seq, partial(self._land, stream))
+                reply = link.read_replies(seq, land)
                 if stream.broken:
                     log.warning("%s: download stream broke: %s", self.nick_name, stream.broken)
                     return None

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 from zmqfed.federated.events import PeerEvent, PeerEventKind
 from zmqfed.federated.pipe import AggregatorPipe
-from zmqfed.federated.protocol import ErrorCode, hello_problem, peer_frame_bound, welcome_meta
+from zmqfed.federated.protocol import (
+    ErrorCode,
+    declared_subset,
+    hello_problem,
+    peer_frame_bound,
+    welcome_meta,
+)
 from zmqfed.wire import Envelope, Kind
 
 if TYPE_CHECKING:
@@ -82,6 +88,10 @@ class Membership:
         if problem is not None:
             self.t.refuse_message(pipe.routing_id, env.seq, *problem)
             return None
+        declared = declared_subset(env.meta, self.t.streams.known_names())
+        if isinstance(declared, tuple):
+            self.t.refuse_message(pipe.routing_id, env.seq, *declared)
+            return None
         session = str(env.meta.get("session", ""))[:64]
         if self._superseded(pipe, session):
             log.error(
@@ -103,6 +113,7 @@ class Membership:
             self.t.refuse_over_capacity(pipe, env.seq)
             return None
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
+        pipe.declared = declared
         if session != pipe.session:
             # A new collaborator process: whatever the old one asked for is void.
             pipe.request = None

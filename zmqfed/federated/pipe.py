@@ -232,6 +232,8 @@ class AggregatorPipe(Pipe):
         self.peer_frame_bytes: int | None = None
         #: A streamed download being sent.
         self.out_stream: OutStream | None = None
+        #: The tensor names the peer exchanges, as its HELLO declared (None: the whole model).
+        self.declared: frozenset[str] | None = None
 
     @property
     def state(self) -> str:

@@ -23,7 +23,7 @@ The message flow itself is described in ``docs/architecture.md``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from zmqfed.errors import ProtocolError
@@ -43,8 +43,10 @@ __all__ = [
     "CONTRIBUTED",
     "MAX_REASON_CHARS",
     "REHELLO_ERRORS",
+    "SUBSET_KEY",
     "ErrorCode",
     "Kind",
+    "declared_subset",
     "discard_rest",
     "error_meta",
     "hello_meta",
@@ -78,6 +80,7 @@ class ErrorCode(str, enum.Enum):
     STREAM = "stream"  # a chunk broke the stream's rules
     STREAM_ABORTED = "stream-aborted"  # the served model changed while it streamed
     CHANNEL = "channel"  # a pipe-channel message (SET, TRANSFER) broke its layout or bounds
+    SUBSET = "subset"  # a HELLO declares tensors the aggregator's model does not have
 
     def __str__(self) -> str:
         return self.value
@@ -129,10 +132,20 @@ def error_meta(code: ErrorCode, reason: str) -> dict[str, Any]:
 
 
 def hello_meta(
-    *, fingerprint: str, session: str, aggregator: str, endpoint: str, limits: Limits
+    *,
+    fingerprint: str,
+    session: str,
+    aggregator: str,
+    endpoint: str,
+    limits: Limits,
+    tensors: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """What a collaborator announces in HELLO: who it is and the largest frame it accepts."""
-    return {
+    """What a collaborator announces in HELLO: who it is and the largest frame it accepts.
+
+    ``tensors`` declares the subset of the model it exchanges (a partial
+    collaborator: trainable tensors, LoRA adapters); None means all of it.
+    """
+    meta: dict[str, Any] = {
         "protocol": PROTOCOL_VERSION,
         "fingerprint": fingerprint,
         "session": session,
@@ -140,6 +153,41 @@ def hello_meta(
         "endpoint": endpoint,
         "max_frame_bytes": limits.max_frame_bytes,
     }
+    if tensors is not None:
+        meta[SUBSET_KEY] = list(tensors)
+    return meta
+
+
+#: HELLO meta key: the tensor names a partial collaborator exchanges.
+SUBSET_KEY = "tensors"
+
+
+def declared_subset(
+    meta: Mapping[str, Any], known: Collection[str] | None
+) -> frozenset[str] | tuple[ErrorCode, str] | None:
+    """The subset a HELLO declares: names (all ``known``), None (the whole model), or why not.
+
+    A declaration must be a non-empty list of distinct names of the
+    aggregator's model; anything else is refused (``subset``), so a
+    collaborator never trains on a model the aggregator does not hold.
+    """
+    if SUBSET_KEY not in meta:
+        return None
+    names = meta[SUBSET_KEY]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return ErrorCode.SUBSET, "the declared tensors must be a non-empty list of names"
+    subset = frozenset(names)
+    if len(subset) != len(names):
+        return ErrorCode.SUBSET, "the declared tensors name a tensor twice"
+    if known is not None:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            return (
+                ErrorCode.SUBSET,
+                f"{len(unknown)} declared tensors are not in the aggregator's model, "
+                f"e.g. {[u[:64] for u in unknown[:3]]}",
+            )
+    return subset
 
 
 def hello_problem(

@@ -43,7 +43,7 @@ from zmqfed.wire.header import (
     parse_header,
 )
 from zmqfed.wire.limits import DEFAULT_LIMITS, Limits
-from zmqfed.wire.tensors import EncodedTensors, encode_tensors
+from zmqfed.wire.tensors import EncodedTensors, apply_tied, encode_tensors
 
 __all__ = [
     "DTYPES",
@@ -72,11 +72,14 @@ class StreamAnnounce:
         Largest payload per CHUNK (already checked against ``max_frame_bytes``).
     tensors : tuple of TensorDesc
         The validated descriptors (raw codec; total within ``max_message_bytes``).
+    tied : tuple of (str, str)
+        ``(alias, source)`` names that arrive sharing tensors.
     """
 
     id: str
     chunk: int
     tensors: tuple[TensorDesc, ...]
+    tied: tuple[tuple[str, str], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -130,12 +133,9 @@ class Envelope:
 
     @property
     def nbytes(self) -> int:
-        """Total raw (decoded) bytes of all tensors."""
-        return sum(
-            t.numel() * t.element_size()
-            for fields in self.tensors.values()
-            for t in fields.values()
-        )
+        """Total raw (decoded) bytes of all tensors (tied ones once)."""
+        unique = {id(t): t for fields in self.tensors.values() for t in fields.values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def __repr__(self) -> str:
         n = sum(len(fields) for fields in self.tensors.values())
@@ -280,6 +280,8 @@ def encode(
     }
     if stream is not None:
         doc["stream"] = {"id": stream[0], "chunk": stream[1]}
+    if encoded.tied:
+        doc["tied"] = [list(pair) for pair in encoded.tied]
     try:
         text = json.dumps(
             doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_scalar
@@ -347,7 +349,7 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
             raise ProtocolError(
                 f"a streamed {head.kind} is one header frame, this message has {len(frames)}"
             )
-        announce = StreamAnnounce(head.stream[0], head.stream[1], tuple(head.tensors))
+        announce = StreamAnnounce(head.stream[0], head.stream[1], tuple(head.tensors), head.tied)
         return _envelope(head, stream=announce)
     n_tensors = len(head.tensors)
     expected = 1 + n_tensors + (head.object_nbytes is not None)
@@ -380,6 +382,7 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Envelope:
             name=desc.name,
         )
         tensors.setdefault(desc.key, {})[desc.field] = t
+    apply_tied(tensors, head.tied)
     obj = None
     if head.object_nbytes is not None:
         # parse_header refused the object frame unless allow_pickle is set

@@ -12,6 +12,7 @@ within ``max_message_bytes`` and every frame within ``max_frame_bytes``.
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import math
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ __all__ = [
 #: First bytes of every header frame.
 MAGIC = b"ZMQFED"
 #: The byte after ``MAGIC``; a peer with another value is refused with a clear error.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Kind(str, enum.Enum):
@@ -99,6 +100,8 @@ _PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 _TOP_KEYS = ("kind", "sender", "version", "seq", "incarnation", "meta", "tensors", "object")
 #: Optional top-level key of an announced (streamed) PUSH or DATA.
 _STREAM_KEY = "stream"
+#: Optional top-level key: ``[[alias, source], ...]`` of tied tensor names.
+_TIED_KEY = "tied"
 _DESC_KEYS = ("key", "field", "dtype", "shape", "codec", "nbytes", "rawbytes")
 _DESC_KEY_SET = frozenset(_DESC_KEYS)
 _MAX_INT = 2**63 - 1
@@ -139,6 +142,8 @@ class Header:
     doc: dict[str, Any]
     #: ``(stream id, chunk bytes)`` when the tensors follow as CHUNK messages.
     stream: tuple[str, int] | None = None
+    #: ``(alias, source)`` names: the alias arrives sharing the source's tensors.
+    tied: tuple[tuple[str, str], ...] = ()
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -304,8 +309,27 @@ def _parse_object(obj: Any, limits: Limits) -> int | None:
 
 def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Validate a header frame completely; raise ``ProtocolError`` naming the fault."""
-    doc = _parse_json(frame_view(frame, 0), limits)
-    _exact_keys(doc, _TOP_KEYS, "header", optional=(_STREAM_KEY,))
+    view = frame_view(frame, 0)
+    if view.nbytes < _GC_PAUSE_BYTES or not gc.isenabled():
+        return _parse_header(view, limits)
+    # A header of thousands of descriptors makes hundreds of thousands of
+    # objects; the cyclic GC would scan the process's live objects again and
+    # again meanwhile (measured: about half the parse time). None of them can
+    # form a cycle, so the collector waits until the header is parsed.
+    gc.disable()
+    try:
+        return _parse_header(view, limits)
+    finally:
+        gc.enable()
+
+
+#: Headers from this size on are parsed with the cyclic GC paused.
+_GC_PAUSE_BYTES = 64 * 1024
+
+
+def _parse_header(view: memoryview, limits: Limits) -> Header:
+    doc = _parse_json(view, limits)
+    _exact_keys(doc, _TOP_KEYS, "header", optional=(_STREAM_KEY, _TIED_KEY))
     stream = _parse_stream(doc[_STREAM_KEY], limits) if _STREAM_KEY in doc else None
     kind = doc["kind"]
     if kind not in KINDS:
@@ -347,6 +371,7 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
                 f"limit max_message_bytes={limits.max_message_bytes}"
             )
         tensors.append(desc)
+    tied = _parse_tied(doc[_TIED_KEY], tensors, limits) if _TIED_KEY in doc else ()
     return Header(
         kind,
         doc["sender"],
@@ -358,7 +383,41 @@ def parse_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Header:
         object_nbytes,
         doc,
         stream,
+        tied,
     )
+
+
+def _parse_tied(
+    spec: Any, tensors: list[TensorDesc], limits: Limits
+) -> tuple[tuple[str, str], ...]:
+    """The ``tied`` pairs: each alias is new, each source a name the descriptors list."""
+    if not isinstance(spec, list):
+        raise ProtocolError(f"header 'tied' must be a list, got {type(spec).__name__}")
+    if len(spec) + len(tensors) > limits.max_tensors:
+        raise ProtocolError(
+            f"header lists {len(tensors)} tensors and {len(spec)} tied names, "
+            f"limit max_tensors={limits.max_tensors}"
+        )
+    keys = {d.key for d in tensors}
+    aliases: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for pair in spec:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(x, str) for x in pair)
+        ):
+            raise ProtocolError(f"header 'tied' entry {_short(pair)} must be [alias, source]")
+        alias, source = pair
+        if source not in keys:
+            raise ProtocolError(
+                f"tied name {_short(alias)} refers to {_short(source)}, which no descriptor lists"
+            )
+        if alias in keys or alias in aliases:
+            raise ProtocolError(f"tied name {_short(alias)} is described twice")
+        aliases.add(alias)
+        out.append((alias, source))
+    return tuple(out)
 
 
 def _parse_stream(spec: Any, limits: Limits) -> tuple[str, int]:

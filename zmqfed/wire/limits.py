@@ -11,21 +11,41 @@ just disconnected, docs/zeromq.md §13).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from zmqfed.errors import ConfigError
 
-__all__ = ["DEFAULT_LIMITS", "HEADER_SLACK", "Limits", "announced_frame_bound"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DESCRIPTOR_BYTES",
+    "FIELDS_PER_TENSOR",
+    "HEADER_SLACK",
+    "Limits",
+    "announced_frame_bound",
+    "header_bound",
+]
 
 #: Added to ``max_frame_bytes`` for the socket's MAXMSGSIZE so the header frame
 #: (≤ 64 KiB by default) always passes the per-frame socket limit.
 HEADER_SLACK = 64 * 1024
 
+#: ``max_header_bytes`` when no model sizes it.
+DEFAULT_HEADER_BYTES = 64 * 1024
+
 # libzmq takes MAXMSGSIZE as an int64; keep every bound well inside it.
 _MAX_BOUND = 2**62
+
+#: Bytes of one tensor descriptor in the header JSON besides its name: the
+#: longest dtype and codec names, a 10-character field, byte counts and a rank-4
+#: shape below 10**12, and the JSON punctuation come to 160 (docs/protocol.md §3).
+DESCRIPTOR_BYTES = 160
+#: Descriptors per tensor a model-sized header bound leaves room for: ``param``
+#: and up to three optimizer states (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``).
+FIELDS_PER_TENSOR = 4
 
 # The smallest header that can be valid (magic, version byte, a minimal JSON
 # object) is about 100 bytes; a limit below this would reject every message.
@@ -64,7 +84,7 @@ class Limits:
     1114112
     """
 
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: int = 64 * 1024  # DEFAULT_HEADER_BYTES; Limits.for_model sizes it
     max_tensors: int = 100_000
     max_message_bytes: int = 4 * 2**30
     max_frame_bytes: int = 4 * 2**30
@@ -131,6 +151,10 @@ class Limits:
         (streams check every chunk against the same bound).
         ``max_message_bytes`` becomes ``2 * headroom`` times the whole model
         (room for optimizer state uploaded with it), at least 64 MiB.
+        ``max_header_bytes`` becomes :func:`header_bound` of the model's
+        names: a header listing every tensor with optimizer state always
+        fits, whatever the tensor count, and a hostile header is still
+        bounded by the model, not by a constant a user must raise.
 
         Parameters
         ----------
@@ -160,9 +184,31 @@ class Limits:
         values: dict[str, Any] = {
             "max_frame_bytes": min(frame, _MAX_BOUND),
             "max_message_bytes": min(message, _MAX_BOUND),
+            "max_header_bytes": header_bound(state_dict.keys()),
         }
         values.update(overrides)
         return cls(**values)
+
+
+def header_bound(names: Iterable[Any]) -> int:
+    """The largest header a node exchanging tensors called ``names`` needs.
+
+    Room for :data:`FIELDS_PER_TENSOR` descriptors per tensor (each
+    :data:`DESCRIPTOR_BYTES` plus its name, JSON-escaped) and for the names
+    once more (a HELLO declaring a subset lists them), plus 64 KiB for the
+    rest of the header and the meta.  Linear in the tensor count: about
+    0.8 KB per tensor with 30-character names, four times what a descriptor
+    takes (docs/protocol.md §3).
+    """
+    total = 0
+    count = 0
+    for name in names:
+        escaped = len(json.dumps(str(name), ensure_ascii=False).encode("utf-8"))
+        total += FIELDS_PER_TENSOR * (escaped + DESCRIPTOR_BYTES) + escaped + 1
+        count += 1
+    if not count:
+        return DEFAULT_HEADER_BYTES
+    return min(DEFAULT_HEADER_BYTES + total, _MAX_BOUND)
 
 
 def announced_frame_bound(value: Any) -> int | None:

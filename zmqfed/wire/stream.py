@@ -57,6 +57,13 @@ class StreamConfig:
     threshold : int
         Messages with more raw tensor bytes than this are streamed; smaller
         ones go as one multipart message (faster: no credit round trips).
+    tensor_threshold : int
+        Messages with the ``raw`` codec and a tensor of more bytes than this
+        are streamed too.  A frame above glibc's 32 MiB mmap threshold is a
+        fresh mapping whose pages fault in on every receive, and a multipart
+        message reaches the receiver only once all of it arrived; chunks are
+        separate messages, each landed in its tensor while the next one is on
+        the wire (docs/performance-notes.md).
     chunk_bytes : int
         Payload bytes per CHUNK message (docs/zeromq.md §16: a few MiB).
     window_bytes : int
@@ -76,6 +83,7 @@ class StreamConfig:
     """
 
     threshold: int = 1024 * MiB
+    tensor_threshold: int = 16 * MiB
     chunk_bytes: int = 8 * MiB
     window_bytes: int = 64 * MiB
     receive_budget: int = 2048 * MiB
@@ -95,19 +103,25 @@ class StreamConfig:
         """Payload bytes per CHUNK for a receiver with ``limits``: the setting, within its frames."""
         return min(self.chunk_bytes, limits.max_frame_bytes)
 
-    def should_stream(self, tensors: Mapping[str, Mapping[str, Any]], limits: Limits) -> bool:
+    def should_stream(
+        self, tensors: Mapping[str, Mapping[str, Any]], limits: Limits, codec: str = "raw"
+    ) -> bool:
         """Whether a message with ``tensors`` must be streamed rather than sent whole.
 
-        True when its raw bytes exceed ``threshold``, or one tensor would not
-        fit the receiver's ``max_frame_bytes`` in a single frame.
+        True when its raw bytes exceed ``threshold``, when one tensor would
+        not fit the receiver's ``max_frame_bytes`` in a single frame, or, with
+        the ``raw`` codec, when a tensor is above ``tensor_threshold``.
         """
         total = 0
+        seen: set[int] = set()
         for fields_ in tensors.values():
             for t in fields_.values():
                 n = t.numel() * t.element_size()
-                if n > limits.max_frame_bytes:
+                if n > limits.max_frame_bytes or (codec == "raw" and n > self.tensor_threshold):
                     return True
-                total += n
+                if id(t) not in seen:  # tied names are sent once
+                    seen.add(id(t))
+                    total += n
         return total > self.threshold
 
 

@@ -4,11 +4,16 @@ An aggregator answers many PULLs with the same model.  Encoding (and, with
 ``snapshot``, copying) it once and handing the result to ``encode(...,
 encoded=...)`` for every reply makes each DATA message cost one small header:
 the buffers are shared, which is valid because libzmq only reads them.
+
+Tied tensors (names whose fields share storage, like GPT-2's ``wte.weight``
+and ``lm_head.weight``) are encoded once: the later name becomes an alias of
+the first in ``EncodedTensors.tied`` and :func:`apply_tied` makes them share
+one tensor again on arrival (docs/protocol.md §3).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +25,7 @@ from zmqfed.wire.codec import CODECS, Buffer, encode_tensor
 from zmqfed.wire.header import DTYPE_NAMES, DTYPES
 from zmqfed.wire.limits import DEFAULT_LIMITS, Limits
 
-__all__ = ["EncodedTensors", "encode_tensors"]
+__all__ = ["EncodedTensors", "apply_tied", "encode_tensors", "find_tied"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,11 +41,15 @@ class EncodedTensors:
         The frames, in descriptor order.
     nbytes : int
         Total raw (decoded) tensor bytes.
+    tied : tuple of (str, str)
+        ``(alias, source)``: ``alias`` has no descriptors of its own and
+        arrives sharing every field's tensor with ``source``.
     """
 
     descriptors: tuple[dict[str, Any], ...]
     buffers: tuple[Buffer, ...]
     nbytes: int
+    tied: tuple[tuple[str, str], ...] = ()
 
     @property
     def encoded_nbytes(self) -> int:
@@ -54,9 +63,9 @@ class EncodedTensors:
         other limits than the message they are sent in.  A ``streamed``
         message's frames are sent in chunks, so only its totals are checked.
         """
-        if len(self.descriptors) > limits.max_tensors:
+        if len(self.descriptors) + len(self.tied) > limits.max_tensors:
             raise ProtocolError(
-                f"message has {len(self.descriptors)} tensors, "
+                f"message has {len(self.descriptors) + len(self.tied)} tensors, "
                 f"limit max_tensors={limits.max_tensors}"
             )
         if self.nbytes > limits.max_message_bytes:
@@ -103,6 +112,56 @@ def _items(tensors: Any, limits: Limits) -> list[tuple[str, str, torch.Tensor]]:
     return items
 
 
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors the same memory, element for element (None: empty)."""
+    if not t.numel() or t.layout != torch.strided:
+        return None
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        t.dtype,
+        tuple(t.shape),
+        tuple(t.stride()),
+    )
+
+
+def find_tied(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
+    """``{alias: source}`` for names whose fields all share storage with an earlier name's.
+
+    Two names are tied when they hold the same set of fields and every field
+    is the same memory (same storage, offset, dtype, shape and strides), as a
+    model's shared parameter appears under each of its names in
+    ``state_dict(keep_vars=True)``.  The first name in order is the source.
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    tied: dict[str, str] = {}
+    for key, fields in tensors.items():
+        if not isinstance(fields, Mapping) or not fields:
+            continue
+        parts = []
+        for fld, t in fields.items():
+            mem = _storage_key(t) if isinstance(t, torch.Tensor) else None
+            if mem is None:
+                break
+            parts.append((str(fld), mem))
+        else:
+            sig = tuple(sorted(parts, key=lambda p: p[0]))
+            source = first.setdefault(sig, key)
+            if source != key:
+                tied[key] = source
+    return tied
+
+
+def apply_tied(
+    tensors: dict[str, dict[str, torch.Tensor]], tied: Sequence[tuple[str, str]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Give every alias the very tensors of its source (in place; returns ``tensors``)."""
+    for alias, source in tied:
+        tensors[alias] = dict(tensors[source])
+    return tensors
+
+
 def encode_tensors(
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
     *,
@@ -110,6 +169,7 @@ def encode_tensors(
     limits: Limits = DEFAULT_LIMITS,
     snapshot: bool = False,
     streamed: bool = False,
+    tie: bool = True,
 ) -> EncodedTensors:
     """Encode ``state-dict name -> field -> tensor`` into frames.
 
@@ -130,6 +190,8 @@ def encode_tensors(
     streamed : bool
         The frames will be sent in chunks (:mod:`zmqfed.wire.stream`):
         ``max_frame_bytes`` bounds the chunks, not these frames.
+    tie : bool
+        Send names that share storage once (:func:`find_tied`).
 
     Returns
     -------
@@ -145,6 +207,9 @@ def encode_tensors(
     if codec not in CODECS:
         raise ConfigError(f"unknown codec {codec!r}; expected one of {CODECS}")
     items = _items(tensors, limits)
+    tied = find_tied(tensors) if tie else {}
+    if tied:
+        items = [item for item in items if item[0] not in tied]
     descriptors: list[dict[str, Any]] = []
     buffers: list[Buffer] = []
     total = 0
@@ -179,4 +244,4 @@ def encode_tensors(
         )
         buffers.append(buf)
         total += rawbytes
-    return EncodedTensors(tuple(descriptors), tuple(buffers), total)
+    return EncodedTensors(tuple(descriptors), tuple(buffers), total, tuple(tied.items()))
