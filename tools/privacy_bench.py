@@ -163,7 +163,7 @@ def measure(mechanism: str, model_name: str, keys: Any, uploads: int) -> dict[st
 
         def take() -> None:
             env = decode(up_frames, limits=limits)
-            agg.record_upload(agg.receive(env.tensors, "client0"), Meta(env.meta))
+            agg.record_upload(agg.receive(env.tensors, "client0"), Meta(env.meta), "client0")
             agg.run_step_point(step_points.upload_handled, None, True)
 
         agg.run_step_point(step_points.step_started, None)

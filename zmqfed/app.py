@@ -9,8 +9,11 @@ checkpoints and the signals.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zmqfed.errors import ConfigError
@@ -141,6 +144,7 @@ def load_factory(spec: str) -> Callable[[NodeContext], App]:
     if not sep or not module_name or not attr:
         raise ConfigError(f"--app must look like MODULE:FACTORY, got {spec!r}")
     try:
+        _prefer_working_directory(module_name.split(".")[0])
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from exc
@@ -148,3 +152,32 @@ def load_factory(spec: str) -> Callable[[NodeContext], App]:
     if not callable(factory):
         raise ConfigError(f"--app {spec!r}: {module_name!r} has no callable {attr!r}")
     return factory
+
+
+def _prefer_working_directory(top: str) -> None:
+    """Take the app's top-level package from the working directory, if it has one.
+
+    Node processes put the working directory at the end of ``sys.path`` (so
+    a stray ``json.py`` there cannot shadow a real module), which lets an
+    installed package of the same name win instead: opacus, for one, installs
+    a top-level ``examples``.  The package the user names with ``--app`` and
+    keeps in the working directory is the one meant; only that package is
+    loaded from there, nothing else moves on ``sys.path``.
+    """
+    here = Path.cwd() / top
+    init = here / "__init__.py"
+    if not init.is_file():
+        return
+    loaded = sys.modules.get(top)
+    if loaded is not None and here.resolve() in (
+        Path(p).resolve() for p in getattr(loaded, "__path__", ())
+    ):
+        return
+    spec = importlib.util.spec_from_file_location(top, init, submodule_search_locations=[str(here)])
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]  # an installed namesake imported earlier
+    sys.modules[top] = module
+    spec.loader.exec_module(module)

@@ -227,6 +227,51 @@ def test_a_retried_upload_is_acknowledged_not_counted(free_tcp_endpoint, start_a
     assert agg.senders == [["client0", "client1"]]
 
 
+def test_a_process_playing_several_clients_counts_up_to_its_quota(
+    free_tcp_endpoint, start_aggregator
+):
+    """count_step(K) above the group's size: one process may contribute K / members uploads.
+
+    OpenFed's examples simulate several clients in one collaborator process
+    (download, train, upload, again within one version). The quota is what
+    the policy needs, not more; a retry of one request still counts once, and
+    another process of the member is still refused.
+    """
+    seen: dict[str, int] = {}
+
+    def configure(m: Maintainer) -> None:
+        with m:
+            count_step(4)  # two members: each may count twice per version
+        seen["quota"] = m.uploads_per_member
+
+    agg = start_aggregator(free_tcp_endpoint, configure)
+    col = Maintainer(_props(free_tcp_endpoint, "client0"), _model(1.0), timeout=20)
+    col.update_version(1)
+    col.meta["instances"] = 1
+    for fill in (1.0, 2.0, 3.0):  # the third is beyond the quota: acknowledged, not counted
+        with torch.no_grad():
+            col.state_dict["w"].fill_(fill)
+        col.package()
+        assert col.step(download=False)
+    twin = Maintainer(_props(free_tcp_endpoint, "client0"), _model(9.0), timeout=20)
+    twin.update_version(1)
+    twin.meta["instances"] = 1
+    twin.package()
+    with pytest.raises(RemoteError) as refused:  # another process of client0
+        twin.step(download=False)
+    twin.close()
+    assert refused.value.code == ErrorCode.ALREADY_COUNTED
+    col.close()
+    other = _upload(free_tcp_endpoint, "client1", 5.0, timeout=20)
+    other.package()
+    assert other.step(download=False)  # its second, within the quota: the round closes
+    other.close()
+    agg.finish()
+    assert seen["quota"] == 2
+    assert agg.senders == [["client0", "client0", "client1", "client1"]]
+    assert [meta.get("instances") for meta in agg.metas[0]] == [1, 1, 1, 1]
+
+
 # ---------------------------------------------------------------------------- 3. lost HELLO
 
 
@@ -378,8 +423,11 @@ def test_two_live_processes_with_one_name_are_told(
 
     agg = start_aggregator(free_tcp_endpoint, configure, idle_interval=0.1)
     older = run_python(TWIN, args=[free_tcp_endpoint, "older"])
+    first = older.stdout.readline()  # the older is welcomed first, whatever the start-up times
+    assert first == "FIRST DOWNLOAD\n", first + older.communicate(timeout=30)[1]
     newer = run_python(TWIN, args=[free_tcp_endpoint, "newer"])  # same cwd: the marker file
     out_old, err_old = older.communicate(timeout=90 * slow_factor)
+    out_old = first + out_old
     out_new, err_new = newer.communicate(timeout=90 * slow_factor)
     stop.set()
     agg.finish()

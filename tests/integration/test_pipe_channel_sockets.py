@@ -23,7 +23,7 @@ from tests.integration.test_protocol_faults import _ask, _dealer, _model, _star
 from zmqfed.core import Maintainer, steps
 from zmqfed.federated import Pipe
 from zmqfed.federated.pipe_channel import MAX_KEYS
-from zmqfed.wire import Envelope, Limits, encode
+from zmqfed.wire import PROTOCOL_VERSION, Envelope, Limits, encode
 
 
 class ChannelAggregator(threading.Thread):
@@ -85,7 +85,11 @@ def test_channel_messages_are_checked_kept_once_and_bounded(
         # 1. Before HELLO: refused, the sender is told to say HELLO.
         reply = _ask(sock, _message("SET", 1, "", {"key": "k", "value": 1}))
         assert (reply.kind, reply.seq, reply.meta["code"]) == ("ERROR", 1, "hello-first")
-        hello = {"protocol": 1, "fingerprint": props.fingerprint, "session": uuid.uuid4().hex}
+        hello = {
+            "protocol": PROTOCOL_VERSION,
+            "fingerprint": props.fingerprint,
+            "session": uuid.uuid4().hex,
+        }
         welcome = _ask(sock, _message("HELLO", next(seq), "", hello))
         assert welcome.kind == "WELCOME"
         inc = welcome.incarnation

@@ -8,6 +8,7 @@ same updates (``naive_aggregation``) within the quantization error.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -222,6 +223,7 @@ def test_a_dropout_still_yields_the_right_sum(federation, when):
 
 def test_below_the_threshold_the_round_aborts_and_the_model_stays(federation, caplog):
     """Three clients, threshold 2: two leave before uploading, one masked input cannot go on."""
+    caplog.set_level(logging.INFO, logger="zmqfed.api")
     fed = federation(3)
     with fed.agg:
         count_step(3)
@@ -248,10 +250,11 @@ def test_below_the_threshold_the_round_aborts_and_the_model_stays(federation, ca
     # The survivor is not left waiting: its parked request was refused with the reason,
     # or, if it asked after the abort, it learnt that the federation is over.
     survivor = fed.errors.get(fed.names[0])
-    if survivor is None:
+    if survivor is None:  # run_collaborator says which, and returns
         assert (
             "upload not counted (discarded): secure aggregation of version 1 aborted" in caplog.text
-        )
+            or "upload not sent: aggregator 'aggregator' finished the federation" in caplog.text
+        ), caplog.text
     else:
         assert isinstance(survivor, PeerOffline), survivor
 

@@ -132,9 +132,11 @@ def test_zap_handler_does_not_keep_the_process_alive(run_python, slow_factor):
     """
     proc = run_python(
         "import zmqfed.core\n"  # registers the atexit handler that stops the ZAP thread
-        "from zmqfed.federated.security import group_authenticator\n"
         "from zmqfed.federated.sockets import context\n"
-        "group_authenticator(context(), 'g', {})\n"
+        "from zmqfed.federated.zap import zap_handler\n"
+        "handler = zap_handler(context())\n"
+        "handler.allow('d', 'g', {})\n"
+        "assert handler is not None and handler._thread.is_alive()\n"
         "print('started', flush=True)\n"
     )
     out, err = proc.communicate(timeout=30 * slow_factor)

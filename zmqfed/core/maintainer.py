@@ -537,6 +537,28 @@ class Maintainer:
         """True once ``manual_stop`` ended the current step."""
         return isinstance(self._side, AggregatorSide) and self._side.stopped
 
+    @property
+    def uploads_per_member(self) -> int:
+        """Uploads one collaborator process may have counted per version (aggregator; 1).
+
+        More than one is for a process that plays several clients in turn
+        (download, train, upload, again within one version), as OpenFed's
+        examples do; ``count_step(K)`` with K above the group's collaborators
+        raises it to what K needs.  A retry of the same request is never
+        counted twice, and another process of the member is still refused.
+        """
+        if not isinstance(self._side, AggregatorSide):
+            raise ConfigError("uploads_per_member is an aggregator's setting")
+        return self._side.transport.members.uploads_per_member
+
+    @uploads_per_member.setter
+    def uploads_per_member(self, value: int) -> None:
+        if not isinstance(self._side, AggregatorSide):
+            raise ConfigError("uploads_per_member is an aggregator's setting")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"uploads_per_member must be a positive int, got {value!r}")
+        self._side.transport.members.uploads_per_member = value
+
     def killed(self) -> None:
         """Close every pipe (alias of :meth:`close`, as in OpenFed)."""
         self.close()

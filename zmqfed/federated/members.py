@@ -46,13 +46,23 @@ class Membership:
 
     def __init__(self, transport: AggregatorTransport) -> None:
         self.t = transport
+        #: Uploads one process of a member may have counted per version: 1,
+        #: unless a step policy needs more uploads than the group has members
+        #: (one process simulating several clients, as OpenFed's examples do).
+        self.uploads_per_member = 1
+
+    def _counted_now(self, pipe: AggregatorPipe) -> int:
+        """Uploads of ``pipe``'s member counted for the current version."""
+        counted = pipe.counted
+        return counted[2] if counted is not None and counted[0] == self.t.version else 0
 
     def contributed(self, pipe: AggregatorPipe) -> bool:
-        """``pipe``'s member already has an upload counted for the current version."""
-        return pipe.counted is not None and pipe.counted[0] == self.t.version
+        """``pipe``'s member contributed all it may to the current version."""
+        return self._counted_now(pipe) >= self.uploads_per_member
 
     def counted_already(self, pipe: AggregatorPipe, env: Envelope) -> bool:
-        """Answer a PUSH that must not be counted (True): at most one upload per member per version.
+        """Answer a PUSH that must not be counted (True): at most one upload per member per version
+        (``uploads_per_member`` from one process, when a step policy asks for more).
 
         The same request again (a retry after a lost ACK), or another upload
         from the same process for a version it already contributed to (a
@@ -61,9 +71,13 @@ class Membership:
         while its round was open) is refused with ``already-counted``.
         """
         retry = (pipe.session, env.seq) in pipe.accepted
-        if not retry and not self.contributed(pipe):
+        counted = self._counted_now(pipe)
+        if not retry and counted == 0:
             return False
-        if retry or (pipe.counted is not None and pipe.counted[1] == pipe.session):
+        same_process = pipe.counted is not None and pipe.counted[1] == pipe.session
+        if not retry and same_process and counted < self.uploads_per_member:
+            return False  # another of the uploads this process may contribute
+        if retry or same_process:
             log.debug(
                 "%s: upload %d from %s is a duplicate: acknowledged, not counted",
                 self.t.name,
@@ -152,7 +166,8 @@ class Membership:
 
     def counted(self, pipe: AggregatorPipe, seq: int) -> None:
         """``pipe``'s upload ``seq`` is counted for the current version."""
-        pipe.counted = (self.t.version, pipe.session)
+        again = pipe.counted is not None and pipe.counted[:2] == (self.t.version, pipe.session)
+        pipe.counted = (self.t.version, pipe.session, self._counted_now(pipe) + 1 if again else 1)
         pipe.accepted[(pipe.session, seq)] = None
         while len(pipe.accepted) > KEEP_ACCEPTED:
             del pipe.accepted[next(iter(pipe.accepted))]

@@ -222,9 +222,9 @@ class AggregatorPipe(Pipe):
         self.told_to_wait = False
         #: (session, seq) of uploads already counted, so a retry is ACKed, not counted.
         self.accepted: dict[tuple[str, int], None] = {}
-        #: (aggregator version, session) of the upload counted for that version:
-        #: a member contributes at most one update per version.
-        self.counted: tuple[int, str] | None = None
+        #: (aggregator version, session, uploads) counted for that version: a
+        #: member contributes at most ``Membership.uploads_per_member`` per version.
+        self.counted: tuple[int, str, int] | None = None
         #: A streamed upload being received, or announced and waiting for admission.
         self.in_stream: InStream | None = None
         self.announced: Envelope | None = None

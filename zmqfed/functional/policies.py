@@ -8,6 +8,7 @@ the peer it names.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from zmqfed.errors import ConfigError
 from zmqfed.federated.protocol import meta_version
 
 __all__ = ["count_step", "deadline_step", "dispatch_step", "period_step", "version_check"]
+
+log = logging.getLogger(__name__)
 
 
 def _counts(counts: int | Sequence[int]) -> list[int]:
@@ -86,6 +89,19 @@ def count_step(counts: int | Sequence[int]) -> None:
     if not maintainer.aggregator:
         return
     _register_common(maintainer)
+    members = len(maintainer.fed_props.collaborators)
+    if members and max(items) > members:
+        # More uploads than members: one process plays several clients per
+        # version (OpenFed's simulations), so each member may count that often.
+        need = -(-max(items) // members)
+        if need > maintainer.uploads_per_member:
+            log.info(
+                "count_step(%s) with %d collaborators: each may contribute %d uploads per version",
+                counts,
+                members,
+                need,
+            )
+            maintainer.uploads_per_member = need
     idx = 0
 
     def after_peer(ctx: StepContext) -> None:
