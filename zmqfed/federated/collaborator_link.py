@@ -252,21 +252,8 @@ class CollaboratorLink:
         """Say HELLO until the aggregator answers WELCOME (or refuses: RemoteError)."""
         while not self.welcomed:
             seq = self.next_seq()
-            hello = stamp(
-                Kind.HELLO,
-                self.nick_name,
-                seq=seq,
-                meta=hello_meta(
-                    fingerprint=self.fingerprint,
-                    session=self.session,
-                    aggregator=self.aggregator_name,
-                    endpoint=self.endpoint,
-                    limits=self.limits,
-                    tensors=self.declared() if self.declared is not None else None,
-                ),
-            )
             self._lost = self._relinked = False
-            frames = encode(hello, limits=self.limits)
+            frames = self._hello(seq)
             yield from self.send(frames, deadline, timeout, hello=True)
             self.traffic.sent(Kind.HELLO.value, frames_nbytes(frames))
             # without a monitor the HELLO is said again whether or not the link
@@ -300,6 +287,23 @@ class CollaboratorLink:
             self.peer_frame_bytes = peer_frame_bound(reply.meta)
             self.welcomed = True
             self.connected = True
+
+    def _hello(self, seq: int) -> list[Any]:
+        """HELLO ``seq``, encoded: who this collaborator is, and the subset it declares."""
+        hello = stamp(
+            Kind.HELLO,
+            self.nick_name,
+            seq=seq,
+            meta=hello_meta(
+                fingerprint=self.fingerprint,
+                session=self.session,
+                aggregator=self.aggregator_name,
+                endpoint=self.endpoint,
+                limits=self.limits,
+                tensors=self.declared() if self.declared is not None else None,
+            ),
+        )
+        return encode(hello, limits=self.limits)
 
     # -- the port ------------------------------------------------------------------------
     def link_events(self) -> None:
@@ -501,20 +505,8 @@ class CollaboratorLink:
         log.debug("%s: no word from %s; asking", self.nick_name, self.aggregator_name)
         self._heard = time.monotonic()
         self._probe_seq = self.next_seq()
-        hello = stamp(
-            Kind.HELLO,
-            self.nick_name,
-            seq=self._probe_seq,
-            meta=hello_meta(
-                fingerprint=self.fingerprint,
-                session=self.session,
-                aggregator=self.aggregator_name,
-                endpoint=self.endpoint,
-                limits=self.limits,
-            ),
-        )
         with contextlib.suppress(WouldBlock):  # full: the next silence asks again
-            self.port.send(encode(hello, limits=self.limits))
+            self.port.send(self._hello(self._probe_seq))
 
     def _probed(self, env: Envelope) -> Any:
         """The answer to a probe: RESEND when the pending request was lost, else None."""
