@@ -567,34 +567,40 @@ def test_an_abandoned_streamed_upload_releases_its_budget(
     free_tcp_endpoint, start_aggregator, zmq_ctx, monkeypatch, slow_factor
 ):
     monkeypatch.setattr(aggregator_streams, "IN_STREAM_IDLE", 1.0)
-    config = StreamConfig(threshold=64, chunk_bytes=64, window_bytes=128, receive_budget=64)
+    # the honest upload (24 bytes) streams too, and does not fit beside the abandoned one
+    config = StreamConfig(threshold=16, chunk_bytes=64, window_bytes=128, receive_budget=16)
     agg = start_aggregator(free_tcp_endpoint, _counting(1), stream=config)
     props = _props(free_tcp_endpoint, "client1")
     sock, incarnation = _raw_member(zmq_ctx, free_tcp_endpoint, "client1", props.fingerprint)
-    # an announced upload whose chunks never come: it takes the whole budget
     from zmqfed.wire import encode_tensors
 
-    encoded = encode_tensors({"w": {"param": torch.ones(4)}}, streamed=True)
-    announce = Envelope(kind="PUSH", sender="client1", seq=2, incarnation=incarnation)
-    sock.send_multipart(encode(announce, encoded=encoded, stream=("s" * 8, 64)))
+    def replies(kind: str) -> list[Envelope]:
+        got = []
+        while sock.poll(int(10_000 * slow_factor)):
+            reply = decode(sock.recv_multipart())
+            got.append(reply)
+            if reply.kind == kind:
+                return got
+        raise AssertionError(f"no {kind} from the aggregator; got {got}")
+
+    # an announce naming tensors the model does not have: refused before allocation
     unknown = encode_tensors({"nope": {"param": torch.ones(4)}}, streamed=True)
-    sock.send_multipart(
-        encode(
-            Envelope(kind="PUSH", sender="client1", seq=3, incarnation=incarnation),
-            encoded=unknown,
-            stream=("t" * 8, 64),
-        )
-    )
+    announce = Envelope(kind="PUSH", sender="client1", seq=2, incarnation=incarnation)
+    sock.send_multipart(encode(announce, encoded=unknown, stream=("t" * 8, 64)))
+    refused = replies("ERROR")[-1]
+    assert refused.seq == 2 and "unknown tensors" in refused.meta["reason"], refused.meta
+    # an announced upload whose chunks never come: it takes the whole budget
+    encoded = encode_tensors({"w": {"param": torch.ones(4)}}, streamed=True)
+    announce = Envelope(kind="PUSH", sender="client1", seq=3, incarnation=incarnation)
+    sock.send_multipart(encode(announce, encoded=encoded, stream=("s" * 8, 64)))
+    assert replies("CREDIT")[-1].seq == 3  # admitted: the budget is taken
+    tic = time.monotonic()
     honest = _upload(
         free_tcp_endpoint, "client0", 1.0, timeout=30 * slow_factor, stream=config
     )  # streamed too: waits for the budget until the abandoned stream expires
+    waited = time.monotonic() - tic
     honest.close()
     agg.finish()
-    assert agg.senders == [["client0"]]
-    reasons = []
-    while sock.poll(1000):
-        reply = decode(sock.recv_multipart())
-        if reply.kind == "ERROR":
-            reasons.append(reply.meta["reason"])
     sock.close(linger=0)
-    assert any("unknown tensors" in r for r in reasons)
+    assert agg.senders == [["client0"]]
+    assert waited >= 0.5, waited  # IN_STREAM_IDLE is 1 s here: it did wait for the expiry
