@@ -272,8 +272,7 @@ class API(threading.Thread):
         if self.folded is not None:
             if mode == "train" and self.folded.count:
                 self.folded.apply(self.optim_list)
-                m.run_step_point(step_points.aggregated, None)
-                step_optimizers(self.optim_list)
+                finish_aggregation(m, self.optim_list)
             self.folded.reset()
         elif mode == "train" and m.data_list:
             aggregate_and_step(m, self.optim_list, self.agg_func, **self.agg_func_kwargs)
@@ -300,10 +299,7 @@ class API(threading.Thread):
             record.counted = list(m.sender_list)
         m.clear()
         m.update_version()
-        self.records.append(record)
-        if self.record_path is not None:
-            with open(self.record_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(record)) + "\n")
+        keep_record(self.records, self.record_path, record)
         if self.on_round is not None:
             self.on_round(record)
         log.info(
@@ -352,9 +348,24 @@ def aggregate_and_step(
     """
     optims = optim_as_list(optim_list)
     aggregate_isolated(m, optims, agg_func, **agg_kwargs)
-    # hooks that act on the installed aggregate (differential privacy's noise)
+    finish_aggregation(m, optims)
+
+
+def finish_aggregation(m: Maintainer, optims: list[Any]) -> None:
+    """After an aggregate is installed: the ``aggregated`` hooks, then the optimizers' step.
+
+    The hooks act on the installed aggregate (differential privacy's noise).
+    """
     m.run_step_point(step_points.aggregated, None)
     step_optimizers(optims)
+
+
+def keep_record(records: deque[Any], path: str | os.PathLike[str] | None, record: Any) -> None:
+    """Keep a round's ``record`` in memory and, with ``path``, as one JSON line appended there."""
+    records.append(record)
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(record)) + "\n")
 
 
 def step_optimizers(optims: list[Any]) -> None:

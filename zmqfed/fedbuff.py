@@ -28,7 +28,6 @@ Exactly once
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,13 +35,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from zmqfed.api import step_optimizers
+from zmqfed.api import keep_record, step_optimizers
 from zmqfed.core import Maintainer, StepContext, step_points
 from zmqfed.errors import ConfigError
 from zmqfed.federated.protocol import meta_version
@@ -265,10 +264,7 @@ class FedBuff(threading.Thread):
         m.clear()
         m.update_version()
         record.seconds = time.perf_counter() - tic
-        self.records.append(record)
-        if self.record_path is not None:
-            with open(self.record_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(record)) + "\n")
+        keep_record(self.records, self.record_path, record)
         if self.on_step is not None:
             self.on_step(record)
         log.info(

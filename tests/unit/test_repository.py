@@ -33,12 +33,19 @@ def test_no_merge_conflict_markers():
 
 
 def test_no_references_to_notes_outside_the_repository():
-    outside = re.compile(r"ZMQ-NOTES|PERF-NOTES|DESIGN\.md|STYLE\.md|\.\./shared")
+    # The founding notes lived beside the repository, never in it; their file
+    # names are assembled here so that this test does not cite them itself.
+    notes = [
+        "ZMQ-" + "NOTES",
+        "PERF-" + "NOTES",
+        "DES" + "IGN.md",
+        "STY" + "LE.md",
+        "../" + "shared",
+    ]
+    outside = re.compile("|".join(re.escape(n) for n in notes))
     bad = [
         str(p.relative_to(REPO))
         for p in _tracked()
-        if p.is_file()
-        and p.name != "test_repository.py"
-        and outside.search(p.read_text(encoding="utf-8", errors="replace"))
+        if p.is_file() and outside.search(p.read_text(encoding="utf-8", errors="replace"))
     ]
     assert bad == []
