@@ -270,3 +270,54 @@ def test_a_member_cannot_take_over_another_members_connection(
         f"{max(results['alpha']['uploads']):.3f} s at most, beta's "
         f"{max(results['beta']['uploads']):.3f} s"
     )
+
+
+def test_the_port_names_every_message_by_its_senders_key(tmp_path, free_tcp_endpoint):
+    """The first frame is the sender's name, and the rest of the message arrives whole.
+
+    A collaborator behind CURVE sets a random routing id of its own; libzmq
+    4.3.4 (pyzmq 25) gives the routing id frame of such a peer no
+    ``User-Id``, so the port reads the name from the next frame.
+    """
+    import zmq
+
+    from zmqfed.federated.zmq_port import ZmqNetwork
+    from zmqfed.wire import Limits
+
+    keys = tmp_path / "keys"
+    for name in ("agg", "alpha"):
+        create_keys(keys, name)
+    curve = Curve(keys)
+    network = ZmqNetwork()
+    port = network.router(
+        free_tcp_endpoint,
+        options=None,
+        limits=Limits(),
+        security=curve.server("agg", "agg", ["alpha"]),
+    )
+    client = curve.client("alpha", "agg")
+    sock = network.ctx.socket(zmq.DEALER)
+    try:
+        sock.linger = 0
+        for option, value in client.socket_options().items():  # as a collaborator's DEALER
+            sock.setsockopt(option, value)
+        sock.connect(free_tcp_endpoint)
+        sock.send_multipart([b"head", b"payload"])
+        sock.send_multipart([b"again", b"x" * 10])
+        assert port.wait(10_000)
+        named = port.recv_frame()
+        assert named.bytes == b"alpha" and named.more
+        assert port.has_more()
+        head = port.recv_frame()
+        assert head.bytes == b"head" and port.user_id(head) == "alpha"
+        assert port.recv_frame().bytes == b"payload" and not port.has_more()
+        # the frame after the name may also be received into a buffer
+        assert port.wait(10_000)
+        assert port.recv_frame().bytes == b"alpha"
+        target = bytearray(8)
+        assert port.recv_into(memoryview(target)) == 5 and target[:5] == b"again"
+        assert port.has_more()
+        assert port.recv_into(memoryview(bytearray(10))) == 10 and not port.has_more()
+    finally:
+        sock.close()
+        port.close()

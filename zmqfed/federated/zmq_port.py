@@ -118,6 +118,8 @@ class ZmqPort:
         #: By key: a member's name -> the routing id of the connection it spoke from last.
         self.addresses: dict[bytes, bytes] = {}
         self._on_close = on_close
+        #: The frame after a routing id, received early to read its ``User-Id``.
+        self._peeked: Any = None
         self.monitor = sock.get_monitor_socket(events) if events is not None else None
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -145,6 +147,9 @@ class ZmqPort:
         return _ZmqTracker(tracker) if track and tracker is not None else None
 
     def recv_frame(self) -> Any:
+        if self._peeked is not None:
+            frame, self._peeked = self._peeked, None
+            return frame
         first = not self.sock.get(zmq.RCVMORE)
         try:
             frame = self.sock.recv(flags=zmq.NOBLOCK if first else 0, copy=False)
@@ -155,8 +160,17 @@ class ZmqPort:
         return frame
 
     def _by_key(self, frame: zmq.Frame) -> Any:
-        """A message's routing id frame, replaced by the name its connection's key has."""
-        name = self.user_id(frame)
+        """A message's routing id frame, replaced by the name its connection's key has.
+
+        The name is read from the frame after the routing id (received here
+        and handed out by the next :meth:`recv_frame`): libzmq 4.3.4 (pyzmq
+        25) attaches no ``User-Id`` to the routing id frame of a peer that set
+        its own routing id (docs/zeromq.md §20).
+        """
+        name = None
+        if frame.more:  # the rest of a message arrives with its first frame
+            self._peeked = self.sock.recv(copy=False)
+            name = self.user_id(self._peeked)
         if not name:  # cannot happen behind ZAP_ENFORCE_DOMAIN; the transport refuses it
             return frame
         key = name.encode()
@@ -167,10 +181,16 @@ class ZmqPort:
         return _Named(key)
 
     def recv_into(self, view: memoryview) -> int:
+        if self._peeked is not None:
+            data = self._peeked.buffer
+            self._peeked = None
+            fits = min(len(data), len(view))
+            memoryview(view).cast("B")[:fits] = data[:fits]
+            return len(data)
         return recv_into(self.sock, view)
 
     def has_more(self) -> bool:
-        return bool(self.sock.get(zmq.RCVMORE))
+        return self._peeked is not None or bool(self.sock.get(zmq.RCVMORE))
 
     def user_id(self, frame: Any) -> str | None:
         try:
