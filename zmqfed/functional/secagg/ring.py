@@ -81,8 +81,8 @@ class SecAggConfig:
         ``instances``); 1 when absent.
     timeout:
         Seconds each phase waits for the clients of the previous one; None
-        waits for every one that stays connected (a client that disconnects
-        is a dropout at once).
+        waits for every one that stays connected or has not joined yet (a
+        client that joined and disconnects is a dropout at once).
     """
 
     threshold: int | float | None = None

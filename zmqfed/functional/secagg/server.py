@@ -4,7 +4,8 @@ Hooks on the aggregator's step (installed by ``secure_aggregation``) run
 one round of the protocol per step. Each phase collects one exchange (or
 the masked upload) from every client of the previous phase and parks the
 requests until the phase closes: when every such client has answered or
-disconnected, or ``timeout`` seconds after the phase opened. A phase that
+disconnected (a member that has not joined yet is awaited), or ``timeout``
+seconds after the phase opened. A phase that
 closes with fewer clients than the threshold aborts the round
 (:class:`SecAggAborted`); otherwise the aggregator removes the masks and
 records exactly one upload: the clients' weighted mean, with their total
@@ -342,7 +343,13 @@ class SecAggServer:
         pipes = {p.nick_name: p for p in m.all_pipes()}
 
         def waiting(names: Any, done: Any) -> bool:
-            return any(n not in done and not pipes[n].is_offline for n in names if n in pipes)
+            # A member that has not joined yet (a slow start) is awaited like a
+            # connected one; only one that joined and left is a dropout.
+            return any(
+                n not in done and (not pipes[n].is_offline or pipes[n].last_seen is None)
+                for n in names
+                if n in pipes
+            )
 
         while rnd.phase != DONE:
             now = time.monotonic()
