@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zmqfed.api import keep_record, step_optimizers
+from zmqfed.api import finish_aggregation, keep_record
 from zmqfed.core import Maintainer, StepContext, step_points
 from zmqfed.errors import ConfigError
 from zmqfed.federated.protocol import meta_version
@@ -138,6 +138,11 @@ class FedBuff(threading.Thread):
         self.optim_list = optim_as_list(fed_optim)
         if not self.optim_list:
             raise ConfigError("FedBuff needs a server optimizer (fed_optim)")
+        maintainer.add_feature(
+            "fedbuff",
+            excludes=("central_dp", "secure_aggregation"),
+            why="they work on synchronous rounds (docs/privacy.md); local_dp works with FedBuff",
+        )
         self.steps = steps
         self.buffer = buffer
         self.max_staleness = max_staleness
@@ -255,7 +260,8 @@ class FedBuff(threading.Thread):
                     p.grad = (-update).to(p.dtype)
                 else:
                     p.add_(update.to(p.dtype))
-            step_optimizers(self.optim_list)
+            # the aggregated hooks (local DP's accountant) see each server step
+            finish_aggregation(m, self.optim_list)
         self._sums.clear()
         self._instances = 0.0
         record = self._current

@@ -20,9 +20,10 @@ from torch import nn
 
 import zmqfed.topo as topo
 from zmqfed.api import run_collaborator
-from zmqfed.core import Maintainer
+from zmqfed.core import Maintainer, step_points
 from zmqfed.errors import ConfigError
 from zmqfed.fedbuff import FedBuff, inverse_sqrt_staleness
+from zmqfed.functional import central_dp, secure_aggregation
 from zmqfed.optim import FederatedOptimizer
 
 NAMES = [f"client{i}" for i in range(4)]
@@ -41,6 +42,9 @@ def test_fedbuff_steps_without_waiting_for_the_slowest(free_tcp_endpoint, slow_f
     )
     server = FederatedOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), "aggregator")
     fedbuff = FedBuff(agg, server, steps=8, buffer=2, max_staleness=3)
+    # hooks on `aggregated` (local DP's accountant) see every server step and its updates
+    aggregated: list[int] = []
+    agg.on(step_points.aggregated, lambda ctx: aggregated.append(len(ctx.maintainer.meta_list)))
     errors: list[BaseException] = []
     trained: dict[str, int] = {name: 0 for name in NAMES}
 
@@ -77,6 +81,7 @@ def test_fedbuff_steps_without_waiting_for_the_slowest(free_tcp_endpoint, slow_f
     assert not errors, errors
     records = list(fedbuff.records)
     assert len(records) == 8
+    assert aggregated == [2] * 8
     expected = 0.0
     for r in records:
         senders = [u[0] for u in r.updates]
@@ -108,5 +113,37 @@ def test_fedbuff_arguments_are_checked(free_tcp_endpoint):
             FedBuff(agg, server, steps=0, buffer=1)
         with pytest.raises(ConfigError, match="max_staleness"):
             FedBuff(agg, server, steps=1, buffer=1, max_staleness=-1)
+    finally:
+        agg.close()
+
+
+@pytest.mark.parametrize("feature", ["central_dp", "secure_aggregation"])
+@pytest.mark.parametrize("fedbuff_first", [True, False])
+def test_fedbuff_refuses_what_needs_synchronous_rounds(free_tcp_endpoint, feature, fedbuff_first):
+    """Central DP and SecAgg+ work on one round's uploads; FedBuff takes them one by one.
+
+    Combined, central DP's noise would replace FedBuff's staleness-weighted
+    step, and SecAgg+'s masks would not cancel; both orders are refused.
+    """
+    topology = topo.star(4, free_tcp_endpoint)
+    agg = Maintainer(topo.analysis(topology, "aggregator")[0], {"w": torch.zeros(2)})
+    server = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+    def install() -> None:
+        with agg:
+            if feature == "central_dp":
+                central_dp(noise_multiplier=1.0, clip=1.0)
+            else:
+                secure_aggregation()
+
+    try:
+        if fedbuff_first:
+            FedBuff(agg, server, steps=1, buffer=2)
+            with pytest.raises(ConfigError, match=f"{feature} cannot run with fedbuff"):
+                install()
+        else:
+            install()
+            with pytest.raises(ConfigError, match=f"fedbuff cannot run with {feature}"):
+                FedBuff(agg, server, steps=1, buffer=2)
     finally:
         agg.close()

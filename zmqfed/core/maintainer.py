@@ -179,6 +179,10 @@ class Maintainer:
         #: unpackage hooks); grows with the upload keys of the optimizers given
         #: to :meth:`package`.  Anything else is refused before it is counted.
         self.upload_fields: set[str] = set(upload_fields or ())
+        #: Aggregation features installed here (``'fedbuff'``, ``'central_dp'``,
+        #: ``'secure_aggregation'``); those that cannot combine refuse each
+        #: other in :meth:`add_feature`.
+        self.features: set[str] = set()
         #: The peers of the current step (aggregator), or the one pipe (collaborator).
         self.pipes: list[Pipe] = []
         #: Aggregator: the collaborators a sampling policy invited to the current
@@ -278,6 +282,16 @@ class Maintainer:
             return step_hook(ctx.maintainer, ctx.flag)
 
         self._hooks.add_step(step_name, openfed_shape, nice)  # type: ignore[arg-type]
+
+    def add_feature(self, name: str, *, excludes: Iterable[str] = (), why: str = "") -> None:
+        """Record that feature ``name`` is installed; ``ConfigError`` if one of ``excludes`` is."""
+        clash = sorted(self.features.intersection(excludes))
+        if clash:
+            raise ConfigError(
+                f"{name} cannot run with {' and '.join(clash)} on {self.nick_name!r}"
+                + (f": {why}" if why else "")
+            )
+        self.features.add(name)
 
     def register_upload_wrapper(self, wrapper: UploadWrapper) -> None:
         """Collaborator: run ``wrapper(maintainer, tensors, meta, send)`` around every upload.

@@ -26,6 +26,13 @@ __all__ = ["central_dp"]
 
 log = logging.getLogger(__name__)
 
+#: Why central DP and FedBuff do not combine (its noise calibrates one round's mean).
+ASYNC_WHY = (
+    "central DP noises the mean of one synchronous round, and FedBuff folds stale updates "
+    "one by one with staleness weights; with FedBuff use local_dp (each collaborator clips "
+    "and noises its own update, and the aggregator's accountant counts every server step)"
+)
+
 
 def central_dp(
     noise_multiplier: float,
@@ -86,6 +93,7 @@ def central_dp(
     mech.check_budget()
     if not m.aggregator:
         return mech
+    m.add_feature("central_dp", excludes=("fedbuff",), why=ASYNC_WHY)
     _CentralHooks(m, mech, count_multiplier).register()
     return mech
 

@@ -46,7 +46,8 @@ def secure_aggregation(
     ``neighbours``); values are clipped to ``clipping_range`` and quantized
     to ``quantization_range`` levels in the ring of ``modulus_range``;
     weights (``meta[weight_key]``) may reach ``max_weight``; each phase waits
-    ``timeout`` seconds for stragglers (None: for every connected client).
+    ``timeout`` seconds for stragglers (None: for every client that is
+    connected or has not joined yet; one that joined and left is a dropout).
 
     Returns the hooks' object (its ``last_round`` says who took part).
     Raises ``ConfigError`` when the group cannot run with these parameters.
@@ -67,6 +68,11 @@ def secure_aggregation(
     )
     config.resolve(len(m.fed_props.collaborators))  # a group this cannot run fails now
     if m.aggregator:
+        m.add_feature(
+            "secure_aggregation",
+            excludes=("fedbuff",),
+            why="its masks cancel only in the sum of one synchronous round's uploads",
+        )
         server = SecAggServer(config)
         server.install(m)
         return server
