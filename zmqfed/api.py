@@ -452,6 +452,9 @@ def run_collaborator(
         except AggregatorRewound as exc:
             log.warning("%s: %s; redoing that round", maintainer.nick_name, exc)
             wanted = exc.version
+            for optim in optims:
+                if hasattr(optim, "rewind_to"):
+                    optim.rewind_to(wanted)
             continue
         meta = maintainer.meta
         served = meta_version(meta)
@@ -487,6 +490,9 @@ def _train_and_upload(
     if mode == "test" and test is not None:
         metrics = test(maintainer.meta)
     else:
+        for optim in optims:
+            if hasattr(optim, "begin_round"):
+                optim.begin_round(served)
         metrics = train(maintainer.meta)
         for optim in optims:
             if hasattr(optim, "round"):

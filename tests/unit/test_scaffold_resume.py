@@ -73,3 +73,44 @@ def test_a_collaborators_local_control_variate_resumes_too():
     state["scaffold"]["local_control"] = {0: torch.zeros(3)}
     with pytest.raises(ConfigError, match=r"parameter 0 has shape \[3\], expected \[2\]"):
         again.load_state_dict(state)
+
+
+def _local_round(client: ScaffoldOptimizer, w: nn.Parameter, version: int) -> None:
+    """Training on version ``version``'s model (w = 0): three steps on ||w - t||^2 / 2, round()."""
+    client.begin_round(version)
+    with torch.no_grad():
+        w.zero_()
+    for _ in range(3):  # later gradients depend on the corrected steps, so on c_i
+        client.zero_grad()
+        (0.5 * (w - torch.tensor([1.0, 2.0])).pow(2).sum()).backward()
+        client.step()
+    client.round()
+    client.clear_state_dict()
+
+
+def test_a_redone_round_starts_from_the_c_i_it_had_before():
+    """The aggregator lost version 2 and serves version 1 again: c_i is not advanced twice."""
+    w = nn.Parameter(torch.zeros(2))
+    client = ScaffoldOptimizer(torch.optim.SGD([w], lr=0.5))
+    _local_round(client, w, 0)
+    before_v1 = client.local_control[w].clone()
+    _local_round(client, w, 1)
+    after_v1 = client.local_control[w].clone()
+    assert not torch.equal(before_v1, after_v1)  # training on version 1 moved c_i
+    client.rewind_to(1)
+    torch.testing.assert_close(client.local_control[w], before_v1)
+    _local_round(client, w, 1)  # the redone round gives what the first one gave
+    torch.testing.assert_close(client.local_control[w], after_v1)
+
+
+def test_a_rewind_further_back_than_kept_says_so(caplog):
+    w = nn.Parameter(torch.zeros(2))
+    client = ScaffoldOptimizer(torch.optim.SGD([w], lr=0.5))
+    for version in range(4):
+        _local_round(client, w, version)
+    advanced = client.local_control[w].clone()
+    client.rewind_to(0)  # only versions 2 and 3 are kept
+    torch.testing.assert_close(client.local_control[w], advanced)
+    assert "no c_i kept from before version 0" in caplog.text
+    client.rewind_to(5)  # ahead of every round trained: nothing to undo, nothing said
+    assert caplog.text.count("no c_i kept") == 1

@@ -231,6 +231,21 @@ class FederatedOptimizer:
             else:
                 self._aggregator_round()
 
+    def begin_round(self, version: int) -> None:
+        """Collaborator: local training on the model of ``version`` starts. No-op by default.
+
+        :func:`zmqfed.api.run_collaborator` calls it, and :meth:`rewind_to`
+        when the aggregator restarted behind it; an optimizer whose local
+        state outlives a round (SCAFFOLD's ``c_i``) keeps what it needs to
+        redo a round.
+        """
+
+    def rewind_to(self, version: int) -> None:
+        """Collaborator: the round on ``version`` is redone; undo what training on it advanced.
+
+        No-op by default.
+        """
+
     def _collaborator_round(self) -> None:
         """Hook: update state at the end of local training. No-op by default."""
 

@@ -35,6 +35,7 @@ published ``c`` and a collaborator's ``c_i``, so a checkpoint resumes both
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +46,8 @@ from torch import Tensor, nn
 from zmqfed.errors import ConfigError
 from zmqfed.optim.fed_optim import FederatedOptimizer, split_batch
 from zmqfed.props import COLLABORATOR
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ScaffoldOptimizer"]
 
@@ -69,6 +72,9 @@ class ScaffoldOptimizer(FederatedOptimizer):
     """
 
     needs_acg = True
+    #: Versions whose starting ``c_i`` is kept for :meth:`rewind_to`: an aggregator
+    #: that checkpoints every round rewinds by at most one.
+    REWIND_DEPTH = 2
     upload_keys = (C,)  # the clients' control-variate updates
     download_keys = (C,)  # the global control variate
 
@@ -101,6 +107,8 @@ class ScaffoldOptimizer(FederatedOptimizer):
         self._acg_grad: dict[Tensor, Tensor] = {}
         self._acg_count = 0
         self._pending_c: dict[Tensor, tuple[Tensor, Tensor, int]] = {}
+        #: c_i before training on each of the last REWIND_DEPTH versions (begin_round).
+        self._c_i_before: dict[int, dict[Tensor, Tensor]] = {}
         # aggregator: the 'c' tensor last published, to tell a fresh aggregate from it
         self._published: dict[Tensor, Tensor] = {}
         with torch.no_grad():
@@ -124,6 +132,33 @@ class ScaffoldOptimizer(FederatedOptimizer):
             if c_i is not None:
                 p.grad.sub_(c_i)
             self._lr_sum[p] += float(group["lr"])
+
+    def begin_round(self, version: int) -> None:
+        """Keep ``c_i`` as it is before local training on the model of ``version``."""
+        self._c_i_before[version] = {p: c.clone() for p, c in self.local_control.items()}
+        for old in sorted(self._c_i_before)[: -self.REWIND_DEPTH]:
+            del self._c_i_before[old]
+
+    def rewind_to(self, version: int) -> None:
+        """Put ``c_i`` back to what it was before training on ``version``.
+
+        An aggregator restarted from a checkpoint older than the update it
+        lost serves ``version`` again; redone from the advanced ``c_i``, the
+        round would count this collaborator's control step twice.
+        """
+        kept = self._c_i_before.get(version)
+        later = [v for v in self._c_i_before if v >= version]
+        for v in later:
+            del self._c_i_before[v]
+        if kept is not None:
+            self.local_control = kept
+        elif later:
+            log.warning(
+                "SCAFFOLD: no c_i kept from before version %d (only the last %d); "
+                "the redone round starts from the advanced c_i",
+                version,
+                self.REWIND_DEPTH,
+            )
 
     def _global_c(self, p: Tensor) -> Tensor:
         c = self.state[p].get(C)
