@@ -103,14 +103,42 @@ def test_a_redone_round_starts_from_the_c_i_it_had_before():
     torch.testing.assert_close(client.local_control[w], after_v1)
 
 
-def test_a_rewind_further_back_than_kept_says_so(caplog):
+def test_a_rewind_further_back_than_kept_undoes_what_it_can_and_says_so(caplog):
     w = nn.Parameter(torch.zeros(2))
     client = ScaffoldOptimizer(torch.optim.SGD([w], lr=0.5))
+    before: list[torch.Tensor] = []
     for version in range(4):
+        before.append(client.local_control.get(w, torch.zeros(2)).clone())
         _local_round(client, w, version)
     advanced = client.local_control[w].clone()
-    client.rewind_to(0)  # only versions 2 and 3 are kept
-    torch.testing.assert_close(client.local_control[w], advanced)
-    assert "no c_i kept from before version 0" in caplog.text
     client.rewind_to(5)  # ahead of every round trained: nothing to undo, nothing said
-    assert caplog.text.count("no c_i kept") == 1
+    torch.testing.assert_close(client.local_control[w], advanced)
+    assert "SCAFFOLD" not in caplog.text
+    client.rewind_to(0)  # only versions 2 and 3 are kept: back to before version 2
+    torch.testing.assert_close(client.local_control[w], before[2])
+    assert "rewound to version 0" in caplog.text
+    assert "versions 0 to 1 advance it a second time" in caplog.text
+
+
+def test_a_rewind_past_a_round_without_training_restores_the_next_one(caplog):
+    """No snapshot for the version rewound to (a test round): the next round's is the same c_i."""
+    w = nn.Parameter(torch.zeros(2))
+    client = ScaffoldOptimizer(torch.optim.SGD([w], lr=0.5))
+    _local_round(client, w, 0)
+    before_v2 = client.local_control[w].clone()
+    _local_round(client, w, 2)  # version 1 was a test round: no training, no snapshot
+    client.rewind_to(1)
+    torch.testing.assert_close(client.local_control[w], before_v2)
+    assert "SCAFFOLD" not in caplog.text
+
+
+def test_loading_a_state_forgets_the_snapshots():
+    w = nn.Parameter(torch.zeros(2))
+    client = ScaffoldOptimizer(torch.optim.SGD([w], lr=0.5))
+    _local_round(client, w, 0)
+    _local_round(client, w, 1)
+    state = client.state_dict()
+    client.load_state_dict(state)
+    loaded = client.local_control[w].clone()
+    client.rewind_to(1)  # the snapshot of version 1 predates the load: not put back
+    torch.testing.assert_close(client.local_control[w], loaded)

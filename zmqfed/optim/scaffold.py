@@ -109,6 +109,7 @@ class ScaffoldOptimizer(FederatedOptimizer):
         self._pending_c: dict[Tensor, tuple[Tensor, Tensor, int]] = {}
         #: c_i before training on each of the last REWIND_DEPTH versions (begin_round).
         self._c_i_before: dict[int, dict[Tensor, Tensor]] = {}
+        self._forgotten = -1  # the newest version whose snapshot was dropped
         # aggregator: the 'c' tensor last published, to tell a fresh aggregate from it
         self._published: dict[Tensor, Tensor] = {}
         with torch.no_grad():
@@ -138,6 +139,7 @@ class ScaffoldOptimizer(FederatedOptimizer):
         self._c_i_before[version] = {p: c.clone() for p, c in self.local_control.items()}
         for old in sorted(self._c_i_before)[: -self.REWIND_DEPTH]:
             del self._c_i_before[old]
+            self._forgotten = max(self._forgotten, old)
 
     def rewind_to(self, version: int) -> None:
         """Put ``c_i`` back to what it was before training on ``version``.
@@ -146,18 +148,19 @@ class ScaffoldOptimizer(FederatedOptimizer):
         lost serves ``version`` again; redone from the advanced ``c_i``, the
         round would count this collaborator's control step twice.
         """
-        kept = self._c_i_before.get(version)
-        later = [v for v in self._c_i_before if v >= version]
-        for v in later:
-            del self._c_i_before[v]
-        if kept is not None:
-            self.local_control = kept
-        elif later:
+        later = sorted(v for v in self._c_i_before if v >= version)
+        if later:  # the first round trained at or after it (test rounds take no snapshot)
+            self.local_control = self._c_i_before[later[0]]
+            for v in later:
+                del self._c_i_before[v]
+        if version <= self._forgotten:
             log.warning(
-                "SCAFFOLD: no c_i kept from before version %d (only the last %d); "
-                "the redone round starts from the advanced c_i",
+                "SCAFFOLD: rewound to version %d, but c_i is kept only from before the last "
+                "%d rounds; the rounds on versions %d to %d advance it a second time",
                 version,
                 self.REWIND_DEPTH,
+                version,
+                self._forgotten,
             )
 
     def _global_c(self, p: Tensor) -> Tensor:
@@ -260,6 +263,8 @@ class ScaffoldOptimizer(FederatedOptimizer):
                 out[p] = t.detach().to(device=p.device, dtype=p.dtype).clone()
             return out
 
+        self._c_i_before.clear()  # snapshots of the c_i replaced here mean nothing now
+        self._forgotten = -1
         self.local_control = by_param(own.get("local_control", {}))
         published = by_param(own.get("global_control", {}))
         if not published and self.aggregator:
