@@ -153,6 +153,8 @@ class FedBuff(threading.Thread):
         self.record_path = record_path
         self.records: deque[ServerStep] = deque(maxlen=keep_records)
         self.error: BaseException | None = None
+        #: Why the steps ended before ``steps`` (``Maintainer.end_training``), or None.
+        self.ended_early: str | None = None
         #: The served parameters of recent versions: updates are taken against them.
         self.bases: dict[int, dict[str, Tensor]] = {}
         self._sums: dict[str, Tensor] = {}
@@ -222,6 +224,17 @@ class FedBuff(threading.Thread):
         try:
             for step in range(self.steps):
                 self._server_step(step)
+                reason = self.m.end_reason
+                if reason is not None:  # a hook said so (a privacy budget spent)
+                    self.ended_early = reason
+                    log.warning(
+                        "%s: FedBuff ends after server step %d of %d: %s",
+                        self.m.nick_name,
+                        step,
+                        self.steps,
+                        reason,
+                    )
+                    break
         except BaseException as exc:
             self.error = exc
             if threading.current_thread() is threading.main_thread():
@@ -246,6 +259,7 @@ class FedBuff(threading.Thread):
         self._current = ServerStep(step=step, version=m.version, seconds=0.0)
         m.meta["round"] = step
         m.meta["rounds"] = self.steps
+        m.round_metrics.clear()
         m.package(self.optim_list)
         m.step(timeout=self.step_timeout)
         if self._instances > 0:
@@ -267,6 +281,7 @@ class FedBuff(threading.Thread):
         record = self._current
         if self.evaluate is not None:
             record.metrics.update(self.evaluate())
+        record.metrics.update(m.round_metrics)  # what the aggregated hooks report (epsilon)
         m.clear()
         m.update_version()
         record.seconds = time.perf_counter() - tic

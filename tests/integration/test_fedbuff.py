@@ -29,7 +29,12 @@ from zmqfed.optim import FederatedOptimizer
 NAMES = [f"client{i}" for i in range(4)]
 
 
-def test_fedbuff_steps_without_waiting_for_the_slowest(free_tcp_endpoint, slow_factor):
+@pytest.mark.parametrize("budget_steps", [None, 5])
+def test_fedbuff_steps_without_waiting_for_the_slowest(
+    free_tcp_endpoint, slow_factor, budget_steps
+):
+    """``budget_steps``: an ``aggregated`` hook ends training after that many steps, as a
+    spent privacy budget does (``Maintainer.end_training``), and reports a metric."""
     topology = topo.star(4, free_tcp_endpoint)
     net = nn.Linear(3, 1)
     with torch.no_grad():
@@ -44,7 +49,15 @@ def test_fedbuff_steps_without_waiting_for_the_slowest(free_tcp_endpoint, slow_f
     fedbuff = FedBuff(agg, server, steps=8, buffer=2, max_staleness=3)
     # hooks on `aggregated` (local DP's accountant) see every server step and its updates
     aggregated: list[int] = []
-    agg.on(step_points.aggregated, lambda ctx: aggregated.append(len(ctx.maintainer.meta_list)))
+
+    def on_aggregated(ctx: Any) -> None:
+        aggregated.append(len(ctx.maintainer.meta_list))
+        ctx.maintainer.round_metrics["epsilon"] = float(len(aggregated))
+        if len(aggregated) == budget_steps:
+            ctx.maintainer.end_training("budget spent")
+
+    agg.on(step_points.aggregated, on_aggregated)
+    steps = 8 if budget_steps is None else budget_steps
     errors: list[BaseException] = []
     trained: dict[str, int] = {name: 0 for name in NAMES}
 
@@ -80,8 +93,10 @@ def test_fedbuff_steps_without_waiting_for_the_slowest(free_tcp_endpoint, slow_f
         t.join(60 * slow_factor)
     assert not errors, errors
     records = list(fedbuff.records)
-    assert len(records) == 8
-    assert aggregated == [2] * 8
+    assert len(records) == steps
+    assert aggregated == [2] * steps
+    assert [r.metrics["epsilon"] for r in records] == [float(i + 1) for i in range(steps)]
+    assert fedbuff.ended_early == (None if budget_steps is None else "budget spent")
     expected = 0.0
     for r in records:
         senders = [u[0] for u in r.updates]
