@@ -22,7 +22,7 @@ import zmqfed.topo as topo
 from zmqfed.api import API, run_collaborator
 from zmqfed.core import Maintainer, StepContext, aggregator_side, step_points
 from zmqfed.errors import ConfigError, PeerTimeout, RemoteError
-from zmqfed.federated import ErrorCode, aggregator_streams
+from zmqfed.federated import Curve, ErrorCode, aggregator_streams, create_keys
 from zmqfed.functional import count_step, naive_aggregation
 from zmqfed.optim import FederatedOptimizer
 from zmqfed.props import AGGREGATOR
@@ -384,15 +384,17 @@ import torch
 import zmqfed.topo as topo
 from zmqfed.core import Maintainer
 from zmqfed.errors import RemoteError
-from zmqfed.federated import SocketOptions
+from zmqfed.federated import Curve, SocketOptions
 
 endpoint, role = sys.argv[1], sys.argv[2]
+keys = sys.argv[3] if len(sys.argv) > 3 else None
 topology = topo.Topology()
 agg = topology.add_node(topo.Node("aggregator", endpoint))
 for name in ("client0", "client1"):
     topology.add_edge(topo.Node(name), agg)
 m = Maintainer(topo.analysis(topology, "client0")[0], {"w": torch.zeros(4), "n": torch.tensor(0)},
-               timeout=60, socket_options=SocketOptions(probe_silence_ms=1000))
+               timeout=60, socket_options=SocketOptions(probe_silence_ms=1000),
+               curve=Curve(keys) if keys else None)
 try:
     m.step(upload=False)
     print("FIRST DOWNLOAD", flush=True)
@@ -410,10 +412,22 @@ except RemoteError as exc:
 """
 
 
+@pytest.mark.parametrize("curve", [False, True], ids=["plaintext", "curve"])
 def test_two_live_processes_with_one_name_are_told(
-    free_tcp_endpoint, start_aggregator, run_python, slow_factor, caplog
+    free_tcp_endpoint, start_aggregator, run_python, slow_factor, caplog, tmp_path, curve
 ):
+    """Plaintext: the newer process takes the routing id over, the older is told
+    when it connects anew. CURVE: both processes hold client0's key and keep
+    their own connections; the older one's next request is refused until it
+    says HELLO again, and then it is told. Either way the newer one goes on."""
     stop = threading.Event()
+    extra: list[str] = []
+    kwargs: dict[str, Any] = {}
+    if curve:
+        keys = tmp_path / "keys"
+        for name in ("aggregator", "client0", "client1"):
+            create_keys(keys, name)
+        extra, kwargs = [str(keys)], {"curve": Curve(keys)}
 
     def configure(m: Maintainer) -> None:
         m.on(
@@ -421,11 +435,11 @@ def test_two_live_processes_with_one_name_are_told(
             lambda ctx: ctx.maintainer.manual_stop() if stop.is_set() else None,
         )
 
-    agg = start_aggregator(free_tcp_endpoint, configure, idle_interval=0.1)
-    older = run_python(TWIN, args=[free_tcp_endpoint, "older"])
+    agg = start_aggregator(free_tcp_endpoint, configure, idle_interval=0.1, **kwargs)
+    older = run_python(TWIN, args=[free_tcp_endpoint, "older", *extra])
     first = older.stdout.readline()  # the older is welcomed first, whatever the start-up times
     assert first == "FIRST DOWNLOAD\n", first + older.communicate(timeout=30)[1]
-    newer = run_python(TWIN, args=[free_tcp_endpoint, "newer"])  # same cwd: the marker file
+    newer = run_python(TWIN, args=[free_tcp_endpoint, "newer", *extra])  # same cwd: the marker
     out_old, err_old = older.communicate(timeout=90 * slow_factor)
     out_old = first + out_old
     out_new, err_new = newer.communicate(timeout=90 * slow_factor)

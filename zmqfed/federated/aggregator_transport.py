@@ -263,6 +263,9 @@ class AggregatorTransport:
             return None
         rid = frames[0].bytes
         name = rid.decode("utf-8", "replace")
+        # Behind CURVE the first frame also names the connection: answers go back on it.
+        connection: bytes | None = getattr(frames[0], "connection", None)
+        reply_to: Any = frames[0] if connection is not None else rid
         pipe = self.roster.get(name)
         if pipe is None:
             self.log_refusal(
@@ -282,7 +285,7 @@ class AggregatorTransport:
             )
         except ProtocolError as exc:
             self.log_refusal(ErrorCode.PROTOCOL, f"malformed message from {name!r}: {exc}")
-            self.refuse_message(rid, 0, ErrorCode.PROTOCOL, str(exc))
+            self.refuse_message(reply_to, 0, ErrorCode.PROTOCOL, str(exc))
             return None
         self.traffic.received(env.kind, frames_nbytes(frames[1:]))
         if env.sender != name:
@@ -293,14 +296,40 @@ class AggregatorTransport:
                 f"dropped a message claiming to be {env.sender[:64]!r} from {whose} of {name!r}",
             )
             self.refuse_message(
-                rid,
+                reply_to,
                 env.seq,
                 ErrorCode.IDENTITY,
                 f"{whose} {name!r} does not match sender {env.sender!r}",
             )
             return None
+        if (
+            connection is not None
+            and pipe.connection is not None
+            and connection != pipe.connection
+            and env.kind != Kind.HELLO
+        ):
+            # Another connection of this member's key, whose HELLO was not the
+            # last accepted: another process with the same key, or this one's
+            # old socket. It must say HELLO, where a replaced session is told
+            # name-in-use (docs/zeromq.md §20).
+            self.refuse_message(
+                reply_to,
+                env.seq,
+                ErrorCode.HELLO_FIRST,
+                f"this connection of {name!r} has not said HELLO; another one has since",
+            )
+            return None
         pipe.last_seen = time.monotonic()
+        if env.kind == Kind.HELLO:
+            return self.members.hello(pipe, env, reply_to)
         return self._dispatch(pipe, env)
+
+    def adopt_connection(self, pipe: AggregatorPipe, reply_to: Any) -> None:
+        """``pipe``'s HELLO was accepted: what is sent to it goes on that HELLO's connection."""
+        connection = getattr(reply_to, "connection", None)
+        if connection is not None:
+            pipe.connection = connection
+            self.port.route(pipe.routing_id, connection)
 
     def _authentic(self, pipe: AggregatorPipe, frames: list[Frame]) -> bool:
         """With CURVE, the key's name must be the routing id (a key cannot speak for another)."""
@@ -332,6 +361,9 @@ class AggregatorTransport:
             return False
         if self.curve is not None and self.port.user_id(frames[1]) != pipe.nick_name:
             return False
+        connection = getattr(frames[0], "connection", None)
+        if connection is not None and connection != pipe.connection:
+            return False  # not from the connection that said HELLO: refused as any message
         chunk = parse_chunk(frames[1], self.limits)
         if chunk is None or chunk[0].sender != pipe.nick_name:
             return False
@@ -362,8 +394,6 @@ class AggregatorTransport:
                 "%s: dropped a chunk of an abandoned stream from %s", self.name, pipe.nick_name
             )
             return None
-        if kind == Kind.HELLO:
-            return self.members.hello(pipe, env)
         if kind == Kind.BYE:
             log.info("%s: %s said BYE", self.name, pipe.nick_name)
             return self.left(pipe)
@@ -527,23 +557,27 @@ class AggregatorTransport:
         self.traffic.sent(kind.value, frames_nbytes(frames))
         return True
 
-    def refuse_over_capacity(self, pipe: AggregatorPipe, seq: int) -> None:
-        """Refuse ``pipe``'s HELLO: this aggregator holds as many peers as it can."""
+    def refuse_over_capacity(self, pipe: AggregatorPipe, seq: int, reply_to: Any = None) -> None:
+        """Refuse ``pipe``'s HELLO (from ``reply_to``): this aggregator holds as many peers as it can."""
         self.log_refusal(
             ErrorCode.OVER_CAPACITY,
             f"refused {pipe.nick_name!r}: {self.online_count} peers online, "
             "the most this aggregator can hold",
         )
         self.refuse_message(
-            pipe.routing_id,
+            pipe.routing_id if reply_to is None else reply_to,
             seq,
             ErrorCode.OVER_CAPACITY,
             f"aggregator {self.name!r} holds {self.online_count} peers, its capacity "
             "(descriptor limit or max_peers); try again later or raise its limit",
         )
 
-    def refuse_message(self, rid: bytes, seq: int, code: ErrorCode, reason: str) -> None:
-        """Answer a message from routing id ``rid`` with ERROR ``code`` (best effort)."""
+    def refuse_message(self, rid: Any, seq: int, code: ErrorCode, reason: str) -> None:
+        """Answer a message from routing id ``rid`` with ERROR ``code`` (best effort).
+
+        ``rid`` may be a received message's first frame: behind CURVE the
+        answer then goes back on the connection that message came from.
+        """
         self.stats.count_refusal(code)
         env = stamp(
             Kind.ERROR,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zmqfed.federated.events import PeerEvent, PeerEventKind
 from zmqfed.federated.pipe import AggregatorPipe
@@ -96,15 +96,19 @@ class Membership:
         )
         return True
 
-    def hello(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
-        """Welcome ``pipe``'s member (``JOINED`` if it was not online), or refuse its HELLO."""
+    def hello(self, pipe: AggregatorPipe, env: Envelope, reply_to: Any) -> PeerEvent | None:
+        """Welcome ``pipe``'s member (``JOINED`` if it was not online), or refuse its HELLO.
+
+        ``reply_to`` is where the HELLO came from: refusals go there, and
+        an accepted HELLO's connection gets what is sent to the member.
+        """
         problem = hello_problem(env.meta, self.t.props, authenticated=self.t.curve is not None)
         if problem is not None:
-            self.t.refuse_message(pipe.routing_id, env.seq, *problem)
+            self.t.refuse_message(reply_to, env.seq, *problem)
             return None
         declared = declared_subset(env.meta, self.t.streams.known_names())
         if isinstance(declared, tuple):
-            self.t.refuse_message(pipe.routing_id, env.seq, *declared)
+            self.t.refuse_message(reply_to, env.seq, *declared)
             return None
         session = str(env.meta.get("session", ""))[:64]
         if self._superseded(pipe, session):
@@ -116,7 +120,7 @@ class Membership:
                 pipe.session,
             )
             self.t.refuse_message(
-                pipe.routing_id,
+                reply_to,
                 env.seq,
                 ErrorCode.NAME_IN_USE,
                 f"another process of {pipe.nick_name!r} took over this name; "
@@ -124,8 +128,9 @@ class Membership:
             )
             return None
         if not pipe.online and self.t.online_count >= self.t.capacity:
-            self.t.refuse_over_capacity(pipe, env.seq)
+            self.t.refuse_over_capacity(pipe, env.seq, reply_to)
             return None
+        self.t.adopt_connection(pipe, reply_to)
         pipe.peer_frame_bytes = peer_frame_bound(env.meta)
         pipe.declared = declared
         if session != pipe.session:

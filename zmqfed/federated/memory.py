@@ -133,6 +133,9 @@ class MemoryPort:
     def user_id(self, frame: Any) -> str | None:
         return None
 
+    def route(self, name: bytes, connection: bytes) -> None:
+        return None  # peers are named by routing id: nothing to route
+
     def wait(self, timeout_ms: int) -> bool:
         with self._cond:
             return self._cond.wait_for(

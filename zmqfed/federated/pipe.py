@@ -212,6 +212,8 @@ class AggregatorPipe(Pipe):
         self.routing_id = nick_name.encode("utf-8")
         #: Said HELLO in this aggregator's incarnation, and not gone since.
         self.online = False
+        #: Behind CURVE: the connection whose HELLO was accepted last (its routing id).
+        self.connection: bytes | None = None
         #: The collaborator process's session id (from HELLO).
         self.session = ""
         #: Sessions newer processes of this name replaced, and when.

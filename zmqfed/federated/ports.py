@@ -126,6 +126,15 @@ class Port(Protocol):
         """The name authentication gave the frame's connection (None: unauthenticated)."""
         ...
 
+    def route(self, name: bytes, connection: bytes) -> None:
+        """Send what is addressed to ``name`` on ``connection`` from now on.
+
+        Only a port that names peers by key has connections apart from
+        names (a received message's first frame then has a ``connection``);
+        other ports ignore this.
+        """
+        ...
+
     def wait(self, timeout_ms: int) -> bool:
         """Block until a message or a link event is ready (True) or ``timeout_ms`` passed."""
         ...

@@ -11,11 +11,15 @@ An aggregator's port behind CURVE names peers by key, not by routing id: a
 routing id is whatever the peer claims, and with ROUTER_HANDOVER a claim
 takes over the connection that held it (docs/zeromq.md §3-4). So the first
 frame of every received message is the member name the ZAP handler gave the
-connection (its ``User-Id``), and a message sent to a member name goes to
-the connection that member's key spoke from last. A peer holding beta's key
+connection (its ``User-Id``), carrying the connection it came from. A
+message sent to a member name goes to the connection the transport chose
+with :meth:`ZmqPort.route` (the one whose HELLO it accepted last; before
+any, the first that spoke); a message whose first frame is a received
+name goes back on that name's connection. A peer holding beta's key
 therefore reaches beta's record only, whatever routing id it claims; a new
 connection with alpha's own key (alpha restarted) takes alpha's replies
-over as soon as it speaks.
+over once its HELLO is accepted, and a second live process with alpha's
+key is answered on its own connection (docs/zeromq.md §20).
 """
 
 from __future__ import annotations
@@ -66,12 +70,17 @@ class _ZmqTracker:
 
 
 class _Named:
-    """The first frame of a message on a port that names peers by key: the member's name."""
+    """The first frame of a message on a port that names peers by key: the member's name.
 
-    __slots__ = ("_name",)
+    ``connection`` is the routing id of the connection it came from; a reply
+    sent with this object as its first frame goes back on that connection.
+    """
 
-    def __init__(self, name: bytes) -> None:
+    __slots__ = ("_name", "connection")
+
+    def __init__(self, name: bytes, connection: bytes) -> None:
         self._name = name
+        self.connection = connection
 
     @property
     def bytes(self) -> bytes:
@@ -115,7 +124,7 @@ class ZmqPort:
         self.sock = sock
         self.routed = sock.type == zmq.ROUTER
         self.by_key = by_key and self.routed
-        #: By key: a member's name -> the routing id of the connection it spoke from last.
+        #: By key: a member's name -> the routing id of the connection its sends go to.
         self.addresses: dict[bytes, bytes] = {}
         self._on_close = on_close
         #: The frame after a routing id, received early to read its ``User-Id``.
@@ -131,7 +140,9 @@ class ZmqPort:
         self._closed = False
 
     def send(self, frames: Sequence[Any], *, track: bool = False) -> Tracker | None:
-        if self.by_key:
+        if self.by_key and isinstance(frames[0], _Named):  # a reply to that very connection
+            frames = [frames[0].connection, *frames[1:]]
+        elif self.by_key:
             rid = self.addresses.get(bytes(frames[0]))
             if rid is None:  # that member's key has not spoken on this socket
                 raise Unreachable
@@ -175,10 +186,9 @@ class ZmqPort:
             return frame
         key = name.encode()
         rid = frame.bytes
-        if self.addresses.get(key) != rid:
-            log.debug("%s speaks from a new connection", name)
+        if key not in self.addresses:  # first contact; later, HELLO moves it (route)
             self.addresses[key] = rid
-        return _Named(key)
+        return _Named(key, rid)
 
     def recv_into(self, view: memoryview) -> int:
         if self._peeked is not None:
@@ -197,6 +207,11 @@ class ZmqPort:
             return str(frame.get("User-Id"))
         except zmq.ZMQError:  # no ZAP handler gave this connection a name
             return None
+
+    def route(self, name: bytes, connection: bytes) -> None:
+        if self.by_key and self.addresses.get(name) != connection:
+            log.debug("%s speaks from a new connection", name.decode("utf-8", "replace"))
+            self.addresses[name] = connection
 
     def wait(self, timeout_ms: int) -> bool:
         return bool(self._poller.poll(timeout_ms))
