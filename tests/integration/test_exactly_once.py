@@ -402,6 +402,8 @@ try:
         deadline = time.monotonic() + 60
         while not os.path.exists("newer-downloaded") and time.monotonic() < deadline:
             time.sleep(0.05)
+    elif role == "parked":  # asks at once for a version not made yet: parked, then dropped
+        m.update_version(1)
     else:
         open("newer-downloaded", "w").close()
         time.sleep(4)
@@ -412,14 +414,28 @@ except RemoteError as exc:
 """
 
 
-@pytest.mark.parametrize("curve", [False, True], ids=["plaintext", "curve"])
+@pytest.mark.parametrize(
+    ("curve", "older_role"),
+    [(False, "older"), (True, "older"), (True, "parked")],
+    ids=["plaintext", "curve", "curve-parked"],
+)
 def test_two_live_processes_with_one_name_are_told(
-    free_tcp_endpoint, start_aggregator, run_python, slow_factor, caplog, tmp_path, curve
+    free_tcp_endpoint,
+    start_aggregator,
+    run_python,
+    slow_factor,
+    caplog,
+    tmp_path,
+    curve,
+    older_role,
 ):
     """Plaintext: the newer process takes the routing id over, the older is told
     when it connects anew. CURVE: both processes hold client0's key and keep
     their own connections; the older one's next request is refused until it
-    says HELLO again, and then it is told. Either way the newer one goes on."""
+    says HELLO again, and then it is told. ``parked``: the older one waits in
+    a request when the newer says HELLO; that request is dropped, and the
+    older one's probe is refused, which sends it to HELLO too. Either way
+    the newer one goes on."""
     stop = threading.Event()
     extra: list[str] = []
     kwargs: dict[str, Any] = {}
@@ -436,7 +452,7 @@ def test_two_live_processes_with_one_name_are_told(
         )
 
     agg = start_aggregator(free_tcp_endpoint, configure, idle_interval=0.1, **kwargs)
-    older = run_python(TWIN, args=[free_tcp_endpoint, "older", *extra])
+    older = run_python(TWIN, args=[free_tcp_endpoint, older_role, *extra])
     first = older.stdout.readline()  # the older is welcomed first, whatever the start-up times
     assert first == "FIRST DOWNLOAD\n", first + older.communicate(timeout=30)[1]
     newer = run_python(TWIN, args=[free_tcp_endpoint, "newer", *extra])  # same cwd: the marker

@@ -312,6 +312,11 @@ class AggregatorTransport:
             # last accepted: another process with the same key, or this one's
             # old socket. It must say HELLO, where a replaced session is told
             # name-in-use (docs/zeromq.md §20).
+            self.log_refusal(
+                ErrorCode.HELLO_FIRST,
+                f"refused a message from a second connection of {name!r}'s key "
+                "(another process with its key?)",
+            )
             self.refuse_message(
                 reply_to,
                 env.seq,
@@ -322,12 +327,14 @@ class AggregatorTransport:
         pipe.last_seen = time.monotonic()
         if env.kind == Kind.HELLO:
             return self.members.hello(pipe, env, reply_to)
-        return self._dispatch(pipe, env)
+        return self._dispatch(pipe, env, reply_to)
 
     def adopt_connection(self, pipe: AggregatorPipe, reply_to: Any) -> None:
         """``pipe``'s HELLO was accepted: what is sent to it goes on that HELLO's connection."""
         connection = getattr(reply_to, "connection", None)
-        if connection is not None:
+        # An id starting with a zero byte is one libzmq gave a connection it
+        # handed over (docs/zeromq.md §20): a dying one, never a route.
+        if connection is not None and not connection.startswith(b"\0"):
             pipe.connection = connection
             self.port.route(pipe.routing_id, connection)
 
@@ -379,13 +386,14 @@ class AggregatorTransport:
         """Drop the rest of the message being read."""
         discard_rest(self.port)
 
-    def _dispatch(self, pipe: AggregatorPipe, env: Envelope) -> PeerEvent | None:
+    def _dispatch(self, pipe: AggregatorPipe, env: Envelope, reply_to: Any) -> PeerEvent | None:
+        """Handle ``env`` from ``pipe``'s member; refusals go to ``reply_to``, where it came from."""
         kind = env.kind
         if kind == Kind.CREDIT:
             try:
                 sid, nbytes = parse_credit_meta(env.meta)
             except ProtocolError as exc:
-                self.refuse_message(pipe.routing_id, env.seq, ErrorCode.PROTOCOL, str(exc))
+                self.refuse_message(reply_to, env.seq, ErrorCode.PROTOCOL, str(exc))
                 return None
             self.streams.credit(pipe, sid, nbytes)
             return None
@@ -405,7 +413,7 @@ class AggregatorTransport:
             return None
         if kind not in (Kind.PUSH, Kind.PULL, Kind.ASK):
             self.refuse_message(
-                pipe.routing_id,
+                reply_to,
                 env.seq,
                 ErrorCode.UNEXPECTED,
                 f"an aggregator does not accept {kind} messages",
@@ -413,12 +421,12 @@ class AggregatorTransport:
             return None
         if not pipe.online:
             self.refuse_message(
-                pipe.routing_id, env.seq, ErrorCode.HELLO_FIRST, f"say HELLO before {kind}"
+                reply_to, env.seq, ErrorCode.HELLO_FIRST, f"say HELLO before {kind}"
             )
             return None
         if env.incarnation != self.incarnation:
             self.refuse_message(
-                pipe.routing_id,
+                reply_to,
                 env.seq,
                 ErrorCode.STALE_INCARNATION,
                 f"request addressed to incarnation {env.incarnation!r}, "
@@ -430,7 +438,7 @@ class AggregatorTransport:
         if env.stream is not None:
             if kind == Kind.ASK:  # exchanges are small: only uploads and models stream
                 self.refuse_message(
-                    pipe.routing_id, env.seq, ErrorCode.PROTOCOL, "an ASK cannot be streamed"
+                    reply_to, env.seq, ErrorCode.PROTOCOL, "an ASK cannot be streamed"
                 )
                 return None
             done = self.streams.announce(pipe, env)

@@ -40,6 +40,7 @@ from zmqfed.federated.ports import Frame, LinkEventKind, Network, Port, WouldBlo
 from zmqfed.federated.protocol import (
     CHANNEL_KINDS,
     CONNECTION_ERRORS,
+    ErrorCode,
     discard_rest,
     hello_meta,
     peer_frame_bound,
@@ -451,6 +452,13 @@ class CollaboratorLink:
                 and env.meta.get("code") in CONNECTION_ERRORS
             ):
                 return env  # refused before the aggregator could read our seq
+            if env.kind == Kind.ERROR and env.meta.get("code") == ErrorCode.HELLO_FIRST:
+                # Refused a PING or a CREDIT: the aggregator does not take this
+                # connection for ours (another process with our key said HELLO
+                # since). Say HELLO, and learn whether we were replaced.
+                log.info("%s: %s asks for HELLO again", self.nick_name, self.aggregator_name)
+                self.welcomed = False
+                return RESEND
             if env.kind == Kind.BYE:
                 log.info("%s: aggregator %s said BYE", self.nick_name, self.aggregator_name)
                 self.welcomed = False
