@@ -302,12 +302,7 @@ class AggregatorTransport:
                 f"{whose} {name!r} does not match sender {env.sender!r}",
             )
             return None
-        if (
-            connection is not None
-            and pipe.connection is not None
-            and connection != pipe.connection
-            and env.kind != Kind.HELLO
-        ):
+        if env.kind != Kind.HELLO and _another_connection(pipe, connection):
             # Another connection of this member's key, whose HELLO was not the
             # last accepted: another process with the same key, or this one's
             # old socket. It must say HELLO, where a replaced session is told
@@ -368,8 +363,7 @@ class AggregatorTransport:
             return False
         if self.curve is not None and self.port.user_id(frames[1]) != pipe.nick_name:
             return False
-        connection = getattr(frames[0], "connection", None)
-        if connection is not None and connection != pipe.connection:
+        if _another_connection(pipe, getattr(frames[0], "connection", None)):
             return False  # not from the connection that said HELLO: refused as any message
         chunk = parse_chunk(frames[1], self.limits)
         if chunk is None or chunk[0].sender != pipe.nick_name:
@@ -565,7 +559,7 @@ class AggregatorTransport:
         self.traffic.sent(kind.value, frames_nbytes(frames))
         return True
 
-    def refuse_over_capacity(self, pipe: AggregatorPipe, seq: int, reply_to: Any = None) -> None:
+    def refuse_over_capacity(self, pipe: AggregatorPipe, seq: int, reply_to: Any) -> None:
         """Refuse ``pipe``'s HELLO (from ``reply_to``): this aggregator holds as many peers as it can."""
         self.log_refusal(
             ErrorCode.OVER_CAPACITY,
@@ -573,7 +567,7 @@ class AggregatorTransport:
             "the most this aggregator can hold",
         )
         self.refuse_message(
-            pipe.routing_id if reply_to is None else reply_to,
+            reply_to,
             seq,
             ErrorCode.OVER_CAPACITY,
             f"aggregator {self.name!r} holds {self.online_count} peers, its capacity "
@@ -614,3 +608,11 @@ class AggregatorTransport:
         for pipe in self.online():
             self.send(pipe, Kind.BYE, seq=0, meta={"final": final})
         self.port.close()
+
+
+def _another_connection(pipe: AggregatorPipe, connection: bytes | None) -> bool:
+    """Behind CURVE: ``connection`` is not the one whose HELLO ``pipe`` accepted last.
+
+    False without CURVE (no connection) and before any HELLO was accepted.
+    """
+    return connection is not None and pipe.connection is not None and connection != pipe.connection

@@ -29,6 +29,7 @@ __all__ = [
     "beyond_loopback",
     "close_at_exit",
     "context",
+    "copy_frame_into",
     "make_dealer",
     "make_router",
     "peer_capacity",
@@ -349,11 +350,19 @@ def recv_into(sock: zmq.Socket, view: memoryview | bytearray) -> int:
     """
     if _HAVE_RECV_INTO:
         return sock.recv_into(view)
-    data = sock.recv(copy=False).buffer
+    return copy_frame_into(sock.recv(copy=False), view)
+
+
+def copy_frame_into(frame: zmq.Frame, view: memoryview | bytearray) -> int:
+    """Copy a received ``frame`` into ``view`` as ``zmq_recv`` would; returns the frame's size.
+
+    A frame larger than ``view`` is truncated to it (the caller sees the size).
+    """
+    data = frame.buffer
     target = memoryview(view).cast("B")
     size = len(data)
     fits = min(size, len(target))
-    target[:fits] = data[:fits]  # truncated like zmq_recv when it does not fit
+    target[:fits] = data[:fits]
     return size
 
 

@@ -34,7 +34,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zmqfed.federated.ports import LinkEvent, LinkEventKind, Tracker, Unreachable, WouldBlock
 from zmqfed.federated.security import ClientSecurity, ServerSecurity
-from zmqfed.federated.sockets import SocketOptions, context, make_dealer, make_router, recv_into
+from zmqfed.federated.sockets import (
+    SocketOptions,
+    context,
+    copy_frame_into,
+    make_dealer,
+    make_router,
+    recv_into,
+)
 from zmqfed.federated.zap import zap_handler
 from zmqfed.wire import Limits
 
@@ -192,11 +199,8 @@ class ZmqPort:
 
     def recv_into(self, view: memoryview) -> int:
         if self._peeked is not None:
-            data = self._peeked.buffer
-            self._peeked = None
-            fits = min(len(data), len(view))
-            memoryview(view).cast("B")[:fits] = data[:fits]
-            return len(data)
+            frame, self._peeked = self._peeked, None
+            return copy_frame_into(frame, view)
         return recv_into(self.sock, view)
 
     def has_more(self) -> bool:
